@@ -1,0 +1,15 @@
+//! The engine's one error type.
+
+/// Why the engine refused or failed a request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// The request can never fit (prompt + max_tokens beyond max_model_len or the cache).
+    #[error("{0}")]
+    TooLong(String),
+    /// The engine thread is gone (shut down or crashed).
+    #[error("the engine is not running")]
+    Stopped,
+    /// A step failed; the requests in it were ended with this message.
+    #[error("engine step failed: {0}")]
+    Step(String),
+}

@@ -1,0 +1,22 @@
+//! The Tessera engine: continuous batching over a paged KV cache.
+//!
+//! Owns: the engine thread ([`spawn`], [`EngineHandle`]), the [`scheduler`] (budget,
+//! chunked prefill, preemption), the [`kv`] block bookkeeping (block ids, prefix hashes —
+//! never tensors), output processing (incremental detokenisation, stop strings) and the
+//! live [`EngineStats`].
+//!
+//! Must not touch: tensors or devices (steps are executed through
+//! `tessera_runner::Executor`), HTTP, or request parsing.
+
+mod core;
+mod detok;
+mod error;
+pub mod kv;
+pub mod scheduler;
+mod stats;
+
+pub use crate::core::{spawn, EngineConfig, EngineHandle, EngineRequest, Finished, RequestOutput, RequestStream};
+pub use detok::{Detokenizer, OutputText};
+pub use error::EngineError;
+pub use scheduler::SchedulerConfig;
+pub use stats::EngineStats;

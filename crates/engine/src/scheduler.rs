@@ -1,0 +1,241 @@
+//! Continuous batching: each step picks running sequences first (decode tokens and
+//! unfinished prefill chunks), then admits waiting ones, under a token budget; blocks come
+//! from the [`KvCacheManager`] and, when they run out, the most recently admitted running
+//! sequence is preempted (its blocks freed, recomputed later).
+
+use std::collections::VecDeque;
+
+use tessera_runner::{SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult};
+
+use crate::kv::{CachedPrefix, KvCacheManager};
+
+/// Scheduler limits.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_chunked_prefill: bool,
+}
+
+/// A sequence as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    pub id: u64,
+    /// Prompt followed by generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Tokens whose keys/values are in the cache.
+    pub num_computed: usize,
+    pub sampling: SamplingConfig,
+}
+
+impl Sequence {
+    pub fn new(id: u64, prompt: Vec<u32>, sampling: SamplingConfig) -> Self {
+        Self {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            num_computed: 0,
+            sampling,
+        }
+    }
+
+    pub fn num_output(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// What one call to [`Scheduler::schedule`] decided.
+#[derive(Debug, Default)]
+pub struct Scheduled {
+    pub plan: StepPlan,
+    /// Sequences preempted this step (moved back to waiting).
+    pub preempted: Vec<u64>,
+    /// (sequence, tokens found in the prefix cache) for sequences admitted this step with a hit.
+    pub prefix_hits: Vec<(u64, usize)>,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: KvCacheManager,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    /// (seq id, tokens scheduled) of the last plan, applied by [`Scheduler::apply`].
+    in_flight: Vec<(u64, usize)>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, kv: KvCacheManager) -> Self {
+        Self {
+            cfg,
+            kv,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            in_flight: Vec::new(),
+        }
+    }
+
+    pub fn kv(&self) -> &KvCacheManager {
+        &self.kv
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn add(&mut self, seq: Sequence) {
+        self.waiting.push_back(seq);
+    }
+
+    /// Read access to a live sequence.
+    pub fn get(&self, id: u64) -> Option<&Sequence> {
+        self.running
+            .iter()
+            .find(|s| s.id == id)
+            .or_else(|| self.waiting.iter().find(|s| s.id == id))
+    }
+
+    /// Remove a sequence (finished or cancelled) and free its blocks.
+    pub fn remove(&mut self, id: u64) -> Option<Sequence> {
+        let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            Some(self.running.remove(i))
+        } else {
+            self.waiting
+                .iter()
+                .position(|s| s.id == id)
+                .and_then(|i| self.waiting.remove(i))
+        };
+        if seq.is_some() {
+            self.kv.free(id);
+        }
+        seq
+    }
+
+    fn preempt_last(&mut self) -> Option<u64> {
+        let mut victim = self.running.pop()?;
+        self.kv.free(victim.id);
+        victim.num_computed = 0;
+        let id = victim.id;
+        self.waiting.push_front(victim);
+        Some(id)
+    }
+
+    fn step_for(&self, seq: &Sequence, num_new: usize) -> SeqStep {
+        let end = seq.num_computed + num_new;
+        SeqStep {
+            seq_id: seq.id,
+            tokens: seq.tokens[seq.num_computed..end].to_vec(),
+            start_pos: seq.num_computed,
+            block_table: self.kv.block_table(seq.id).to_vec(),
+            sample: (end == seq.tokens.len()).then(|| SampleSpec {
+                config: seq.sampling.clone(),
+                output_index: seq.num_output() as u64,
+            }),
+        }
+    }
+
+    /// Decide the next step.
+    pub fn schedule(&mut self) -> Scheduled {
+        let mut out = Scheduled::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut scheduled: Vec<(u64, usize)> = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let seq = &self.running[i];
+            let remaining = seq.tokens.len() - seq.num_computed;
+            if remaining == 0 || (!self.cfg.enable_chunked_prefill && remaining > budget) {
+                i += 1;
+                continue;
+            }
+            let num_new = remaining.min(budget);
+            let (id, want) = (seq.id, seq.num_computed + num_new);
+            let mut ok = true;
+            while !self.kv.allocate(id, want, &CachedPrefix::default()) {
+                match self.preempt_last() {
+                    Some(v) => {
+                        out.preempted.push(v);
+                        if v == id {
+                            ok = false;
+                            break;
+                        }
+                    }
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                break;
+            }
+            scheduled.push((id, num_new));
+            budget -= num_new;
+            i += 1;
+        }
+        if out.preempted.is_empty() {
+            while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+                let Some(seq) = self.waiting.front() else { break };
+                let prefix = if seq.num_computed == 0 {
+                    self.kv.cached_prefix(&seq.tokens)
+                } else {
+                    CachedPrefix::default()
+                };
+                let cached = prefix.blocks.len() * self.kv.block_size();
+                let start = seq.num_computed.max(cached);
+                let remaining = seq.tokens.len() - start;
+                if !self.cfg.enable_chunked_prefill && remaining > budget {
+                    break;
+                }
+                let num_new = remaining.min(budget);
+                let (id, query) = (seq.id, seq.tokens.len());
+                if !self.kv.allocate(id, start + num_new, &prefix) {
+                    break;
+                }
+                self.kv.record_prefix(query, cached);
+                if cached > 0 {
+                    out.prefix_hits.push((id, cached));
+                }
+                let Some(mut seq) = self.waiting.pop_front() else { break };
+                seq.num_computed = start;
+                self.running.push(seq);
+                scheduled.push((id, num_new));
+                budget -= num_new;
+            }
+        }
+        for &(id, n) in &scheduled {
+            if let Some(seq) = self.running.iter().find(|s| s.id == id) {
+                out.plan.seqs.push(self.step_for(seq, n));
+            }
+        }
+        self.in_flight = scheduled;
+        out
+    }
+
+    /// Apply the results of the last plan: advance computed counts, register full blocks in
+    /// the prefix cache, append sampled tokens. Returns the (sequence, token) pairs appended.
+    pub fn apply(&mut self, results: &[StepResult]) -> Vec<(u64, u32)> {
+        let mut appended = Vec::with_capacity(results.len());
+        for (id, n) in std::mem::take(&mut self.in_flight) {
+            let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else { continue };
+            seq.num_computed += n;
+            self.kv.cache_full_blocks(id, &seq.tokens, seq.num_computed);
+            if let Some(r) = results.iter().find(|r| r.seq_id == id) {
+                seq.tokens.push(r.token);
+                appended.push((id, r.token));
+            }
+        }
+        appended
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,127 @@
+use super::*;
+
+fn sched(blocks: usize, bs: usize, max_seqs: usize, budget: usize) -> Scheduler {
+    Scheduler::new(
+        SchedulerConfig {
+            max_num_seqs: max_seqs,
+            max_num_batched_tokens: budget,
+            enable_chunked_prefill: true,
+        },
+        KvCacheManager::new(blocks, bs, true),
+    )
+}
+
+fn seq(id: u64, len: usize) -> Sequence {
+    Sequence::new(id, (0..len as u32).map(|t| t + 1000 * id as u32).collect(), SamplingConfig::default())
+}
+
+/// Pretend to execute: every sampling sequence gets token 7.
+fn run(s: &mut Scheduler) -> Scheduled {
+    let out = s.schedule();
+    let results: Vec<StepResult> = out
+        .plan
+        .seqs
+        .iter()
+        .filter(|st| st.sample.is_some())
+        .map(|st| StepResult { seq_id: st.seq_id, token: 7 })
+        .collect();
+    s.apply(&results);
+    out
+}
+
+fn shape(out: &Scheduled) -> Vec<(u64, usize, bool)> {
+    out.plan.seqs.iter().map(|s| (s.seq_id, s.tokens.len(), s.sample.is_some())).collect()
+}
+
+#[test]
+fn budget_is_shared_in_arrival_order_and_chunks_the_tail() {
+    let mut s = sched(64, 4, 8, 16);
+    for id in 1..=3 {
+        s.add(seq(id, 10));
+    }
+    let out = run(&mut s);
+    assert_eq!(shape(&out), vec![(1, 10, true), (2, 6, false)]);
+    // Next step: running first (1 decodes, 2 finishes its prompt), then 3 gets the rest.
+    let out = run(&mut s);
+    assert_eq!(shape(&out), vec![(1, 1, true), (2, 4, true), (3, 10, true)]);
+    assert_eq!(out.plan.num_tokens(), 15);
+}
+
+#[test]
+fn long_prompt_is_chunked_and_samples_only_at_the_end() {
+    let mut s = sched(64, 4, 8, 16);
+    s.add(seq(1, 40));
+    let chunks: Vec<_> = (0..3).map(|_| shape(&run(&mut s))).collect();
+    assert_eq!(chunks, vec![vec![(1, 16, false)], vec![(1, 16, false)], vec![(1, 8, true)]]);
+    let seq = s.get(1).unwrap();
+    assert_eq!(seq.num_computed, 40);
+    assert_eq!(seq.tokens.len(), 41);
+    // Positions continue where the last chunk ended.
+    let out = s.schedule();
+    assert_eq!(out.plan.seqs[0].start_pos, 40);
+    assert_eq!(out.plan.seqs[0].block_table.len(), 11);
+}
+
+#[test]
+fn chunked_prefill_off_waits_for_room() {
+    let mut s = Scheduler::new(
+        SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 16, enable_chunked_prefill: false },
+        KvCacheManager::new(64, 4, true),
+    );
+    s.add(seq(1, 10));
+    s.add(seq(2, 10));
+    assert_eq!(shape(&run(&mut s)), vec![(1, 10, true)]);
+    assert_eq!(shape(&run(&mut s)), vec![(1, 1, true), (2, 10, true)]);
+}
+
+#[test]
+fn max_num_seqs_caps_the_running_set() {
+    let mut s = sched(64, 4, 2, 100);
+    for id in 1..=3 {
+        s.add(seq(id, 3));
+    }
+    assert_eq!(run(&mut s).plan.seqs.len(), 2);
+    assert_eq!(s.num_waiting(), 1);
+    s.remove(1);
+    let out = run(&mut s);
+    assert_eq!(shape(&out), vec![(2, 1, true), (3, 3, true)]);
+}
+
+#[test]
+fn preemption_frees_the_newest_and_recomputes_it_later() {
+    // 4 blocks of 4 tokens: two 8-token prompts take 2 blocks each; the first decode that
+    // needs a third block must preempt.
+    let mut s = sched(4, 4, 8, 64);
+    s.add(seq(1, 8));
+    s.add(seq(2, 8));
+    run(&mut s); // both prefilled, each has 9 tokens now (8 + sampled)
+    assert_eq!(s.kv().num_free(), 0);
+    let out = run(&mut s); // seq 1 needs a 3rd block for its 9th token
+    assert_eq!(out.preempted, vec![2]);
+    assert_eq!(shape(&out), vec![(1, 1, true)]);
+    assert_eq!(s.num_waiting(), 1);
+    assert_eq!(s.get(2).unwrap().num_computed, 0);
+    // Once 1 ends, 2 is recomputed: prompt + its generated token, minus the first block,
+    // which survived in the prefix cache (the tail block was evicted first).
+    s.remove(1);
+    let out = run(&mut s);
+    assert_eq!(out.prefix_hits, vec![(2, 4)]);
+    assert_eq!(shape(&out), vec![(2, 5, true)]);
+    assert_eq!(out.plan.seqs[0].sample.as_ref().unwrap().output_index, 1);
+    s.remove(2);
+    assert_eq!(s.kv().num_free(), 4, "every block back in the pool");
+}
+
+#[test]
+fn repeated_prefix_is_not_recomputed() {
+    let mut s = sched(64, 4, 8, 64);
+    s.add(seq(1, 10));
+    run(&mut s);
+    s.remove(1);
+    s.add(Sequence::new(2, seq(1, 10).tokens, SamplingConfig::default()));
+    let out = run(&mut s);
+    assert_eq!(out.prefix_hits, vec![(2, 8)]);
+    assert_eq!(out.plan.seqs[0].start_pos, 8);
+    assert_eq!(out.plan.seqs[0].tokens.len(), 2);
+    assert_eq!(s.kv().stats().hits, 8);
+}

@@ -1,0 +1,256 @@
+//! GGUF files: metadata → [`ModelConfig`], tensors kept quantized (as `QTensor`) and served
+//! under their Hugging Face names. llama.cpp stores q/k projection rows permuted for its
+//! interleaved rotary layout; rows are whole quantization blocks, so they are un-permuted
+//! losslessly here and the model uses one (Hugging Face) rotary layout everywhere.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device};
+use tessera_models::{ModelConfig, ModelError, Weight, WeightSource};
+
+use crate::{LoadError, Result};
+
+/// A GGUF model file opened for reading.
+pub struct GgufSource {
+    path: PathBuf,
+    content: Content,
+    config: ModelConfig,
+    arch: String,
+    dtype: DType,
+    device: Device,
+}
+
+fn md<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
+    c.metadata
+        .get(key)
+        .ok_or_else(|| LoadError::Format(format!("{}: GGUF metadata lacks `{key}`", path.display())))
+}
+
+fn md_usize(c: &Content, key: &str, path: &Path) -> Result<usize> {
+    let v = md(c, key, path)?;
+    v.to_u64()
+        .map(|x| x as usize)
+        .or_else(|_| v.to_u32().map(|x| x as usize))
+        .or_else(|_| v.to_i32().map(|x| x as usize))
+        .map_err(|e| LoadError::Format(format!("{}: GGUF `{key}`: {e}", path.display())))
+}
+
+fn md_f64(c: &Content, key: &str, path: &Path) -> Result<Option<f64>> {
+    match c.metadata.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .to_f32()
+            .map(|x| Some(x as f64))
+            .or_else(|_| v.to_f64().map(Some))
+            .map_err(|e| LoadError::Format(format!("{}: GGUF `{key}`: {e}", path.display()))),
+    }
+}
+
+/// Map a Hugging Face tensor name to its GGUF name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let direct = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        _ => None,
+    };
+    if let Some(d) = direct {
+        return Some(d.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// Undo llama.cpp's q/k row permutation (rows `[h, j, i]` → `[h, i, j]`, `i ∈ {0,1}`).
+fn unpermute_rows(q: &QTensor, n_head: usize) -> candle_core::Result<QTensor> {
+    let dims = q.shape().dims().to_vec();
+    let rows = dims[0];
+    let data = q.data()?;
+    let row_bytes = data.len() / rows;
+    let hd = rows / n_head;
+    let half = hd / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..n_head {
+        for i in 0..2 {
+            for j in 0..half {
+                let dst = (h * hd + i * half + j) * row_bytes;
+                let src = (h * hd + 2 * j + i) * row_bytes;
+                out[dst..dst + row_bytes].copy_from_slice(&data[src..src + row_bytes]);
+            }
+        }
+    }
+    QTensor::new(QStorage::from_data(Cow::Owned(out), &q.device(), q.dtype())?, dims)
+}
+
+impl GgufSource {
+    pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let f = File::open(path).map_err(|e| LoadError::io(path, e))?;
+        let content = Content::read(&mut BufReader::new(f))
+            .map_err(|e| LoadError::candle(format!("{}: not a readable GGUF file", path.display()), e))?;
+        let arch = md(&content, "general.architecture", path)?
+            .to_string()
+            .map_err(|e| LoadError::Format(format!("{}: general.architecture: {e}", path.display())))?
+            .clone();
+        let architecture = match arch.as_str() {
+            "llama" => "LlamaForCausalLM",
+            "qwen2" => "Qwen2ForCausalLM",
+            other => {
+                return Err(LoadError::Format(format!(
+                    "{}: unsupported GGUF architecture `{other}` (supported: llama, qwen2)",
+                    path.display()
+                )))
+            }
+        };
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden = md_usize(&content, &k("embedding_length"), path)?;
+        let heads = md_usize(&content, &k("attention.head_count"), path)?;
+        let kv_heads = md_usize(&content, &k("attention.head_count_kv"), path).unwrap_or(heads);
+        let head_dim = md_usize(&content, &k("rope.dimension_count"), path).unwrap_or(hidden / heads.max(1));
+        let vocab = match md_usize(&content, &k("vocab_size"), path) {
+            Ok(v) => v,
+            Err(_) => md(&content, "tokenizer.ggml.tokens", path)?
+                .to_vec()
+                .map_err(|e| LoadError::Format(format!("{}: tokenizer.ggml.tokens: {e}", path.display())))?
+                .len(),
+        };
+        let config = ModelConfig {
+            architecture: architecture.to_string(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: md_usize(&content, &k("feed_forward_length"), path)?,
+            num_layers: md_usize(&content, &k("block_count"), path)?,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: md_f64(&content, &k("attention.layer_norm_rms_epsilon"), path)?.unwrap_or(1e-5),
+            rope_theta: md_f64(&content, &k("rope.freq_base"), path)?.unwrap_or(10_000.0),
+            rope_scaling: None,
+            max_position_embeddings: md_usize(&content, &k("context_length"), path).unwrap_or(4096),
+            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+            attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            bos_token_id: md_usize(&content, "tokenizer.ggml.bos_token_id", path).ok().map(|x| x as u32),
+            eos_token_ids: md_usize(&content, "tokenizer.ggml.eos_token_id", path)
+                .ok()
+                .map(|x| vec![x as u32])
+                .unwrap_or_default(),
+        };
+        config
+            .validate()
+            .map_err(|e| LoadError::Format(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            config,
+            arch,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    /// Read one tensor by its GGUF name, un-permuting llama q/k rows.
+    pub fn qtensor(&self, gguf: &str) -> Result<QTensor> {
+        let f = File::open(&self.path).map_err(|e| LoadError::io(&self.path, e))?;
+        let q = self
+            .content
+            .tensor(&mut BufReader::new(f), gguf, &self.device)
+            .map_err(|e| LoadError::candle(format!("{}: tensor {gguf}", self.path.display()), e))?;
+        if self.arch != "llama" || !gguf.ends_with(".weight") {
+            return Ok(q);
+        }
+        let heads = if gguf.ends_with("attn_q.weight") {
+            self.config.num_heads
+        } else if gguf.ends_with("attn_k.weight") {
+            self.config.num_kv_heads
+        } else {
+            return Ok(q);
+        };
+        unpermute_rows(&q, heads)
+            .map_err(|e| LoadError::candle(format!("{}: tensor {gguf}", self.path.display()), e))
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn get(&self, name: &str) -> tessera_models::Result<Weight> {
+        let g = gguf_name(name)
+            .filter(|g| self.content.tensor_infos.contains_key(g))
+            .ok_or_else(|| ModelError::MissingWeight(format!("{name} (in {})", self.path.display())))?;
+        let q = self.qtensor(&g).map_err(|e| ModelError::Source(e.to_string()))?;
+        match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                let t = q.dequantize(&self.device).and_then(|t| t.to_dtype(self.dtype));
+                t.map(Weight::Dense)
+                    .map_err(|e| ModelError::Source(format!("{}: tensor {g}: {e}", self.path.display())))
+            }
+            _ => Ok(Weight::Quant(Arc::new(q))),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways_we_need() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").as_deref(), Some("blk.3.attn_q.weight"));
+        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(), Some("blk.12.ffn_down.weight"));
+        assert_eq!(gguf_name("model.norm.weight").as_deref(), Some("output_norm.weight"));
+        assert_eq!(gguf_name("model.layers.x"), None);
+    }
+
+    /// Permuting like llama.cpp's converter and then un-permuting gives back the rows.
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() -> candle_core::Result<()> {
+        let (n_head, hd, cols) = (3usize, 4usize, 32usize);
+        let rows = n_head * hd;
+        let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        // llama.cpp: reshape(n_head, 2, hd/2, cols).swapaxes(1, 2)
+        let mut permuted = vec![0f32; rows * cols];
+        for h in 0..n_head {
+            for i in 0..2 {
+                for j in 0..hd / 2 {
+                    let src = h * hd + i * hd / 2 + j;
+                    let dst = h * hd + 2 * j + i;
+                    permuted[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        let t = candle_core::Tensor::from_vec(permuted, (rows, cols), &Device::Cpu)?;
+        let q = QTensor::quantize(&t, GgmlDType::F32)?;
+        let back = unpermute_rows(&q, n_head)?.dequantize(&Device::Cpu)?;
+        assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, hf);
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! Architecture configuration for the llama family (Llama 2/3, Mistral, Qwen2, SmolLM),
+//! read from a Hugging Face `config.json` or filled in from GGUF metadata.
+
+use serde::Deserialize;
+
+use crate::{ModelError, Result};
+
+/// Rotary scaling as written in `config.json`'s `rope_scaling`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// No scaling (some configs spell it out).
+    Default,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1 frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Shape and numerics of a llama-family decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    rope_theta: f64,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    attention_bias: Option<bool>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<OneOrMany>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+/// Architectures (from `config.json`'s `architectures`) this crate can run.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+];
+
+impl ModelConfig {
+    /// Parse a Hugging Face `config.json`.
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let raw: RawConfig = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let architecture = raw
+            .architectures
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "LlamaForCausalLM".to_string());
+        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+            return Err(ModelError::Config(format!(
+                "config.json: unsupported architecture `{architecture}` (supported: {})",
+                SUPPORTED_ARCHITECTURES.join(", ")
+            )));
+        }
+        let rope_scaling = match raw.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(mut v) => {
+                // Older configs spell the tag `type`.
+                if let Some(obj) = v.as_object_mut() {
+                    if !obj.contains_key("rope_type") {
+                        if let Some(t) = obj.remove("type") {
+                            obj.insert("rope_type".into(), t);
+                        }
+                    }
+                }
+                Some(serde_json::from_value(v).map_err(|e| {
+                    ModelError::Config(format!("config.json: unsupported rope_scaling: {e}"))
+                })?)
+            }
+        };
+        let num_heads = raw.num_attention_heads;
+        let cfg = Self {
+            attention_bias: raw
+                .attention_bias
+                .unwrap_or(architecture == "Qwen2ForCausalLM"),
+            architecture,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads,
+            num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
+            head_dim: raw
+                .head_dim
+                .unwrap_or(raw.hidden_size / num_heads.max(1)),
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta: raw.rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids: match raw.eos_token_id {
+                None => vec![],
+                Some(OneOrMany::One(x)) => vec![x],
+                Some(OneOrMany::Many(v)) => v,
+            },
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check internal consistency; the message names the offending fields.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
+            return bad("num_attention_heads, num_key_value_heads and num_hidden_layers must be > 0".into());
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return bad(format!("head_dim ({}) must be even and > 0", self.head_dim));
+        }
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
+            return bad("vocab_size, hidden_size and intermediate_size must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Serialize as a Hugging Face `config.json` (used when deriving an HF copy of a GGUF).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "architectures": [self.architecture],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        });
+        if let Some(b) = self.bos_token_id {
+            v["bos_token_id"] = b.into();
+        }
+        if let Some(e) = self.eos_token_ids.first() {
+            v["eos_token_id"] = (*e).into();
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_llama3_scaling_and_defaults() {
+        let cfg = ModelConfig::from_hf_json(
+            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,
+            "intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,
+            "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192},
+            "eos_token_id":[1,2]}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.num_kv_heads, 2);
+        assert_eq!(cfg.head_dim, 4);
+        assert_eq!(cfg.eos_token_ids, vec![1, 2]);
+        assert!(matches!(cfg.rope_scaling, Some(RopeScaling::Llama3 { .. })));
+    }
+
+    #[test]
+    fn rejects_unknown_architecture_and_bad_gqa() {
+        let e = ModelConfig::from_hf_json(
+            r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":10,"hidden_size":8,
+            "intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
+        let e = ModelConfig::from_hf_json(
+            r#"{"vocab_size":10,"hidden_size":12,"intermediate_size":16,
+            "num_hidden_layers":2,"num_attention_heads":3,"num_key_value_heads":2}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("num_key_value_heads (2)"), "{e}");
+    }
+}

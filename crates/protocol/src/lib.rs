@@ -1,0 +1,23 @@
+//! Wire types of the OpenAI-compatible API (as vLLM serves it) and request validation.
+//!
+//! Owns: request/response JSON shapes, [`SamplingParams`] (the engine-neutral result of
+//! validation), and [`ProtocolError`], which says which field is wrong.
+//! Must not touch: I/O, tokenisation, the engine or HTTP status mapping.
+
+mod error;
+mod requests;
+mod responses;
+mod sampling;
+
+pub use error::ProtocolError;
+pub use requests::{
+    ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, Prompt, StopSpec,
+    StreamOptions,
+};
+pub use responses::{
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
+    ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionResponse, ErrorBody,
+    ErrorResponse, ModelCard, ModelList, Usage,
+};
+pub use requests::CommonParams;
+pub use sampling::{FinishReason, ModelDefaults, SamplingParams};

@@ -1,0 +1,118 @@
+//! Request bodies of `/v1/completions` and `/v1/chat/completions`.
+
+use serde::Deserialize;
+
+/// `prompt` of a completion request.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+    TextBatch(Vec<String>),
+    TokenBatch(Vec<Vec<u32>>),
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopSpec {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StopSpec::One(s) => vec![s],
+            StopSpec::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by both endpoints (flattened into each request).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct CommonParams {
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub stop: Option<StopSpec>,
+    pub seed: Option<i64>,
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub user: Option<String>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// One part of a multi-part message content.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// `content` of a chat message.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One chat message.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: Option<MessageContent>,
+    pub name: Option<String>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub max_completion_tokens: Option<i64>,
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+impl ChatMessage {
+    /// The message text (parts of type `text` joined), or a message naming what is wrong.
+    pub fn text(&self) -> Result<String, crate::ProtocolError> {
+        match &self.content {
+            None => Ok(String::new()),
+            Some(MessageContent::Text(s)) => Ok(s.clone()),
+            Some(MessageContent::Parts(parts)) => {
+                let mut out = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(crate::ProtocolError::param(
+                            "messages",
+                            format!("content part type `{}` is not supported (only `text`)", p.kind),
+                        ));
+                    }
+                    out.push_str(p.text.as_deref().unwrap_or(""));
+                }
+                Ok(out)
+            }
+        }
+    }
+}

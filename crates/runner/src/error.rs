@@ -1,0 +1,15 @@
+//! The runner's one error type.
+
+/// Errors raised while executing a step.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("model: {0}")]
+    Model(#[from] tessera_models::ModelError),
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("invalid step plan: {0}")]
+    Plan(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, RunnerError>;

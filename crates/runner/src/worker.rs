@@ -1,0 +1,113 @@
+//! One rank's worker: model + physical KV cache; executes step plans.
+
+use candle_core::{Device, Tensor};
+use tessera_models::{AttentionMetadata, BatchInput, KvCache, Llama, SeqAttention};
+
+use crate::{sampler, Result, RunnerError, StepPlan, StepResult};
+
+/// Owns the model and the KV memory of one rank.
+pub struct Worker {
+    model: Llama,
+    cache: KvCache,
+    device: Device,
+}
+
+impl Worker {
+    /// Allocate `num_blocks` cache blocks of `block_size` tokens for `model`.
+    pub fn new(model: Llama, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let cfg = model.config();
+        let device = model.device().clone();
+        let cache = KvCache::new(
+            cfg.num_layers,
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            model.dtype(),
+            &device,
+        )?;
+        Ok(Self { model, cache, device })
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// Build the batch tensors of a plan. With `all_rows`, logits are wanted for the last
+    /// token of every sequence, otherwise only for sequences that sample.
+    fn batch(&self, plan: &StepPlan, all_rows: bool) -> Result<BatchInput> {
+        let bs = self.cache.block_size();
+        let nb = self.cache.num_blocks() as u32;
+        let (mut tokens, mut positions, mut slots, mut rows) = (vec![], vec![], vec![], vec![]);
+        let mut seqs = Vec::with_capacity(plan.seqs.len());
+        for s in &plan.seqs {
+            let end = s.start_pos + s.tokens.len();
+            if s.tokens.is_empty() || s.block_table.len() * bs < end {
+                return Err(RunnerError::Plan(format!(
+                    "sequence {}: {} tokens ending at {end} need {} blocks, table has {}",
+                    s.seq_id,
+                    s.tokens.len(),
+                    end.div_ceil(bs),
+                    s.block_table.len()
+                )));
+            }
+            if let Some(b) = s.block_table.iter().find(|&&b| b >= nb) {
+                return Err(RunnerError::Plan(format!("sequence {}: block {b} out of range", s.seq_id)));
+            }
+            let slot = |p: usize| s.block_table[p / bs] * bs as u32 + (p % bs) as u32;
+            let q_start = tokens.len();
+            tokens.extend_from_slice(&s.tokens);
+            positions.extend((s.start_pos..end).map(|p| p as u32));
+            slots.extend((s.start_pos..end).map(slot));
+            let ctx: Vec<u32> = (0..end).map(slot).collect();
+            seqs.push(SeqAttention {
+                q_start,
+                q_len: s.tokens.len(),
+                context_slots: Tensor::new(ctx.as_slice(), &self.device)?,
+            });
+            if all_rows || s.sample.is_some() {
+                rows.push((tokens.len() - 1) as u32);
+            }
+        }
+        let dev = &self.device;
+        Ok(BatchInput {
+            tokens: Tensor::new(tokens.as_slice(), dev)?,
+            positions: Tensor::new(positions.as_slice(), dev)?,
+            attn: AttentionMetadata {
+                slot_mapping: Tensor::new(slots.as_slice(), dev)?,
+                seqs,
+            },
+            logits_indices: Tensor::new(rows.as_slice(), dev)?,
+        })
+    }
+
+    /// Logits `[num_seqs, vocab]` of the last token of every sequence in the plan.
+    pub fn forward_logits(&mut self, plan: &StepPlan) -> Result<Tensor> {
+        let input = self.batch(plan, true)?;
+        Ok(self.model.forward(&input, &self.cache)?)
+    }
+
+    /// Run one step and sample a token for every sequence that asks for one.
+    pub fn execute(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>> {
+        if plan.seqs.is_empty() {
+            return Ok(vec![]);
+        }
+        let input = self.batch(plan, false)?;
+        let logits = self.model.forward(&input, &self.cache)?;
+        let sampling: Vec<_> = plan.seqs.iter().filter(|s| s.sample.is_some()).collect();
+        if sampling.is_empty() {
+            return Ok(vec![]);
+        }
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        Ok(sampling
+            .iter()
+            .zip(rows.iter())
+            .filter_map(|(s, row)| {
+                s.sample.as_ref().map(|spec| StepResult {
+                    seq_id: s.seq_id,
+                    token: sampler::sample(row, spec),
+                })
+            })
+            .collect())
+    }
+}
