@@ -42,7 +42,7 @@ fn hf_names(cfg: &tessera_models::ModelConfig) -> Vec<String> {
 pub fn export_hf(gguf: &Path, out_dir: &Path) -> Result<()> {
     use tessera_models::WeightSource;
     let dev = Device::Cpu;
-    let src = GgufSource::open(gguf, DType::F32, &dev)?;
+    let src = GgufSource::open(gguf, DType::F32, &dev)?.into_hf_order();
     let tok = TokenizerBundle::from_gguf(src.content(), gguf)?;
     std::fs::create_dir_all(out_dir).map_err(|e| LoadError::io(out_dir, e))?;
     let cfg = src.config();

@@ -1,7 +1,9 @@
 //! GGUF files: metadata → [`ModelConfig`], tensors kept quantized (as `QTensor`) and served
 //! under their Hugging Face names. llama.cpp stores q/k projection rows permuted for its
-//! interleaved rotary layout; rows are whole quantization blocks, so they are un-permuted
-//! losslessly here and the model uses one (Hugging Face) rotary layout everywhere.
+//! interleaved rotary layout. The model keeps that layout (`rope_interleaved`): with
+//! quantized activations the forward pass is sensitive to summation order, and keeping
+//! llama.cpp's order is what makes greedy output match it. [`unpermute_rows`] (lossless:
+//! rows are whole quantization blocks) converts to Hugging Face order for `export-hf`.
 
 use std::borrow::Cow;
 use std::fs::File;
@@ -24,6 +26,8 @@ pub struct GgufSource {
     arch: String,
     dtype: DType,
     device: Device,
+    /// Serve q/k in Hugging Face row order (for export) instead of the file's.
+    hf_order: bool,
 }
 
 fn md<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
@@ -148,6 +152,7 @@ impl GgufSource {
             max_position_embeddings: md_usize(&content, &k("context_length"), path).unwrap_or(4096),
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            rope_interleaved: arch == "llama",
             bos_token_id: md_usize(&content, "tokenizer.ggml.bos_token_id", path).ok().map(|x| x as u32),
             eos_token_ids: md_usize(&content, "tokenizer.ggml.eos_token_id", path)
                 .ok()
@@ -164,6 +169,7 @@ impl GgufSource {
             arch,
             dtype,
             device: device.clone(),
+            hf_order: false,
         })
     }
 
@@ -171,17 +177,28 @@ impl GgufSource {
         &self.config
     }
 
+    /// Serve weights in Hugging Face layout (q/k rows un-permuted, `rope_interleaved` off).
+    pub fn into_hf_order(mut self) -> Self {
+        self.hf_order = true;
+        self.config.rope_interleaved = false;
+        self
+    }
+
     pub fn content(&self) -> &Content {
         &self.content
     }
 
-    /// Read one tensor by its GGUF name, un-permuting llama q/k rows.
+    /// Read one tensor by its GGUF name, in the file's layout.
     pub fn qtensor(&self, gguf: &str) -> Result<QTensor> {
         let f = File::open(&self.path).map_err(|e| LoadError::io(&self.path, e))?;
-        let q = self
-            .content
+        self.content
             .tensor(&mut BufReader::new(f), gguf, &self.device)
-            .map_err(|e| LoadError::candle(format!("{}: tensor {gguf}", self.path.display()), e))?;
+            .map_err(|e| LoadError::candle(format!("{}: tensor {gguf}", self.path.display()), e))
+    }
+
+    /// Read one tensor by its GGUF name with llama q/k rows in Hugging Face order.
+    pub fn qtensor_hf_order(&self, gguf: &str) -> Result<QTensor> {
+        let q = self.qtensor(gguf)?;
         if self.arch != "llama" || !gguf.ends_with(".weight") {
             return Ok(q);
         }
@@ -202,7 +219,12 @@ impl WeightSource for GgufSource {
         let g = gguf_name(name)
             .filter(|g| self.content.tensor_infos.contains_key(g))
             .ok_or_else(|| ModelError::MissingWeight(format!("{name} (in {})", self.path.display())))?;
-        let q = self.qtensor(&g).map_err(|e| ModelError::Source(e.to_string()))?;
+        let q = if self.hf_order {
+            self.qtensor_hf_order(&g)
+        } else {
+            self.qtensor(&g)
+        }
+        .map_err(|e| ModelError::Source(e.to_string()))?;
         match q.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 let t = q.dequantize(&self.device).and_then(|t| t.to_dtype(self.dtype));

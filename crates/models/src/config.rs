@@ -39,6 +39,9 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
+    /// Rotary pairs are adjacent dimensions (llama.cpp's GGUF layout for `llama`) instead of
+    /// the two halves of each head (Hugging Face layout).
+    pub rope_interleaved: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -145,6 +148,7 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings,
+            rope_interleaved: false,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: match raw.eos_token_id {
                 None => vec![],

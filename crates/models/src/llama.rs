@@ -117,8 +117,8 @@ impl Llama {
             let q = b.attn.q.forward(&h)?.reshape((t, nh, hd))?;
             let k = b.attn.k.forward(&h)?.reshape((t, nkv, hd))?;
             let v = b.attn.v.forward(&h)?.reshape((t, nkv, hd))?;
-            let q = Rotary::apply(&q, &cos, &sin)?;
-            let k = Rotary::apply(&k, &cos, &sin)?;
+            let q = self.rotary.apply(&q, &cos, &sin)?;
+            let k = self.rotary.apply(&k, &cos, &sin)?;
             let (kc, vc) = cache.layer(i);
             write_cache(kc, vc, &k, &v, &write_index)?;
             let a = paged_attention(&q, kc, vc, &input.attn, nkv)?;

@@ -10,16 +10,19 @@ use crate::{ModelConfig, Result, RopeScaling};
 pub struct Rotary {
     cos: Tensor,
     sin: Tensor,
+    interleaved: bool,
 }
 
-fn inv_freqs(cfg: &ModelConfig) -> Vec<f64> {
+/// Inverse frequencies, computed in f32 exactly as candle's and llama.cpp-matching GGUF
+/// implementations do: quantized activations make the forward pass sensitive to the last
+/// bit of the rotary tables, and greedy parity with the reference depends on it.
+fn inv_freqs(cfg: &ModelConfig) -> Vec<f32> {
     let d = cfg.head_dim;
-    let base: Vec<f64> = (0..d / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
-        .collect();
+    let theta = cfg.rope_theta as f32;
+    let base: Vec<f32> = (0..d).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / d as f32)).collect();
     match &cfg.rope_scaling {
         None | Some(RopeScaling::Default) => base,
-        Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+        Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / *factor as f32).collect(),
         Some(RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -31,6 +34,7 @@ fn inv_freqs(cfg: &ModelConfig) -> Vec<f64> {
             let high_wavelen = old / high_freq_factor;
             base.iter()
                 .map(|&f| {
+                    let f = f as f64;
                     let wavelen = 2.0 * std::f64::consts::PI / f;
                     if wavelen < high_wavelen {
                         f
@@ -42,6 +46,7 @@ fn inv_freqs(cfg: &ModelConfig) -> Vec<f64> {
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
+                .map(|f| f as f32)
                 .collect()
         }
     }
@@ -56,14 +61,14 @@ impl Rotary {
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
             for f in &inv {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
             }
         }
         let cos = Tensor::from_vec(cos, (max_positions, half), dev)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (max_positions, half), dev)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin })
+        Ok(Self { cos, sin, interleaved: cfg.rope_interleaved })
     }
 
     /// Number of positions the tables cover.
@@ -80,7 +85,12 @@ impl Rotary {
     }
 
     /// Rotate `x` of shape `[T, heads, head_dim]` with per-token tables from [`Self::tables_for`].
-    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.interleaved {
+            let x = x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?; // [1, H, T, D]
+            let y = candle_nn::rotary_emb::rope_i(&x, cos, sin)?;
+            return Ok(y.squeeze(0)?.transpose(0, 1)?.contiguous()?);
+        }
         let x = x.unsqueeze(0)?.contiguous()?;
         Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
     }

@@ -1,1 +1,18 @@
-//! placeholder
+//! The OpenAI-compatible HTTP front of a Tessera worker (axum).
+//!
+//! Owns: routes, request validation into engine requests (chat template, tokenisation),
+//! JSON and SSE responses, the one error → status map ([`ApiError`]), `/metrics`,
+//! `/health` (503 until a model is attached and while draining).
+//! Must not touch: tensors or the scheduler — it talks to the engine only through
+//! `tessera_engine::EngineHandle`.
+
+mod chat;
+mod error;
+mod metrics;
+mod routes;
+mod state;
+
+pub use chat::ChatTemplate;
+pub use error::ApiError;
+pub use routes::app;
+pub use state::{AppState, ModelInfo, ServedModel};

@@ -1,0 +1,82 @@
+//! The server's one error type and its mapping to HTTP status and OpenAI error bodies.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tessera_engine::EngineError;
+use tessera_protocol::{ErrorBody, ErrorResponse, ProtocolError};
+
+/// Every way a request can fail, each with its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest { message: String, param: Option<String> },
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad(message: impl Into<String>) -> Self {
+        Self::BadRequest { message: message.into(), param: None }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { .. } => "BadRequestError",
+            ApiError::ModelNotFound(_) => "NotFoundError",
+            ApiError::NotReady(_) => "ServiceUnavailableError",
+            ApiError::Internal(_) => "InternalServerError",
+        }
+    }
+
+    /// The OpenAI-shaped body.
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorBody {
+                message: self.to_string(),
+                kind: self.kind(),
+                param: match self {
+                    ApiError::BadRequest { param, .. } => param.clone(),
+                    ApiError::ModelNotFound(_) => Some("model".into()),
+                    _ => None,
+                },
+                code: self.status().as_u16(),
+            },
+        }
+    }
+}
+
+impl From<ProtocolError> for ApiError {
+    fn from(e: ProtocolError) -> Self {
+        Self::BadRequest { message: e.message, param: e.param }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::TooLong(m) => Self::BadRequest { message: m, param: Some("messages".into()) },
+            EngineError::Stopped => Self::NotReady(e.to_string()),
+            EngineError::Step(m) => Self::Internal(m),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status(), Json(self.body())).into_response()
+    }
+}

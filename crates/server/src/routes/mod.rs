@@ -1,0 +1,88 @@
+//! The router and the small endpoints.
+
+mod chat;
+mod completions;
+mod generate;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tessera_protocol::{ModelCard, ModelList};
+
+use crate::state::unix_now;
+use crate::{ApiError, AppState};
+
+/// Build the HTTP application.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions::handle))
+        .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/ping", get(health).post(health))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Parse a JSON body; errors are OpenAI-shaped 400s naming the problem.
+pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+async fn health(State(st): State<AppState>) -> StatusCode {
+    if st.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+async fn models(State(st): State<AppState>) -> Json<ModelList> {
+    let max_model_len = st.loaded().map_or(0, |m| m.engine.config().max_model_len);
+    let info = st.info();
+    let data = info
+        .served_names
+        .iter()
+        .map(|n| ModelCard {
+            id: n.clone(),
+            object: "model",
+            created: st.created(),
+            owned_by: "tessera",
+            root: info.root.clone(),
+            max_model_len,
+        })
+        .collect();
+    Json(ModelList { object: "list", data })
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let Some(m) = st.loaded() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "model loading\n").into_response();
+    };
+    let name = st.info().served_names.first().cloned().unwrap_or_default();
+    match crate::metrics::render(m.engine.stats(), &name) {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+        Err(_) => ApiError::Internal("metrics encoding failed".into()).into_response(),
+    }
+}
+
+async fn not_found() -> Response {
+    let body = serde_json::json!({"error": {"message": "no such endpoint", "type": "NotFoundError", "param": null, "code": 404}});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+pub(crate) fn request_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let r = RandomState::new().hash_one(unix_now());
+    format!("{prefix}-{r:016x}")
+}

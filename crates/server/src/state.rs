@@ -1,0 +1,112 @@
+//! Shared server state: what is served, and whether it is ready.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use tessera_engine::EngineHandle;
+use tessera_protocol::ModelDefaults;
+use tokenizers::Tokenizer;
+
+use crate::{ApiError, ChatTemplate};
+
+/// Names and limits known before the model is loaded.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Accepted `model` names; the first is canonical.
+    pub served_names: Vec<String>,
+    /// Where the model came from (shown as `root` in `/v1/models`).
+    pub root: String,
+}
+
+/// A loaded model ready to serve.
+pub struct ServedModel {
+    pub engine: EngineHandle,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub defaults: ModelDefaults,
+    pub vocab_size: usize,
+}
+
+struct Inner {
+    info: ModelInfo,
+    model: OnceLock<ServedModel>,
+    draining: AtomicBool,
+    created: u64,
+}
+
+/// Cheap-to-clone state shared by all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl AppState {
+    pub fn new(info: ModelInfo) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                info,
+                model: OnceLock::new(),
+                draining: AtomicBool::new(false),
+                created: unix_now(),
+            }),
+        }
+    }
+
+    /// Attach the loaded model; from now on `/health` is 200. A second call is ignored.
+    pub fn attach(&self, model: ServedModel) {
+        let _ = self.inner.model.set(model);
+    }
+
+    /// Stop accepting new requests (`/health` turns 503).
+    pub fn set_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.inner.info
+    }
+
+    /// Live engine figures, once the model is attached.
+    pub fn engine_stats(&self) -> Option<Arc<tessera_engine::EngineStats>> {
+        self.inner.model.get().map(|m| m.engine.stats().clone())
+    }
+
+    pub(crate) fn created(&self) -> u64 {
+        self.inner.created
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.inner.model.get().is_some() && !self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn loaded(&self) -> Option<&ServedModel> {
+        self.inner.model.get()
+    }
+
+    /// The model, if it can take a new request.
+    pub(crate) fn model(&self) -> Result<&ServedModel, ApiError> {
+        if self.inner.draining.load(Ordering::SeqCst) {
+            return Err(ApiError::NotReady("the server is shutting down".into()));
+        }
+        self.inner
+            .model
+            .get()
+            .ok_or_else(|| ApiError::NotReady("the model is still loading".into()))
+    }
+
+    /// Check the request's `model` against the served names.
+    pub(crate) fn check_name(&self, name: &str) -> Result<(), ApiError> {
+        if self.inner.info.served_names.iter().any(|n| n == name) {
+            Ok(())
+        } else {
+            Err(ApiError::ModelNotFound(name.to_string()))
+        }
+    }
+}

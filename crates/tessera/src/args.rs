@@ -1,0 +1,170 @@
+//! Command-line flags, named after `vllm serve`'s so that KServe presets run unchanged.
+//! Every flag can also come from a `TESSERA_…` environment variable.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "tessera", version, about = "Tessera model-serving worker (vLLM-compatible flags)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a model over the OpenAI-compatible HTTP API.
+    Serve(Box<ServeArgs>),
+    /// Derive a Hugging Face-layout copy (config.json, f32 safetensors, tokenizer files) of a GGUF model.
+    ExportHf {
+        /// The GGUF file.
+        gguf: PathBuf,
+        /// Output directory.
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    Auto,
+    #[value(alias = "bf16")]
+    Bfloat16,
+    #[value(alias = "half", alias = "fp16")]
+    Float16,
+    #[value(alias = "float", alias = "fp32")]
+    Float32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Model: a local directory (Hugging Face layout) or a .gguf file.
+    #[arg(env = "TESSERA_MODEL")]
+    pub model: String,
+    /// Names accepted in the request's `model` field; the first is canonical.
+    #[arg(long, num_args = 1.., env = "TESSERA_SERVED_MODEL_NAME", value_delimiter = ' ')]
+    pub served_model_name: Vec<String>,
+    #[arg(long, default_value = "0.0.0.0", env = "TESSERA_HOST")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000, env = "TESSERA_PORT")]
+    pub port: u16,
+    /// Context length (prompt + output); defaults to the model's.
+    #[arg(long, env = "TESSERA_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Maximum sequences in one batch.
+    #[arg(long, default_value_t = 256, env = "TESSERA_MAX_NUM_SEQS")]
+    pub max_num_seqs: usize,
+    /// Token budget of one engine step (prefill chunks + decode tokens).
+    #[arg(long, default_value_t = 512, env = "TESSERA_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: usize,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16, env = "TESSERA_BLOCK_SIZE")]
+    pub block_size: usize,
+    /// KV cache size in bytes (suffixes K, M, G, KiB, MiB, GiB accepted).
+    #[arg(long, default_value = "2GiB", env = "TESSERA_KV_CACHE_MEMORY")]
+    pub kv_cache_memory: String,
+    /// Fraction of GPU memory to use (CUDA only; on CPU --kv-cache-memory decides).
+    #[arg(long, default_value_t = 0.9, env = "TESSERA_GPU_MEMORY_UTILIZATION")]
+    pub gpu_memory_utilization: f64,
+    #[arg(long, value_enum, default_value = "auto", env = "TESSERA_DTYPE")]
+    pub dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "auto", env = "TESSERA_DEVICE")]
+    pub device: DeviceArg,
+    /// Automatic prefix caching (on by default).
+    #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    #[arg(long, action = ArgAction::SetTrue, env = "TESSERA_NO_ENABLE_PREFIX_CACHING")]
+    pub no_enable_prefix_caching: bool,
+    /// Chunked prefill (on by default).
+    #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_enable_chunked_prefill")]
+    pub enable_chunked_prefill: bool,
+    #[arg(long, action = ArgAction::SetTrue, env = "TESSERA_NO_ENABLE_CHUNKED_PREFILL")]
+    pub no_enable_chunked_prefill: bool,
+    /// Chat template: a file, or the template text itself.
+    #[arg(long, env = "TESSERA_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
+    /// Accepted for vLLM compatibility (requests are not logged by default).
+    #[arg(long)]
+    pub disable_log_requests: bool,
+    /// Accepted for vLLM compatibility.
+    #[arg(long)]
+    pub enable_log_requests: bool,
+    /// Accepted for vLLM compatibility.
+    #[arg(long)]
+    pub disable_uvicorn_access_log: bool,
+    /// Accepted for vLLM compatibility.
+    #[arg(long, num_args = 0..)]
+    pub disable_access_log_for_endpoints: Vec<String>,
+    /// Accepted for vLLM compatibility (nothing remote is ever executed).
+    #[arg(long)]
+    pub trust_remote_code: bool,
+}
+
+impl ServeArgs {
+    pub fn prefix_caching(&self) -> bool {
+        !self.no_enable_prefix_caching
+    }
+
+    pub fn chunked_prefill(&self) -> bool {
+        !self.no_enable_chunked_prefill
+    }
+}
+
+/// Parse a byte size such as `2147483648`, `512M`, `2GiB`, `1.5G`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (examples: 2GiB, 512M, 1073741824)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("`{s}`: unknown size unit `{u}` (use K, M, G, KiB, MiB or GiB)")),
+    };
+    Ok((n * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("512M").unwrap(), 512_000_000);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3TB").is_err());
+    }
+
+    #[test]
+    fn unknown_flag_is_named() {
+        let e = Cli::try_parse_from(["tessera", "serve", "m", "--frobnicate"]).unwrap_err();
+        assert!(e.to_string().contains("--frobnicate"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn kserve_preset_args_parse() {
+        let cli = Cli::try_parse_from([
+            "tessera", "serve", "/mnt/models", "--served-model-name", "m", "publishers/ns/models/m",
+            "--port", "8000", "--disable-log-requests",
+        ])
+        .unwrap();
+        let Command::Serve(a) = cli.command else { panic!("not serve") };
+        assert_eq!(a.served_model_name, vec!["m", "publishers/ns/models/m"]);
+        assert!(a.prefix_caching() && a.chunked_prefill());
+    }
+}

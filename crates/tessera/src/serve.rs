@@ -1,0 +1,225 @@
+//! `tessera serve`: bind, start HTTP, load the model, attach it, wait for a signal.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use tessera_engine::{EngineConfig, SchedulerConfig};
+use tessera_models::{KvCache, Llama};
+use tessera_protocol::ModelDefaults;
+use tessera_runner::Worker;
+use tessera_server::{AppState, ChatTemplate, ModelInfo, ServedModel};
+use tokio::sync::oneshot;
+
+use crate::args::{parse_bytes, DTypeArg, DeviceArg, ServeArgs};
+use crate::ServeError;
+
+/// A started worker.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Wait for SIGTERM / Ctrl-C, then stop taking requests and let in-flight ones finish.
+    pub async fn wait_for_signal(self) -> Result<(), ServeError> {
+        shutdown_signal().await;
+        tracing::info!("shutting down: /health is 503, finishing in-flight requests");
+        self.stop().await
+    }
+
+    /// Stop the server (graceful: open responses complete).
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        self.state.set_draining();
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.server.await {
+            Ok(r) => r.map_err(ServeError::Io),
+            Err(e) => Err(ServeError::Config(format!("server task failed: {e}"))),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn validate(a: &ServeArgs) -> Result<(), ServeError> {
+    let bad = |m: String| Err(ServeError::Config(m));
+    if a.block_size == 0 {
+        return bad("--block-size must be at least 1".into());
+    }
+    if a.max_num_seqs == 0 {
+        return bad("--max-num-seqs must be at least 1".into());
+    }
+    if a.max_num_batched_tokens == 0 {
+        return bad("--max-num-batched-tokens must be at least 1".into());
+    }
+    if !(0.0..=1.0).contains(&a.gpu_memory_utilization) || a.gpu_memory_utilization == 0.0 {
+        return bad(format!("--gpu-memory-utilization must be in (0, 1], got {}", a.gpu_memory_utilization));
+    }
+    parse_bytes(&a.kv_cache_memory).map_err(|e| ServeError::Config(format!("--kv-cache-memory: {e}")))?;
+    Ok(())
+}
+
+fn pick_device(d: DeviceArg) -> Result<Device, ServeError> {
+    match d {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
+            ServeError::Config(format!("--device cuda: {e} (this build needs the `cuda` feature and a GPU)"))
+        }),
+    }
+}
+
+fn pick_dtype(d: DTypeArg, dev: &Device) -> DType {
+    match d {
+        DTypeArg::Auto if dev.is_cpu() => DType::F32,
+        DTypeArg::Auto => DType::BF16,
+        DTypeArg::Bfloat16 => DType::BF16,
+        DTypeArg::Float16 => DType::F16,
+        DTypeArg::Float32 => DType::F32,
+    }
+}
+
+fn chat_template(arg: Option<&str>, bundle: &tessera_loader::TokenizerBundle) -> Result<Option<ChatTemplate>, ServeError> {
+    let source = match arg {
+        Some(a) if Path::new(a).is_file() => Some(
+            std::fs::read_to_string(a).map_err(|e| ServeError::Config(format!("--chat-template {a}: {e}")))?,
+        ),
+        Some(a) => Some(a.to_string()),
+        None => bundle.chat_template.clone(),
+    };
+    source
+        .map(|s| ChatTemplate::new(&s, bundle.bos_token.clone(), bundle.eos_token.clone()).map_err(ServeError::Config))
+        .transpose()
+}
+
+/// Load the model, size the KV cache and start the engine. Blocking (run it off the runtime).
+pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
+    let t0 = std::time::Instant::now();
+    let device = pick_device(a.device)?;
+    let dtype = pick_dtype(a.dtype, &device);
+    let lm = tessera_loader::open(Path::new(&a.model), dtype, &device)?;
+    let cfg = lm.config.clone();
+    let max_model_len = a.max_model_len.unwrap_or(cfg.max_position_embeddings);
+    if max_model_len == 0 || max_model_len > cfg.max_position_embeddings {
+        return Err(ServeError::Config(format!(
+            "--max-model-len {max_model_len} must be in 1..={} (the model's max_position_embeddings)",
+            cfg.max_position_embeddings
+        )));
+    }
+    if !a.chunked_prefill() && a.max_num_batched_tokens < max_model_len {
+        return Err(ServeError::Config(format!(
+            "with chunked prefill off, --max-num-batched-tokens ({}) must be >= --max-model-len ({max_model_len})",
+            a.max_num_batched_tokens
+        )));
+    }
+    let model = Llama::load(&cfg, lm.weights.as_ref(), max_model_len, dtype, &device)?;
+    drop(lm.weights);
+    let kv_bytes = parse_bytes(&a.kv_cache_memory).map_err(ServeError::Config)? as usize;
+    let per_block = KvCache::bytes_per_block(cfg.num_layers, a.block_size, cfg.num_kv_heads, cfg.head_dim, dtype);
+    let num_blocks = kv_bytes / per_block;
+    if num_blocks * a.block_size < max_model_len {
+        return Err(ServeError::Config(format!(
+            "--kv-cache-memory {} holds {} tokens, fewer than --max-model-len {max_model_len}; \
+             raise --kv-cache-memory or lower --max-model-len",
+            a.kv_cache_memory,
+            num_blocks * a.block_size
+        )));
+    }
+    tracing::info!(
+        "KV cache: {num_blocks} blocks of {} tokens ({} tokens, {:.1} MiB, {:?}); maximum concurrency at max_model_len={max_model_len}: {:.2}x",
+        a.block_size,
+        num_blocks * a.block_size,
+        (num_blocks * per_block) as f64 / (1024.0 * 1024.0),
+        dtype,
+        (num_blocks * a.block_size) as f64 / max_model_len as f64
+    );
+    let worker = Worker::new(model, num_blocks, a.block_size)?;
+    let template = chat_template(a.chat_template.as_deref(), &lm.tokenizer)?;
+    let tok = lm.tokenizer;
+    let engine = tessera_engine::spawn(
+        EngineConfig {
+            max_model_len,
+            num_blocks,
+            block_size: a.block_size,
+            enable_prefix_caching: a.prefix_caching(),
+            scheduler: SchedulerConfig {
+                max_num_seqs: a.max_num_seqs,
+                max_num_batched_tokens: a.max_num_batched_tokens,
+                enable_chunked_prefill: a.chunked_prefill(),
+            },
+        },
+        Box::new(worker),
+        tok.tokenizer.clone(),
+        tok.eos_token_ids.clone(),
+    );
+    tracing::info!(
+        "model {} ({}, {} layers) ready in {:.1}s on {:?}",
+        a.model,
+        cfg.architecture,
+        cfg.num_layers,
+        t0.elapsed().as_secs_f64(),
+        device
+    );
+    Ok(ServedModel {
+        engine,
+        tokenizer: tok.tokenizer,
+        chat_template: template,
+        defaults: ModelDefaults {
+            temperature: tok.defaults.temperature,
+            top_p: tok.defaults.top_p,
+            top_k: tok.defaults.top_k,
+        },
+        vocab_size: cfg.vocab_size,
+    })
+}
+
+/// Bind, serve HTTP (503 until loaded), load the model and attach it.
+pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
+    validate(&a)?;
+    let names = if a.served_model_name.is_empty() {
+        vec![a.model.clone()]
+    } else {
+        a.served_model_name.clone()
+    };
+    let state = AppState::new(ModelInfo { served_names: names, root: a.model.clone() });
+    let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!("listening on http://{addr}");
+    let (tx, rx) = oneshot::channel::<()>();
+    let app = tessera_server::app(state.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    let args = a.clone();
+    let model = tokio::task::spawn_blocking(move || load_model(&args))
+        .await
+        .map_err(|e| ServeError::Config(format!("model loading task failed: {e}")))??;
+    state.attach(model);
+    Ok(Running { addr, state, shutdown: Some(tx), server })
+}
