@@ -14,14 +14,22 @@ pub fn model_cache() -> PathBuf {
 /// The SmolLM2 GGUF from PyPI. Panics with the command to run when it is missing.
 pub fn smollm2_gguf() -> PathBuf {
     let p = model_cache().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.is_file(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
     p
 }
 
 /// The Hugging Face-layout copy derived from the GGUF.
 pub fn smollm2_hf() -> PathBuf {
     let p = model_cache().join("SmolLM2-135M-Instruct-hf");
-    assert!(p.join("model.safetensors").is_file(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    assert!(
+        p.join("model.safetensors").is_file(),
+        "{} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
     p
 }
 

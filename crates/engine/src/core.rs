@@ -137,7 +137,11 @@ impl EngineHandle {
         self.cmd
             .send(Command::Add { id, req, tx })
             .map_err(|_| EngineError::Stopped)?;
-        Ok(RequestStream { id, rx, cmd: self.cmd.clone() })
+        Ok(RequestStream {
+            id,
+            rx,
+            cmd: self.cmd.clone(),
+        })
     }
 }
 
@@ -177,7 +181,12 @@ pub fn spawn(
         .spawn(move || core.run(cmd_rx))
         .map(|_| ())
         .unwrap_or_else(|e| tracing::error!("cannot start the engine thread: {e}"));
-    EngineHandle { cmd: cmd_tx, next_id: Arc::new(AtomicU64::new(1)), stats, cfg }
+    EngineHandle {
+        cmd: cmd_tx,
+        next_id: Arc::new(AtomicU64::new(1)),
+        stats,
+        cfg,
+    }
 }
 
 struct Core {
@@ -232,7 +241,9 @@ impl Core {
                         cached_tokens: 0,
                     },
                 );
-                self.stats.prompt_tokens.fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .prompt_tokens
+                    .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
                 self.sched.add(Sequence::new(id, req.prompt, sampling));
             }
             Command::Abort(id) => {
@@ -288,8 +299,12 @@ impl Core {
     }
 
     fn on_token(&mut self, id: u64, token: u32) {
-        let Some(seq_len) = self.sched.get(id).map(|s| s.tokens.len()) else { return };
-        let Some(r) = self.requests.get_mut(&id) else { return };
+        let Some(seq_len) = self.sched.get(id).map(|s| s.tokens.len()) else {
+            return;
+        };
+        let Some(r) = self.requests.get_mut(&id) else {
+            return;
+        };
         self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
         let n_out = seq_len - r.prompt_len;
         let mut reason = None;
@@ -311,7 +326,11 @@ impl Core {
             cached_tokens: r.cached_tokens,
         });
         let text = r.text.take_sendable(finished.is_some());
-        let sent = r.tx.send(Ok(RequestOutput { text, token_ids: vec![token], finished }));
+        let sent = r.tx.send(Ok(RequestOutput {
+            text,
+            token_ids: vec![token],
+            finished,
+        }));
         if finished.is_some() || sent.is_err() {
             self.requests.remove(&id);
             self.sched.remove(id);

@@ -53,8 +53,18 @@ pub struct OutputText {
 
 impl OutputText {
     pub fn new(stop: Vec<String>) -> Self {
-        let hold = stop.iter().map(|s| s.len()).max().unwrap_or(0).saturating_sub(1);
-        Self { text: String::new(), sent: 0, stop, hold }
+        let hold = stop
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(1);
+        Self {
+            text: String::new(),
+            sent: 0,
+            stop,
+            hold,
+        }
     }
 
     /// Append decoded text; returns true when a stop string was found (the text is cut
@@ -68,7 +78,11 @@ impl OutputText {
         let hit = self
             .stop
             .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|p| search_from + p))
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|p| search_from + p)
+            })
             .min();
         if let Some(pos) = hit {
             self.text.truncate(pos);

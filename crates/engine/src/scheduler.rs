@@ -183,7 +183,9 @@ impl Scheduler {
         }
         if out.preempted.is_empty() {
             while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-                let Some(seq) = self.waiting.front() else { break };
+                let Some(seq) = self.waiting.front() else {
+                    break;
+                };
                 let prefix = if seq.num_computed == 0 {
                     self.kv.cached_prefix(&seq.tokens)
                 } else {
@@ -204,7 +206,9 @@ impl Scheduler {
                 if cached > 0 {
                     out.prefix_hits.push((id, cached));
                 }
-                let Some(mut seq) = self.waiting.pop_front() else { break };
+                let Some(mut seq) = self.waiting.pop_front() else {
+                    break;
+                };
                 seq.num_computed = start;
                 self.running.push(seq);
                 scheduled.push((id, num_new));
@@ -225,7 +229,9 @@ impl Scheduler {
     pub fn apply(&mut self, results: &[StepResult]) -> Vec<(u64, u32)> {
         let mut appended = Vec::with_capacity(results.len());
         for (id, n) in std::mem::take(&mut self.in_flight) {
-            let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else { continue };
+            let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
+                continue;
+            };
             seq.num_computed += n;
             self.kv.cache_full_blocks(id, &seq.tokens, seq.num_computed);
             if let Some(r) = results.iter().find(|r| r.seq_id == id) {

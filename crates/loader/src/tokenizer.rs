@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use tessera_models::ModelConfig;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -14,7 +15,6 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
-use tessera_models::ModelConfig;
 
 use crate::{LoadError, Result};
 
@@ -61,8 +61,14 @@ fn read_json(p: &Path) -> Result<Option<serde_json::Value>> {
 
 fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -85,7 +91,9 @@ fn gguf_strings(c: &Content, key: &str, file: &Path) -> Result<Vec<String>> {
 
 fn gguf_u32(c: &Content, key: &str) -> Option<u32> {
     let v = c.metadata.get(key)?;
-    v.to_u32().ok().or_else(|| v.to_i32().ok().map(|x| x as u32))
+    v.to_u32()
+        .ok()
+        .or_else(|| v.to_i32().ok().map(|x| x as u32))
 }
 
 impl TokenizerBundle {
@@ -93,7 +101,10 @@ impl TokenizerBundle {
     pub fn from_hf_dir(dir: &Path, cfg: &ModelConfig) -> Result<Self> {
         let tp = dir.join("tokenizer.json");
         if !tp.is_file() {
-            return Err(LoadError::Format(format!("{}: missing tokenizer.json", dir.display())));
+            return Err(LoadError::Format(format!(
+                "{}: missing tokenizer.json",
+                dir.display()
+            )));
         }
         let tokenizer = Tokenizer::from_file(&tp)
             .map_err(|e| LoadError::Format(format!("{}: {e}", tp.display())))?;
@@ -121,7 +132,10 @@ impl TokenizerBundle {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let defaults = GenerationDefaults {
-            temperature: gc.get("temperature").and_then(|v| v.as_f64()).map(|x| x as f32),
+            temperature: gc
+                .get("temperature")
+                .and_then(|v| v.as_f64())
+                .map(|x| x as f32),
             top_p: gc.get("top_p").and_then(|v| v.as_f64()).map(|x| x as f32),
             top_k: gc.get("top_k").and_then(|v| v.as_i64()),
         };
@@ -155,13 +169,19 @@ impl TokenizerBundle {
             Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
             _ => vec![],
         };
-        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let merges: Merges = merges
             .iter()
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| gguf_err(file, "tokenizer.ggml.merges", format!("bad merge `{m}`")))
+                    .ok_or_else(|| {
+                        gguf_err(file, "tokenizer.ggml.merges", format!("bad merge `{m}`"))
+                    })
             })
             .collect::<Result<_>>()?;
         let bpe = BPE::builder()
@@ -174,9 +194,13 @@ impl TokenizerBundle {
             .and_then(|v| v.to_string().ok().cloned())
             .unwrap_or_else(|| "default".into());
         let split = |re: &str| -> Result<PreTokenizerWrapper> {
-            Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
-                .map(PreTokenizerWrapper::Split)
-                .map_err(|e| gguf_err(file, "tokenizer.ggml.pre", e))
+            Split::new(
+                SplitPattern::Regex(re.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map(PreTokenizerWrapper::Split)
+            .map_err(|e| gguf_err(file, "tokenizer.ggml.pre", e))
         };
         let pre_tok = match pre.as_str() {
             "smollm" | "starcoder" | "refact" | "codeshell" => Sequence::new(vec![
@@ -226,7 +250,11 @@ impl TokenizerBundle {
         if let (true, Some(b), Some(id)) = (add_bos, bos_token.as_ref(), bos_id) {
             let tp = TemplateProcessing::builder()
                 .try_single(format!("{b}:0 $A:0"))
-                .and_then(|t| t.special_tokens(vec![(b.clone(), id)]).build().map_err(|e| e.to_string()))
+                .and_then(|t| {
+                    t.special_tokens(vec![(b.clone(), id)])
+                        .build()
+                        .map_err(|e| e.to_string())
+                })
                 .map_err(|e| gguf_err(file, "tokenizer.ggml.add_bos_token", e))?;
             tokenizer.with_post_processor(Some(tp));
         }
@@ -262,7 +290,10 @@ impl TokenizerBundle {
             "add_bos_token": false,
         });
         let gc = serde_json::json!({ "eos_token_id": self.eos_token_ids });
-        for (name, v) in [("tokenizer_config.json", tc), ("generation_config.json", gc)] {
+        for (name, v) in [
+            ("tokenizer_config.json", tc),
+            ("generation_config.json", gc),
+        ] {
             let p = dir.join(name);
             std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap_or_default())
                 .map_err(|e| LoadError::io(&p, e))?;

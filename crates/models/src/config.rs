@@ -90,11 +90,8 @@ fn default_max_pos() -> usize {
 }
 
 /// Architectures (from `config.json`'s `architectures`) this crate can run.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
 impl ModelConfig {
     /// Parse a Hugging Face `config.json`.
@@ -140,9 +137,7 @@ impl ModelConfig {
             num_layers: raw.num_hidden_layers,
             num_heads,
             num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
-            head_dim: raw
-                .head_dim
-                .unwrap_or(raw.hidden_size / num_heads.max(1)),
+            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / num_heads.max(1)),
             rms_norm_eps: raw.rms_norm_eps,
             rope_theta: raw.rope_theta,
             rope_scaling,
@@ -164,15 +159,17 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Config(m));
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
-            return bad("num_attention_heads, num_key_value_heads and num_hidden_layers must be > 0".into());
+            return bad(
+                "num_attention_heads, num_key_value_heads and num_hidden_layers must be > 0".into(),
+            );
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim ({}) must be even and > 0", self.head_dim));
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {

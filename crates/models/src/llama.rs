@@ -5,7 +5,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{paged_attention, write_cache};
 use crate::layers::{Embedding, GatedMlp};
-use crate::{BatchInput, KvCache, Linear, ModelConfig, ModelError, Result, RmsNorm, Rotary, WeightSource};
+use crate::{
+    BatchInput, KvCache, Linear, ModelConfig, ModelError, Result, RmsNorm, Rotary, WeightSource,
+};
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -59,15 +61,55 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let b = cfg.attention_bias;
             let attn = Attention {
-                q: Linear::load(src, &format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, b, dtype)?,
-                k: Linear::load(src, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, b, dtype)?,
-                v: Linear::load(src, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, b, dtype)?,
-                o: Linear::load(src, &format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false, dtype)?,
+                q: Linear::load(
+                    src,
+                    &format!("{p}.self_attn.q_proj"),
+                    cfg.num_heads * hd,
+                    h,
+                    b,
+                    dtype,
+                )?,
+                k: Linear::load(
+                    src,
+                    &format!("{p}.self_attn.k_proj"),
+                    cfg.num_kv_heads * hd,
+                    h,
+                    b,
+                    dtype,
+                )?,
+                v: Linear::load(
+                    src,
+                    &format!("{p}.self_attn.v_proj"),
+                    cfg.num_kv_heads * hd,
+                    h,
+                    b,
+                    dtype,
+                )?,
+                o: Linear::load(
+                    src,
+                    &format!("{p}.self_attn.o_proj"),
+                    h,
+                    cfg.num_heads * hd,
+                    false,
+                    dtype,
+                )?,
             };
             blocks.push(Block {
-                attn_norm: RmsNorm::load(src, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps, dtype)?,
+                attn_norm: RmsNorm::load(
+                    src,
+                    &format!("{p}.input_layernorm.weight"),
+                    h,
+                    cfg.rms_norm_eps,
+                    dtype,
+                )?,
                 attn,
-                mlp_norm: RmsNorm::load(src, &format!("{p}.post_attention_layernorm.weight"), h, cfg.rms_norm_eps, dtype)?,
+                mlp_norm: RmsNorm::load(
+                    src,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    cfg.rms_norm_eps,
+                    dtype,
+                )?,
                 mlp: GatedMlp::load(src, &format!("{p}.mlp"), h, cfg.intermediate_size, dtype)?,
             });
         }

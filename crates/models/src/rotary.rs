@@ -19,7 +19,10 @@ pub struct Rotary {
 fn inv_freqs(cfg: &ModelConfig) -> Vec<f32> {
     let d = cfg.head_dim;
     let theta = cfg.rope_theta as f32;
-    let base: Vec<f32> = (0..d).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / d as f32)).collect();
+    let base: Vec<f32> = (0..d)
+        .step_by(2)
+        .map(|i| 1f32 / theta.powf(i as f32 / d as f32))
+        .collect();
     match &cfg.rope_scaling {
         None | Some(RopeScaling::Default) => base,
         Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / *factor as f32).collect(),
@@ -41,8 +44,8 @@ fn inv_freqs(cfg: &ModelConfig) -> Vec<f32> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -54,7 +57,12 @@ fn inv_freqs(cfg: &ModelConfig) -> Vec<f32> {
 
 impl Rotary {
     /// Build tables for positions `0..max_positions`.
-    pub fn new(cfg: &ModelConfig, max_positions: usize, dtype: DType, dev: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        max_positions: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let inv = inv_freqs(cfg);
         let half = inv.len();
         let mut cos = Vec::with_capacity(max_positions * half);
@@ -68,7 +76,11 @@ impl Rotary {
         }
         let cos = Tensor::from_vec(cos, (max_positions, half), dev)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (max_positions, half), dev)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin, interleaved: cfg.rope_interleaved })
+        Ok(Self {
+            cos,
+            sin,
+            interleaved: cfg.rope_interleaved,
+        })
     }
 
     /// Number of positions the tables cover.

@@ -10,6 +10,7 @@ mod responses;
 mod sampling;
 
 pub use error::ProtocolError;
+pub use requests::CommonParams;
 pub use requests::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, Prompt, StopSpec,
     StreamOptions,
@@ -19,5 +20,4 @@ pub use responses::{
     ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionResponse, ErrorBody,
     ErrorResponse, ModelCard, ModelList, Usage,
 };
-pub use requests::CommonParams;
 pub use sampling::{FinishReason, ModelDefaults, SamplingParams};

@@ -106,7 +106,10 @@ impl ChatMessage {
                     if p.kind != "text" {
                         return Err(crate::ProtocolError::param(
                             "messages",
-                            format!("content part type `{}` is not supported (only `text`)", p.kind),
+                            format!(
+                                "content part type `{}` is not supported (only `text`)",
+                                p.kind
+                            ),
                         ));
                     }
                     out.push_str(p.text.as_deref().unwrap_or(""));

@@ -26,7 +26,11 @@ impl Worker {
             model.dtype(),
             &device,
         )?;
-        Ok(Self { model, cache, device })
+        Ok(Self {
+            model,
+            cache,
+            device,
+        })
     }
 
     pub fn model(&self) -> &Llama {
@@ -52,7 +56,10 @@ impl Worker {
                 )));
             }
             if let Some(b) = s.block_table.iter().find(|&&b| b >= nb) {
-                return Err(RunnerError::Plan(format!("sequence {}: block {b} out of range", s.seq_id)));
+                return Err(RunnerError::Plan(format!(
+                    "sequence {}: block {b} out of range",
+                    s.seq_id
+                )));
             }
             let slot = |p: usize| s.block_table[p / bs] * bs as u32 + (p % bs) as u32;
             let q_start = tokens.len();

@@ -17,7 +17,11 @@ pub fn run(cli: args::Cli) -> Result<(), ServeError> {
     match cli.command {
         args::Command::ExportHf { gguf, out_dir } => {
             tessera_loader::export_hf(&gguf, &out_dir)?;
-            tracing::info!("wrote a Hugging Face copy of {} to {}", gguf.display(), out_dir.display());
+            tracing::info!(
+                "wrote a Hugging Face copy of {} to {}",
+                gguf.display(),
+                out_dir.display()
+            );
             Ok(())
         }
         args::Command::Serve(a) => {

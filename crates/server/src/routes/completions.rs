@@ -4,7 +4,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use tessera_protocol::{CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Prompt, SamplingParams};
+use tessera_protocol::{
+    CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Prompt,
+    SamplingParams,
+};
 
 use super::generate::{collect, encode, sse, submit, usage, Piece};
 use super::{parse, request_id};
@@ -47,7 +50,15 @@ pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Re
                     if o.text.is_empty() && finish_reason.is_none() {
                         return None;
                     }
-                    chunk(vec![CompletionChoice { index: 0, text: o.text.clone(), logprobs: None, finish_reason }], None)
+                    chunk(
+                        vec![CompletionChoice {
+                            index: 0,
+                            text: o.text.clone(),
+                            logprobs: None,
+                            finish_reason,
+                        }],
+                        None,
+                    )
                 }
                 Piece::Usage(u) => chunk(vec![], Some(u)),
             };
