@@ -22,25 +22,9 @@ const STEPS: usize = 24;
 /// Our worker on a model path, plus the tokenised prompts.
 fn load_ours(path: &std::path::Path) -> (Worker, Vec<Vec<u32>>) {
     let lm = tessera_loader::open(path, DType::F32, &Device::Cpu).expect("open model");
-    let prompts = PROMPTS
-        .iter()
-        .map(|p| {
-            lm.tokenizer
-                .tokenizer
-                .encode(*p, true)
-                .expect("encode")
-                .get_ids()
-                .to_vec()
-        })
-        .collect();
-    let model = Llama::load(
-        &lm.config,
-        lm.weights.as_ref(),
-        2048,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .expect("load");
+    let prompts =
+        PROMPTS.iter().map(|p| lm.tokenizer.tokenizer.encode(*p, true).expect("encode").get_ids().to_vec()).collect();
+    let model = Llama::load(&lm.config, lm.weights.as_ref(), 2048, DType::F32, &Device::Cpu).expect("load");
     (Worker::new(model, 64, 16).expect("worker"), prompts)
 }
 
@@ -51,10 +35,7 @@ fn plan(tokens: &[u32], computed: usize, output_index: u64) -> StepPlan {
             tokens: tokens[computed..].to_vec(),
             start_pos: computed,
             block_table: (0..tokens.len().div_ceil(16) as u32).collect(),
-            sample: Some(SampleSpec {
-                config: SamplingConfig::default(),
-                output_index,
-            }),
+            sample: Some(SampleSpec { config: SamplingConfig::default(), output_index }),
         }],
     }
 }
@@ -65,9 +46,7 @@ fn greedy_ours(w: &mut Worker, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<V
     let (mut tokens, mut out, mut logits) = (prompt.to_vec(), vec![], vec![]);
     let mut computed = 0;
     for i in 0..steps {
-        let l = w
-            .forward_logits(&plan(&tokens, computed, i as u64))
-            .expect("step");
+        let l = w.forward_logits(&plan(&tokens, computed, i as u64)).expect("step");
         let row: Vec<f32> = l.squeeze(0).and_then(|r| r.to_vec1()).expect("logits");
         let next = argmax(&row);
         logits.push(row);
@@ -95,21 +74,14 @@ fn greedy_reference(prompt: &[u32], steps: usize) -> Vec<u32> {
     let mut m = ModelWeights::from_gguf(content, &mut f, &Device::Cpu).expect("reference model");
     let dev = Device::Cpu;
     let mut out = vec![];
-    let input = Tensor::new(prompt, &dev)
-        .and_then(|t| t.unsqueeze(0))
-        .expect("input");
+    let input = Tensor::new(prompt, &dev).and_then(|t| t.unsqueeze(0)).expect("input");
     let mut logits = m.forward(&input, 0).expect("prefill");
     for i in 0..steps {
-        let row: Vec<f32> = logits
-            .squeeze(0)
-            .and_then(|r| r.to_dtype(DType::F32))
-            .and_then(|r| r.to_vec1())
-            .expect("row");
+        let row: Vec<f32> =
+            logits.squeeze(0).and_then(|r| r.to_dtype(DType::F32)).and_then(|r| r.to_vec1()).expect("row");
         let next = argmax(&row);
         out.push(next);
-        let input = Tensor::new(&[next], &dev)
-            .and_then(|t| t.unsqueeze(0))
-            .expect("input");
+        let input = Tensor::new(&[next], &dev).and_then(|t| t.unsqueeze(0)).expect("input");
         logits = m.forward(&input, prompt.len() + i).expect("decode");
     }
     out
@@ -143,18 +115,10 @@ impl WeightSource for Dequantized {
 fn safetensors_copy_matches_gguf_path() {
     let (mut wq, prompts) = load_ours(&smollm2_gguf());
     let (mut wf, prompts_hf) = load_ours(&smollm2_hf());
-    assert_eq!(
-        prompts, prompts_hf,
-        "derived tokenizer.json tokenises like the GGUF metadata"
-    );
+    assert_eq!(prompts, prompts_hf, "derived tokenizer.json tokenises like the GGUF metadata");
     let lm = tessera_loader::open(&smollm2_gguf(), DType::F32, &Device::Cpu).unwrap();
     let dq = Dequantized(lm.weights);
-    let mut wd = Worker::new(
-        Llama::load(&lm.config, &dq, 2048, DType::F32, &Device::Cpu).unwrap(),
-        64,
-        16,
-    )
-    .unwrap();
+    let mut wd = Worker::new(Llama::load(&lm.config, &dq, 2048, DType::F32, &Device::Cpu).unwrap(), 64, 16).unwrap();
     // Quantization noise between Q4_1 x Q8_1 and f32 activations, in logits.
     const QUANT_TOLERANCE: f32 = 2.0;
     let mut report = vec![];
@@ -163,19 +127,10 @@ fn safetensors_copy_matches_gguf_path() {
         let (d, ld) = greedy_ours(&mut wd, p, STEPS);
         let (f, lf) = greedy_ours(&mut wf, p, STEPS);
         // Same f32 weights, two layouts and loaders: equal tokens, logits within 1e-3.
-        assert_eq!(
-            d, f,
-            "dequantized GGUF vs safetensors copy, prompt {text:?}"
-        );
-        let exact = ld
-            .iter()
-            .zip(&lf)
-            .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-            .fold(0f32, f32::max);
-        assert!(
-            exact < 1e-3,
-            "prompt {text:?}: f32 logits differ by {exact}"
-        );
+        assert_eq!(d, f, "dequantized GGUF vs safetensors copy, prompt {text:?}");
+        let exact =
+            ld.iter().zip(&lf).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0f32, f32::max);
+        assert!(exact < 1e-3, "prompt {text:?}: f32 logits differ by {exact}");
         // Quantized vs f32: token for token, or a divergence at a near-tie that quantization explains.
         let first = q.iter().zip(&f).position(|(x, y)| x != y);
         let upto = first.map_or(STEPS, |d| d + 1);
@@ -184,10 +139,7 @@ fn safetensors_copy_matches_gguf_path() {
             .zip(&lf)
             .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
             .fold(0f32, f32::max);
-        assert!(
-            noise < QUANT_TOLERANCE,
-            "prompt {text:?}: logits differ by {noise} (tolerance {QUANT_TOLERANCE})"
-        );
+        assert!(noise < QUANT_TOLERANCE, "prompt {text:?}: logits differ by {noise} (tolerance {QUANT_TOLERANCE})");
         if let Some(d) = first {
             let row = &lf[d];
             let (a, b) = (row[q[d] as usize], row[f[d] as usize]);
@@ -198,9 +150,7 @@ fn safetensors_copy_matches_gguf_path() {
             );
             report.push(format!("{text:?}: first divergence at token {d}, f32 margin between the two choices {:.3}, max |Δlogit| before {noise:.3}", b - a));
         } else {
-            report.push(format!(
-                "{text:?}: identical for {STEPS} tokens, max |Δlogit| {noise:.3}"
-            ));
+            report.push(format!("{text:?}: identical for {STEPS} tokens, max |Δlogit| {noise:.3}"));
         }
     }
     eprintln!("quantized GGUF vs safetensors copy:\n{}", report.join("\n"));

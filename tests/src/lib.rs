@@ -14,43 +14,37 @@ pub fn model_cache() -> PathBuf {
 /// The SmolLM2 GGUF from PyPI. Panics with the command to run when it is missing.
 pub fn smollm2_gguf() -> PathBuf {
     let p = model_cache().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-models.sh",
-        p.display()
-    );
+    assert!(p.is_file(), "{} is missing: run scripts/fetch-models.sh", p.display());
     p
 }
 
 /// The Hugging Face-layout copy derived from the GGUF.
 pub fn smollm2_hf() -> PathBuf {
     let p = model_cache().join("SmolLM2-135M-Instruct-hf");
-    assert!(
-        p.join("model.safetensors").is_file(),
-        "{} is missing: run scripts/fetch-models.sh",
-        p.display()
-    );
+    assert!(p.join("model.safetensors").is_file(), "{} is missing: run scripts/fetch-models.sh", p.display());
     p
 }
+
+pub mod tiny;
 
 /// `tessera serve` arguments for an in-process worker on port 0.
 pub fn serve_args(model: &std::path::Path, extra: &[&str]) -> tessera::args::ServeArgs {
     use clap::Parser;
-    let mut argv = vec![
-        "tessera".to_string(),
-        "serve".into(),
-        model.display().to_string(),
-        "--served-model-name".into(),
-        "smollm2".into(),
-        "--host".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        "0".into(),
-        "--max-model-len".into(),
-        "1024".into(),
-        "--kv-cache-memory".into(),
-        "256MiB".into(),
+    let mut argv: Vec<String> = ["tessera", "serve"].iter().map(|s| s.to_string()).collect();
+    argv.push(model.display().to_string());
+    let defaults = [
+        ("--served-model-name", "smollm2"),
+        ("--host", "127.0.0.1"),
+        ("--port", "0"),
+        ("--max-model-len", "1024"),
+        ("--kv-cache-memory", "256MiB"),
     ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            argv.push(flag.into());
+            argv.push(value.into());
+        }
+    }
     argv.extend(extra.iter().map(|s| s.to_string()));
     match tessera::args::Cli::parse_from(argv).command {
         tessera::args::Command::Serve(a) => *a,

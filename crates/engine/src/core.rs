@@ -52,11 +52,7 @@ pub struct RequestOutput {
 }
 
 enum Command {
-    Add {
-        id: u64,
-        req: EngineRequest,
-        tx: tmpsc::UnboundedSender<Result<RequestOutput, EngineError>>,
-    },
+    Add { id: u64, req: EngineRequest, tx: tmpsc::UnboundedSender<Result<RequestOutput, EngineError>> },
     Abort(u64),
 }
 
@@ -134,14 +130,8 @@ impl EngineHandle {
         self.admit(&mut req)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tmpsc::unbounded_channel();
-        self.cmd
-            .send(Command::Add { id, req, tx })
-            .map_err(|_| EngineError::Stopped)?;
-        Ok(RequestStream {
-            id,
-            rx,
-            cmd: self.cmd.clone(),
-        })
+        self.cmd.send(Command::Add { id, req, tx }).map_err(|_| EngineError::Stopped)?;
+        Ok(RequestStream { id, rx, cmd: self.cmd.clone() })
     }
 }
 
@@ -152,6 +142,7 @@ struct RequestState {
     max_tokens: usize,
     prompt_len: usize,
     cached_tokens: usize,
+    ignore_eos: bool,
 }
 
 /// Start the engine thread.
@@ -181,12 +172,7 @@ pub fn spawn(
         .spawn(move || core.run(cmd_rx))
         .map(|_| ())
         .unwrap_or_else(|e| tracing::error!("cannot start the engine thread: {e}"));
-    EngineHandle {
-        cmd: cmd_tx,
-        next_id: Arc::new(AtomicU64::new(1)),
-        stats,
-        cfg,
-    }
+    EngineHandle { cmd: cmd_tx, next_id: Arc::new(AtomicU64::new(1)), stats, cfg }
 }
 
 struct Core {
@@ -239,11 +225,10 @@ impl Core {
                         max_tokens: p.max_tokens.unwrap_or(self.max_model_len),
                         prompt_len: req.prompt.len(),
                         cached_tokens: 0,
+                        ignore_eos: p.ignore_eos,
                     },
                 );
-                self.stats
-                    .prompt_tokens
-                    .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+                self.stats.prompt_tokens.fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
                 self.sched.add(Sequence::new(id, req.prompt, sampling));
             }
             Command::Abort(id) => {
@@ -255,12 +240,7 @@ impl Core {
     }
 
     fn drop_disconnected(&mut self) {
-        let gone: Vec<u64> = self
-            .requests
-            .iter()
-            .filter(|(_, r)| r.tx.is_closed())
-            .map(|(id, _)| *id)
-            .collect();
+        let gone: Vec<u64> = self.requests.iter().filter(|(_, r)| r.tx.is_closed()).map(|(id, _)| *id).collect();
         for id in gone {
             self.requests.remove(&id);
             self.sched.remove(id);
@@ -308,7 +288,7 @@ impl Core {
         self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
         let n_out = seq_len - r.prompt_len;
         let mut reason = None;
-        if self.eos.contains(&token) {
+        if !r.ignore_eos && self.eos.contains(&token) {
             reason = Some(FinishReason::Stop);
         } else {
             let delta = r.detok.push(&self.tokenizer, token);
@@ -326,11 +306,7 @@ impl Core {
             cached_tokens: r.cached_tokens,
         });
         let text = r.text.take_sendable(finished.is_some());
-        let sent = r.tx.send(Ok(RequestOutput {
-            text,
-            token_ids: vec![token],
-            finished,
-        }));
+        let sent = r.tx.send(Ok(RequestOutput { text, token_ids: vec![token], finished }));
         if finished.is_some() || sent.is_err() {
             self.requests.remove(&id);
             self.sched.remove(id);

@@ -17,11 +17,7 @@ pub struct Detokenizer {
 impl Detokenizer {
     pub fn new(prompt: &[u32]) -> Self {
         let ctx = &prompt[prompt.len().saturating_sub(CONTEXT_TOKENS)..];
-        Self {
-            ids: ctx.to_vec(),
-            prefix_offset: 0,
-            read_offset: ctx.len(),
-        }
+        Self { ids: ctx.to_vec(), prefix_offset: 0, read_offset: ctx.len() }
     }
 
     /// Add a token; returns the text it completes (may be empty while a multi-byte
@@ -53,18 +49,8 @@ pub struct OutputText {
 
 impl OutputText {
     pub fn new(stop: Vec<String>) -> Self {
-        let hold = stop
-            .iter()
-            .map(|s| s.len())
-            .max()
-            .unwrap_or(0)
-            .saturating_sub(1);
-        Self {
-            text: String::new(),
-            sent: 0,
-            stop,
-            hold,
-        }
+        let hold = stop.iter().map(|s| s.len()).max().unwrap_or(0).saturating_sub(1);
+        Self { text: String::new(), sent: 0, stop, hold }
     }
 
     /// Append decoded text; returns true when a stop string was found (the text is cut
@@ -75,15 +61,8 @@ impl OutputText {
         }
         let search_from = floor_char(&self.text, self.text.len().saturating_sub(self.hold));
         self.text.push_str(delta);
-        let hit = self
-            .stop
-            .iter()
-            .filter_map(|s| {
-                self.text[search_from..]
-                    .find(s.as_str())
-                    .map(|p| search_from + p)
-            })
-            .min();
+        let hit =
+            self.stop.iter().filter_map(|s| self.text[search_from..].find(s.as_str()).map(|p| search_from + p)).min();
         if let Some(pos) = hit {
             self.text.truncate(pos);
             return true;
@@ -93,11 +72,8 @@ impl OutputText {
 
     /// Text that is safe to send now (everything when `finished`).
     pub fn take_sendable(&mut self, finished: bool) -> String {
-        let end = if finished {
-            self.text.len()
-        } else {
-            floor_char(&self.text, self.text.len().saturating_sub(self.hold))
-        };
+        let end =
+            if finished { self.text.len() } else { floor_char(&self.text, self.text.len().saturating_sub(self.hold)) };
         if end <= self.sent {
             return String::new();
         }

@@ -15,9 +15,7 @@ pub mod kv;
 pub mod scheduler;
 mod stats;
 
-pub use crate::core::{
-    spawn, EngineConfig, EngineHandle, EngineRequest, Finished, RequestOutput, RequestStream,
-};
+pub use crate::core::{spawn, EngineConfig, EngineHandle, EngineRequest, Finished, RequestOutput, RequestStream};
 pub use detok::{Detokenizer, OutputText};
 pub use error::EngineError;
 pub use scheduler::SchedulerConfig;

@@ -31,13 +31,7 @@ pub struct Sequence {
 
 impl Sequence {
     pub fn new(id: u64, prompt: Vec<u32>, sampling: SamplingConfig) -> Self {
-        Self {
-            id,
-            prompt_len: prompt.len(),
-            tokens: prompt,
-            num_computed: 0,
-            sampling,
-        }
+        Self { id, prompt_len: prompt.len(), tokens: prompt, num_computed: 0, sampling }
     }
 
     pub fn num_output(&self) -> usize {
@@ -67,13 +61,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig, kv: KvCacheManager) -> Self {
-        Self {
-            cfg,
-            kv,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            in_flight: Vec::new(),
-        }
+        Self { cfg, kv, waiting: VecDeque::new(), running: Vec::new(), in_flight: Vec::new() }
     }
 
     pub fn kv(&self) -> &KvCacheManager {
@@ -98,10 +86,7 @@ impl Scheduler {
 
     /// Read access to a live sequence.
     pub fn get(&self, id: u64) -> Option<&Sequence> {
-        self.running
-            .iter()
-            .find(|s| s.id == id)
-            .or_else(|| self.waiting.iter().find(|s| s.id == id))
+        self.running.iter().find(|s| s.id == id).or_else(|| self.waiting.iter().find(|s| s.id == id))
     }
 
     /// Remove a sequence (finished or cancelled) and free its blocks.
@@ -109,10 +94,7 @@ impl Scheduler {
         let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
             Some(self.running.remove(i))
         } else {
-            self.waiting
-                .iter()
-                .position(|s| s.id == id)
-                .and_then(|i| self.waiting.remove(i))
+            self.waiting.iter().position(|s| s.id == id).and_then(|i| self.waiting.remove(i))
         };
         if seq.is_some() {
             self.kv.free(id);
@@ -136,10 +118,8 @@ impl Scheduler {
             tokens: seq.tokens[seq.num_computed..end].to_vec(),
             start_pos: seq.num_computed,
             block_table: self.kv.block_table(seq.id).to_vec(),
-            sample: (end == seq.tokens.len()).then(|| SampleSpec {
-                config: seq.sampling.clone(),
-                output_index: seq.num_output() as u64,
-            }),
+            sample: (end == seq.tokens.len())
+                .then(|| SampleSpec { config: seq.sampling.clone(), output_index: seq.num_output() as u64 }),
         }
     }
 
@@ -186,11 +166,8 @@ impl Scheduler {
                 let Some(seq) = self.waiting.front() else {
                     break;
                 };
-                let prefix = if seq.num_computed == 0 {
-                    self.kv.cached_prefix(&seq.tokens)
-                } else {
-                    CachedPrefix::default()
-                };
+                let prefix =
+                    if seq.num_computed == 0 { self.kv.cached_prefix(&seq.tokens) } else { CachedPrefix::default() };
                 let cached = prefix.blocks.len() * self.kv.block_size();
                 let start = seq.num_computed.max(cached);
                 let remaining = seq.tokens.len() - start;

@@ -66,8 +66,7 @@ impl EngineStats {
             self.batched_steps.fetch_add(1, Ordering::Relaxed);
         }
         self.max_batch.fetch_max(n, Ordering::Relaxed);
-        self.preemptions
-            .fetch_add(preempted as u64, Ordering::Relaxed);
+        self.preemptions.fetch_add(preempted as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn record_finish(&self, r: FinishReason) {
@@ -79,14 +78,7 @@ impl EngineStats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn publish(
-        &self,
-        running: usize,
-        waiting: usize,
-        usage: f64,
-        free: usize,
-        prefix: PrefixStats,
-    ) {
+    pub(crate) fn publish(&self, running: usize, waiting: usize, usage: f64, free: usize, prefix: PrefixStats) {
         self.running.store(running, Ordering::Relaxed);
         self.waiting.store(waiting, Ordering::Relaxed);
         self.kv_usage_bits.store(usage.to_bits(), Ordering::Relaxed);

@@ -27,17 +27,11 @@ pub enum LoadError {
 
 impl LoadError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.display().to_string(),
-            source,
-        }
+        Self::Io { path: path.display().to_string(), source }
     }
 
     pub(crate) fn candle(context: impl Into<String>, source: candle_core::Error) -> Self {
-        Self::Candle {
-            context: context.into(),
-            source,
-        }
+        Self::Candle { context: context.into(), source }
     }
 }
 

@@ -11,10 +11,7 @@ use crate::{GgufSource, LoadError, Result, TokenizerBundle};
 
 /// Hugging Face names of every tensor a llama-family model of this config has.
 fn hf_names(cfg: &tessera_models::ModelConfig) -> Vec<String> {
-    let mut names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
+    let mut names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
     if !cfg.tie_word_embeddings {
         names.push("lm_head.weight".into());
     }

@@ -31,9 +31,7 @@ pub struct GgufSource {
 }
 
 fn md<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a Value> {
-    c.metadata.get(key).ok_or_else(|| {
-        LoadError::Format(format!("{}: GGUF metadata lacks `{key}`", path.display()))
-    })
+    c.metadata.get(key).ok_or_else(|| LoadError::Format(format!("{}: GGUF metadata lacks `{key}`", path.display())))
 }
 
 fn md_usize(c: &Content, key: &str, path: &Path) -> Result<usize> {
@@ -103,23 +101,17 @@ fn unpermute_rows(q: &QTensor, n_head: usize) -> candle_core::Result<QTensor> {
             }
         }
     }
-    QTensor::new(
-        QStorage::from_data(Cow::Owned(out), &q.device(), q.dtype())?,
-        dims,
-    )
+    QTensor::new(QStorage::from_data(Cow::Owned(out), &q.device(), q.dtype())?, dims)
 }
 
 impl GgufSource {
     pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let f = File::open(path).map_err(|e| LoadError::io(path, e))?;
-        let content = Content::read(&mut BufReader::new(f)).map_err(|e| {
-            LoadError::candle(format!("{}: not a readable GGUF file", path.display()), e)
-        })?;
+        let content = Content::read(&mut BufReader::new(f))
+            .map_err(|e| LoadError::candle(format!("{}: not a readable GGUF file", path.display()), e))?;
         let arch = md(&content, "general.architecture", path)?
             .to_string()
-            .map_err(|e| {
-                LoadError::Format(format!("{}: general.architecture: {e}", path.display()))
-            })?
+            .map_err(|e| LoadError::Format(format!("{}: general.architecture: {e}", path.display())))?
             .clone();
         let architecture = match arch.as_str() {
             "llama" => "LlamaForCausalLM",
@@ -135,15 +127,12 @@ impl GgufSource {
         let hidden = md_usize(&content, &k("embedding_length"), path)?;
         let heads = md_usize(&content, &k("attention.head_count"), path)?;
         let kv_heads = md_usize(&content, &k("attention.head_count_kv"), path).unwrap_or(heads);
-        let head_dim =
-            md_usize(&content, &k("rope.dimension_count"), path).unwrap_or(hidden / heads.max(1));
+        let head_dim = md_usize(&content, &k("rope.dimension_count"), path).unwrap_or(hidden / heads.max(1));
         let vocab = match md_usize(&content, &k("vocab_size"), path) {
             Ok(v) => v,
             Err(_) => md(&content, "tokenizer.ggml.tokens", path)?
                 .to_vec()
-                .map_err(|e| {
-                    LoadError::Format(format!("{}: tokenizer.ggml.tokens: {e}", path.display()))
-                })?
+                .map_err(|e| LoadError::Format(format!("{}: tokenizer.ggml.tokens: {e}", path.display())))?
                 .len(),
         };
         let config = ModelConfig {
@@ -155,34 +144,21 @@ impl GgufSource {
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim,
-            rms_norm_eps: md_f64(&content, &k("attention.layer_norm_rms_epsilon"), path)?
-                .unwrap_or(1e-5),
+            rms_norm_eps: md_f64(&content, &k("attention.layer_norm_rms_epsilon"), path)?.unwrap_or(1e-5),
             rope_theta: md_f64(&content, &k("rope.freq_base"), path)?.unwrap_or(10_000.0),
             rope_scaling: None,
             max_position_embeddings: md_usize(&content, &k("context_length"), path).unwrap_or(4096),
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             rope_interleaved: arch == "llama",
-            bos_token_id: md_usize(&content, "tokenizer.ggml.bos_token_id", path)
-                .ok()
-                .map(|x| x as u32),
+            bos_token_id: md_usize(&content, "tokenizer.ggml.bos_token_id", path).ok().map(|x| x as u32),
             eos_token_ids: md_usize(&content, "tokenizer.ggml.eos_token_id", path)
                 .ok()
                 .map(|x| vec![x as u32])
                 .unwrap_or_default(),
         };
-        config
-            .validate()
-            .map_err(|e| LoadError::Format(format!("{}: {e}", path.display())))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            content,
-            config,
-            arch,
-            dtype,
-            device: device.clone(),
-            hf_order: false,
-        })
+        config.validate().map_err(|e| LoadError::Format(format!("{}: {e}", path.display())))?;
+        Ok(Self { path: path.to_path_buf(), content, config, arch, dtype, device: device.clone(), hf_order: false })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -221,8 +197,7 @@ impl GgufSource {
         } else {
             return Ok(q);
         };
-        unpermute_rows(&q, heads)
-            .map_err(|e| LoadError::candle(format!("{}: tensor {gguf}", self.path.display()), e))
+        unpermute_rows(&q, heads).map_err(|e| LoadError::candle(format!("{}: tensor {gguf}", self.path.display()), e))
     }
 }
 
@@ -230,23 +205,14 @@ impl WeightSource for GgufSource {
     fn get(&self, name: &str) -> tessera_models::Result<Weight> {
         let g = gguf_name(name)
             .filter(|g| self.content.tensor_infos.contains_key(g))
-            .ok_or_else(|| {
-                ModelError::MissingWeight(format!("{name} (in {})", self.path.display()))
-            })?;
-        let q = if self.hf_order {
-            self.qtensor_hf_order(&g)
-        } else {
-            self.qtensor(&g)
-        }
-        .map_err(|e| ModelError::Source(e.to_string()))?;
+            .ok_or_else(|| ModelError::MissingWeight(format!("{name} (in {})", self.path.display())))?;
+        let q = if self.hf_order { self.qtensor_hf_order(&g) } else { self.qtensor(&g) }
+            .map_err(|e| ModelError::Source(e.to_string()))?;
         match q.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                let t = q
-                    .dequantize(&self.device)
-                    .and_then(|t| t.to_dtype(self.dtype));
-                t.map(Weight::Dense).map_err(|e| {
-                    ModelError::Source(format!("{}: tensor {g}: {e}", self.path.display()))
-                })
+                let t = q.dequantize(&self.device).and_then(|t| t.to_dtype(self.dtype));
+                t.map(Weight::Dense)
+                    .map_err(|e| ModelError::Source(format!("{}: tensor {g}: {e}", self.path.display())))
             }
             _ => Ok(Weight::Quant(Arc::new(q))),
         }
@@ -263,18 +229,9 @@ mod tests {
 
     #[test]
     fn names_map_both_ways_we_need() {
-        assert_eq!(
-            gguf_name("model.layers.3.self_attn.q_proj.weight").as_deref(),
-            Some("blk.3.attn_q.weight")
-        );
-        assert_eq!(
-            gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(),
-            Some("blk.12.ffn_down.weight")
-        );
-        assert_eq!(
-            gguf_name("model.norm.weight").as_deref(),
-            Some("output_norm.weight")
-        );
+        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").as_deref(), Some("blk.3.attn_q.weight"));
+        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(), Some("blk.12.ffn_down.weight"));
+        assert_eq!(gguf_name("model.norm.weight").as_deref(), Some("output_norm.weight"));
         assert_eq!(gguf_name("model.layers.x"), None);
     }
 
@@ -291,8 +248,7 @@ mod tests {
                 for j in 0..hd / 2 {
                     let src = h * hd + i * hd / 2 + j;
                     let dst = h * hd + 2 * j + i;
-                    permuted[dst * cols..(dst + 1) * cols]
-                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                    permuted[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
                 }
             }
         }

@@ -22,21 +22,16 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| LoadError::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| LoadError::Format(format!("{}: {e}", index.display())))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| LoadError::Format(format!("{}: {e}", index.display())))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                LoadError::Format(format!("{}: no `weight_map` object", index.display()))
-            })?;
+            .ok_or_else(|| LoadError::Format(format!("{}: no `weight_map` object", index.display())))?;
         let mut files = BTreeSet::new();
         for (tensor, file) in map {
             let f = file.as_str().ok_or_else(|| {
-                LoadError::Format(format!(
-                    "{}: weight_map[{tensor}] is not a string",
-                    index.display()
-                ))
+                LoadError::Format(format!("{}: weight_map[{tensor}] is not a string", index.display()))
             })?;
             if f.contains('/') || f.contains("..") {
                 return Err(LoadError::Format(format!(
@@ -67,10 +62,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     out.sort();
     if out.is_empty() {
-        return Err(LoadError::Format(format!(
-            "{}: no *.safetensors files",
-            dir.display()
-        )));
+        return Err(LoadError::Format(format!("{}: no *.safetensors files", dir.display())));
     }
     Ok(out)
 }
@@ -90,30 +82,20 @@ impl SafetensorsSource {
         // while serving it. A concurrent external writer is outside the supported use.
         let st = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| LoadError::candle(format!("{}: reading safetensors", dir.display()), e))?;
-        Ok(Self {
-            st,
-            dtype,
-            device: device.clone(),
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { st, dtype, device: device.clone(), dir: dir.to_path_buf() })
     }
 }
 
 impl WeightSource for SafetensorsSource {
     fn get(&self, name: &str) -> tessera_models::Result<Weight> {
         if !self.contains(name) {
-            return Err(ModelError::MissingWeight(format!(
-                "{name} (in {})",
-                self.dir.display()
-            )));
+            return Err(ModelError::MissingWeight(format!("{name} (in {})", self.dir.display())));
         }
         let t = self
             .st
             .load(name, &self.device)
             .and_then(|t| t.to_dtype(self.dtype))
-            .map_err(|e| {
-                ModelError::Source(format!("{}: tensor {name}: {e}", self.dir.display()))
-            })?;
+            .map_err(|e| ModelError::Source(format!("{}: tensor {name}: {e}", self.dir.display())))?;
         Ok(Weight::Dense(t))
     }
 

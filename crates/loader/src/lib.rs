@@ -60,14 +60,8 @@ pub fn detect(path: &Path) -> Result<ModelFormat> {
         .collect();
     match ggufs.as_slice() {
         [one] => Ok(ModelFormat::Gguf(one.clone())),
-        [] => Err(LoadError::Format(format!(
-            "{}: no config.json and no .gguf file in this directory",
-            path.display()
-        ))),
-        _ => Err(LoadError::Format(format!(
-            "{}: several .gguf files; pass one of them",
-            path.display()
-        ))),
+        [] => Err(LoadError::Format(format!("{}: no config.json and no .gguf file in this directory", path.display()))),
+        _ => Err(LoadError::Format(format!("{}: several .gguf files; pass one of them", path.display()))),
     }
 }
 
@@ -87,23 +81,13 @@ pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
             let config = hf::read_config(dir)?;
             let weights = SafetensorsSource::open(dir, dtype, device)?;
             let tokenizer = TokenizerBundle::from_hf_dir(dir, &config)?;
-            Ok(LoadedModel {
-                format,
-                config,
-                weights: Box::new(weights),
-                tokenizer,
-            })
+            Ok(LoadedModel { format, config, weights: Box::new(weights), tokenizer })
         }
         ModelFormat::Gguf(file) => {
             let src = GgufSource::open(file, dtype, device)?;
             let config = src.config().clone();
             let tokenizer = TokenizerBundle::from_gguf(src.content(), file)?;
-            Ok(LoadedModel {
-                format,
-                config,
-                weights: Box::new(src),
-                tokenizer,
-            })
+            Ok(LoadedModel { format, config, weights: Box::new(src), tokenizer })
         }
     }
 }

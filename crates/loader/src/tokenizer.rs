@@ -39,7 +39,8 @@ pub struct TokenizerBundle {
 }
 
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn token_text(v: &serde_json::Value) -> Option<String> {
     match v {
@@ -54,21 +55,13 @@ fn read_json(p: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(p).map_err(|e| LoadError::io(p, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| LoadError::Format(format!("{}: {e}", p.display())))
+    serde_json::from_str(&text).map(Some).map_err(|e| LoadError::Format(format!("{}: {e}", p.display())))
 }
 
 fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
         _ => vec![],
     }
 }
@@ -84,16 +77,12 @@ fn gguf_strings(c: &Content, key: &str, file: &Path) -> Result<Vec<String>> {
         .ok_or_else(|| gguf_err(file, key, "missing"))?
         .to_vec()
         .map_err(|e| gguf_err(file, key, e))?;
-    v.iter()
-        .map(|x| x.to_string().cloned().map_err(|e| gguf_err(file, key, e)))
-        .collect()
+    v.iter().map(|x| x.to_string().cloned().map_err(|e| gguf_err(file, key, e))).collect()
 }
 
 fn gguf_u32(c: &Content, key: &str) -> Option<u32> {
     let v = c.metadata.get(key)?;
-    v.to_u32()
-        .ok()
-        .or_else(|| v.to_i32().ok().map(|x| x as u32))
+    v.to_u32().ok().or_else(|| v.to_i32().ok().map(|x| x as u32))
 }
 
 impl TokenizerBundle {
@@ -101,13 +90,9 @@ impl TokenizerBundle {
     pub fn from_hf_dir(dir: &Path, cfg: &ModelConfig) -> Result<Self> {
         let tp = dir.join("tokenizer.json");
         if !tp.is_file() {
-            return Err(LoadError::Format(format!(
-                "{}: missing tokenizer.json",
-                dir.display()
-            )));
+            return Err(LoadError::Format(format!("{}: missing tokenizer.json", dir.display())));
         }
-        let tokenizer = Tokenizer::from_file(&tp)
-            .map_err(|e| LoadError::Format(format!("{}: {e}", tp.display())))?;
+        let tokenizer = Tokenizer::from_file(&tp).map_err(|e| LoadError::Format(format!("{}: {e}", tp.display())))?;
         let tc = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
         let gc = read_json(&dir.join("generation_config.json"))?.unwrap_or_default();
         let chat_template = match tc.get("chat_template") {
@@ -132,30 +117,17 @@ impl TokenizerBundle {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let defaults = GenerationDefaults {
-            temperature: gc
-                .get("temperature")
-                .and_then(|v| v.as_f64())
-                .map(|x| x as f32),
+            temperature: gc.get("temperature").and_then(|v| v.as_f64()).map(|x| x as f32),
             top_p: gc.get("top_p").and_then(|v| v.as_f64()).map(|x| x as f32),
             top_k: gc.get("top_k").and_then(|v| v.as_i64()),
         };
-        Ok(Self {
-            tokenizer,
-            chat_template,
-            bos_token,
-            eos_token,
-            eos_token_ids: eos_ids,
-            defaults,
-        })
+        Ok(Self { tokenizer, chat_template, bos_token, eos_token, eos_token_ids: eos_ids, defaults })
     }
 
     /// Build a byte-level BPE tokenizer from GGUF metadata (`tokenizer.ggml.model = gpt2`).
     pub fn from_gguf(c: &Content, file: &Path) -> Result<Self> {
-        let model = c
-            .metadata
-            .get("tokenizer.ggml.model")
-            .and_then(|v| v.to_string().ok().cloned())
-            .unwrap_or_default();
+        let model =
+            c.metadata.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok().cloned()).unwrap_or_default();
         if model != "gpt2" {
             return Err(LoadError::Format(format!(
                 "{}: GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); \
@@ -169,19 +141,13 @@ impl TokenizerBundle {
             Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
             _ => vec![],
         };
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges: Merges = merges
             .iter()
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| {
-                        gguf_err(file, "tokenizer.ggml.merges", format!("bad merge `{m}`"))
-                    })
+                    .ok_or_else(|| gguf_err(file, "tokenizer.ggml.merges", format!("bad merge `{m}`")))
             })
             .collect::<Result<_>>()?;
         let bpe = BPE::builder()
@@ -194,13 +160,9 @@ impl TokenizerBundle {
             .and_then(|v| v.to_string().ok().cloned())
             .unwrap_or_else(|| "default".into());
         let split = |re: &str| -> Result<PreTokenizerWrapper> {
-            Split::new(
-                SplitPattern::Regex(re.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map(PreTokenizerWrapper::Split)
-            .map_err(|e| gguf_err(file, "tokenizer.ggml.pre", e))
+            Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+                .map(PreTokenizerWrapper::Split)
+                .map_err(|e| gguf_err(file, "tokenizer.ggml.pre", e))
         };
         let pre_tok = match pre.as_str() {
             "smollm" | "starcoder" | "refact" | "codeshell" => Sequence::new(vec![
@@ -237,24 +199,18 @@ impl TokenizerBundle {
             .filter(|(_, t)| **t == 3 || **t == 4)
             .map(|(s, t)| AddedToken::from(s.clone(), *t == 3))
             .collect();
-        tokenizer.add_special_tokens(&specials);
+        tokenizer
+            .add_special_tokens(specials)
+            .map_err(|e| gguf_err(file, "tokenizer.ggml.tokens", format!("special tokens: {e}")))?;
         let bos_id = gguf_u32(c, "tokenizer.ggml.bos_token_id");
         let eos_id = gguf_u32(c, "tokenizer.ggml.eos_token_id");
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         let (bos_token, eos_token) = (name(bos_id), name(eos_id));
-        let add_bos = c
-            .metadata
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+        let add_bos = c.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
         if let (true, Some(b), Some(id)) = (add_bos, bos_token.as_ref(), bos_id) {
             let tp = TemplateProcessing::builder()
                 .try_single(format!("{b}:0 $A:0"))
-                .and_then(|t| {
-                    t.special_tokens(vec![(b.clone(), id)])
-                        .build()
-                        .map_err(|e| e.to_string())
-                })
+                .and_then(|t| t.special_tokens(vec![(b.clone(), id)]).build().map_err(|e| e.to_string()))
                 .map_err(|e| gguf_err(file, "tokenizer.ggml.add_bos_token", e))?;
             tokenizer.with_post_processor(Some(tp));
         }
@@ -266,10 +222,7 @@ impl TokenizerBundle {
         eos_token_ids.dedup();
         Ok(Self {
             tokenizer,
-            chat_template: c
-                .metadata
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.to_string().ok().cloned()),
+            chat_template: c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned()),
             bos_token,
             eos_token,
             eos_token_ids,
@@ -280,9 +233,7 @@ impl TokenizerBundle {
     /// Write `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` into `dir`.
     pub fn write_hf_files(&self, dir: &Path) -> Result<()> {
         let tp = dir.join("tokenizer.json");
-        self.tokenizer
-            .save(&tp, false)
-            .map_err(|e| LoadError::Format(format!("{}: {e}", tp.display())))?;
+        self.tokenizer.save(&tp, false).map_err(|e| LoadError::Format(format!("{}: {e}", tp.display())))?;
         let tc = serde_json::json!({
             "chat_template": self.chat_template,
             "bos_token": self.bos_token,
@@ -290,13 +241,9 @@ impl TokenizerBundle {
             "add_bos_token": false,
         });
         let gc = serde_json::json!({ "eos_token_id": self.eos_token_ids });
-        for (name, v) in [
-            ("tokenizer_config.json", tc),
-            ("generation_config.json", gc),
-        ] {
+        for (name, v) in [("tokenizer_config.json", tc), ("generation_config.json", gc)] {
             let p = dir.join(name);
-            std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap_or_default())
-                .map_err(|e| LoadError::io(&p, e))?;
+            std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap_or_default()).map_err(|e| LoadError::io(&p, e))?;
         }
         Ok(())
     }

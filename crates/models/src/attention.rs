@@ -31,17 +31,8 @@ pub struct AttentionMetadata {
 /// Causal mask for `q_len` queries at the end of a `ctx`-long context: `[q_len, ctx]`.
 fn causal_mask(q_len: usize, ctx: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
     let offset = ctx - q_len;
-    let mask: Vec<f32> = (0..q_len)
-        .flat_map(|i| {
-            (0..ctx).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
+    let mask: Vec<f32> =
+        (0..q_len).flat_map(|i| (0..ctx).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (q_len, ctx), dev)?.to_dtype(dtype)?)
 }
 
@@ -75,32 +66,21 @@ pub(crate) fn paged_attention(
     for s in &meta.seqs {
         let ctx = s.context_slots.dim(0)?;
         let qs = q.narrow(0, s.q_start, s.q_len)?; // [q, H, D]
-        let qs = qs
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((num_kv_heads, group * s.q_len, hd))?;
-        let k = k_cache
-            .index_select(&s.context_slots, 0)?
-            .transpose(0, 1)?
-            .contiguous()?; // [KVH, ctx, D]
-        let v = v_cache
-            .index_select(&s.context_slots, 0)?
-            .transpose(0, 1)?
-            .contiguous()?;
+        let qs = qs.transpose(0, 1)?.contiguous()?.reshape((num_kv_heads, group * s.q_len, hd))?;
+        let k = k_cache.index_select(&s.context_slots, 0)?.transpose(0, 1)?.contiguous()?; // [KVH, ctx, D]
+        let v = v_cache.index_select(&s.context_slots, 0)?.transpose(0, 1)?.contiguous()?;
         let mut scores = (qs.matmul(&k.t()?)? * scale)?; // [KVH, g*q, ctx]
         if s.q_len > 1 {
             let mask = causal_mask(s.q_len, ctx, scores.dtype(), scores.device())?;
-            scores = scores
-                .reshape((num_kv_heads, group, s.q_len, ctx))?
-                .broadcast_add(&mask)?
-                .reshape((num_kv_heads, group * s.q_len, ctx))?;
+            scores = scores.reshape((num_kv_heads, group, s.q_len, ctx))?.broadcast_add(&mask)?.reshape((
+                num_kv_heads,
+                group * s.q_len,
+                ctx,
+            ))?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let o = probs.matmul(&v)?; // [KVH, g*q, D]
-        let o = o
-            .reshape((heads, s.q_len, hd))?
-            .transpose(0, 1)?
-            .reshape((s.q_len, heads * hd))?;
+        let o = o.reshape((heads, s.q_len, hd))?.transpose(0, 1)?.reshape((s.q_len, heads * hd))?;
         outs.push(o);
     }
     Ok(Tensor::cat(&outs, 0)?)
@@ -112,14 +92,8 @@ fn dense_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> 
     let (t, heads, hd) = q.dims3()?;
     let kvh = k.dim(1)?;
     let group = heads / kvh;
-    let k = k
-        .unsqueeze(2)?
-        .expand((t, kvh, group, hd))?
-        .reshape((t, heads, hd))?;
-    let v = v
-        .unsqueeze(2)?
-        .expand((t, kvh, group, hd))?
-        .reshape((t, heads, hd))?;
+    let k = k.unsqueeze(2)?.expand((t, kvh, group, hd))?.reshape((t, heads, hd))?;
+    let v = v.unsqueeze(2)?.expand((t, kvh, group, hd))?.reshape((t, heads, hd))?;
     let q = q.transpose(0, 1)?.contiguous()?;
     let k = k.transpose(0, 1)?.contiguous()?;
     let v = v.transpose(0, 1)?.contiguous()?;
@@ -145,28 +119,17 @@ mod tests {
         let vc = Tensor::zeros((16, kvh, d), DType::F32, &dev)?;
         // Non-contiguous slots, as a block table would give.
         let slots = Tensor::new(&[9u32, 10, 11, 2, 3], &dev)?;
-        let idx = slots
-            .reshape((t, 1, 1))?
-            .broadcast_as((t, kvh, d))?
-            .contiguous()?;
+        let idx = slots.reshape((t, 1, 1))?.broadcast_as((t, kvh, d))?.contiguous()?;
         write_cache(&kc, &vc, &k, &v, &idx)?;
         // Two steps: a prefill of 3 then 2 more tokens, attending over the cache.
         let meta1 = AttentionMetadata {
             slot_mapping: slots.narrow(0, 0, 3)?,
-            seqs: vec![SeqAttention {
-                q_start: 0,
-                q_len: 3,
-                context_slots: slots.narrow(0, 0, 3)?,
-            }],
+            seqs: vec![SeqAttention { q_start: 0, q_len: 3, context_slots: slots.narrow(0, 0, 3)? }],
         };
         let a = paged_attention(&q.narrow(0, 0, 3)?, &kc, &vc, &meta1, kvh)?;
         let meta2 = AttentionMetadata {
             slot_mapping: slots.narrow(0, 3, 2)?,
-            seqs: vec![SeqAttention {
-                q_start: 0,
-                q_len: 2,
-                context_slots: slots.clone(),
-            }],
+            seqs: vec![SeqAttention { q_start: 0, q_len: 2, context_slots: slots.clone() }],
         };
         let b = paged_attention(&q.narrow(0, 3, 2)?, &kc, &vc, &meta2, kvh)?;
         let got = Tensor::cat(&[a, b], 0)?;

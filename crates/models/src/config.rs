@@ -14,12 +14,7 @@ pub enum RopeScaling {
     /// Positions divided by `factor`.
     Linear { factor: f64 },
     /// Llama 3.1 frequency-dependent scaling.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
 
 /// Shape and numerics of a llama-family decoder.
@@ -90,19 +85,13 @@ fn default_max_pos() -> usize {
 }
 
 /// Architectures (from `config.json`'s `architectures`) this crate can run.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
 impl ModelConfig {
     /// Parse a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text)
-            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
-        let architecture = raw
-            .architectures
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "LlamaForCausalLM".to_string());
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let architecture = raw.architectures.first().cloned().unwrap_or_else(|| "LlamaForCausalLM".to_string());
         if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
             return Err(ModelError::Config(format!(
                 "config.json: unsupported architecture `{architecture}` (supported: {})",
@@ -120,16 +109,15 @@ impl ModelConfig {
                         }
                     }
                 }
-                Some(serde_json::from_value(v).map_err(|e| {
-                    ModelError::Config(format!("config.json: unsupported rope_scaling: {e}"))
-                })?)
+                Some(
+                    serde_json::from_value(v)
+                        .map_err(|e| ModelError::Config(format!("config.json: unsupported rope_scaling: {e}")))?,
+                )
             }
         };
         let num_heads = raw.num_attention_heads;
         let cfg = Self {
-            attention_bias: raw
-                .attention_bias
-                .unwrap_or(architecture == "Qwen2ForCausalLM"),
+            attention_bias: raw.attention_bias.unwrap_or(architecture == "Qwen2ForCausalLM"),
             architecture,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
@@ -159,9 +147,7 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Config(m));
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
-            return bad(
-                "num_attention_heads, num_key_value_heads and num_hidden_layers must be > 0".into(),
-            );
+            return bad("num_attention_heads, num_key_value_heads and num_hidden_layers must be > 0".into());
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(

@@ -11,11 +11,7 @@ pub enum ModelError {
     MissingWeight(String),
     /// A weight has the wrong shape for the configuration.
     #[error("weight `{name}` has shape {got:?}, expected {expected:?} (from the model config)")]
-    Shape {
-        name: String,
-        got: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    Shape { name: String, got: Vec<usize>, expected: Vec<usize> },
     /// The configuration is invalid or unsupported.
     #[error("invalid model config: {0}")]
     Config(String),

@@ -33,11 +33,7 @@ impl KvCache {
             let v = Tensor::zeros((slots, num_kv_heads, head_dim), dtype, device)?;
             layers.push((k, v));
         }
-        Ok(Self {
-            layers,
-            block_size,
-            num_blocks,
-        })
+        Ok(Self { layers, block_size, num_blocks })
     }
 
     /// Bytes needed for one block across all layers (keys and values).

@@ -32,14 +32,7 @@ impl Linear {
         dtype: DType,
     ) -> Result<Self> {
         let w = src.get_checked(&format!("{prefix}.weight"), &[out, inp])?;
-        let b = if bias {
-            Some(
-                src.get_checked(&format!("{prefix}.bias"), &[out])?
-                    .dense(dtype)?,
-            )
-        } else {
-            None
-        };
+        let b = if bias { Some(src.get_checked(&format!("{prefix}.bias"), &[out])?.dense(dtype)?) } else { None };
         Self::from_weight(w, b)
     }
 
@@ -61,23 +54,13 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(
-        src: &dyn WeightSource,
-        name: &str,
-        dim: usize,
-        eps: f64,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn load(src: &dyn WeightSource, name: &str, dim: usize, eps: f64, dtype: DType) -> Result<Self> {
         let w = src.get_checked(name, &[dim])?.dense(dtype)?;
         Ok(Self { w, eps: eps as f32 })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.w,
-            self.eps,
-        )?)
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.w, self.eps)?)
     }
 }
 
@@ -106,38 +89,11 @@ pub struct GatedMlp {
 }
 
 impl GatedMlp {
-    pub fn load(
-        src: &dyn WeightSource,
-        prefix: &str,
-        hidden: usize,
-        inter: usize,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn load(src: &dyn WeightSource, prefix: &str, hidden: usize, inter: usize, dtype: DType) -> Result<Self> {
         Ok(Self {
-            gate: Linear::load(
-                src,
-                &format!("{prefix}.gate_proj"),
-                inter,
-                hidden,
-                false,
-                dtype,
-            )?,
-            up: Linear::load(
-                src,
-                &format!("{prefix}.up_proj"),
-                inter,
-                hidden,
-                false,
-                dtype,
-            )?,
-            down: Linear::load(
-                src,
-                &format!("{prefix}.down_proj"),
-                hidden,
-                inter,
-                false,
-                dtype,
-            )?,
+            gate: Linear::load(src, &format!("{prefix}.gate_proj"), inter, hidden, false, dtype)?,
+            up: Linear::load(src, &format!("{prefix}.up_proj"), inter, hidden, false, dtype)?,
+            down: Linear::load(src, &format!("{prefix}.down_proj"), hidden, inter, false, dtype)?,
         })
     }
 

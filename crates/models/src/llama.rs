@@ -5,9 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{paged_attention, write_cache};
 use crate::layers::{Embedding, GatedMlp};
-use crate::{
-    BatchInput, KvCache, Linear, ModelConfig, ModelError, Result, RmsNorm, Rotary, WeightSource,
-};
+use crate::{BatchInput, KvCache, Linear, ModelConfig, ModelError, Result, RmsNorm, Rotary, WeightSource};
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -61,47 +59,13 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let b = cfg.attention_bias;
             let attn = Attention {
-                q: Linear::load(
-                    src,
-                    &format!("{p}.self_attn.q_proj"),
-                    cfg.num_heads * hd,
-                    h,
-                    b,
-                    dtype,
-                )?,
-                k: Linear::load(
-                    src,
-                    &format!("{p}.self_attn.k_proj"),
-                    cfg.num_kv_heads * hd,
-                    h,
-                    b,
-                    dtype,
-                )?,
-                v: Linear::load(
-                    src,
-                    &format!("{p}.self_attn.v_proj"),
-                    cfg.num_kv_heads * hd,
-                    h,
-                    b,
-                    dtype,
-                )?,
-                o: Linear::load(
-                    src,
-                    &format!("{p}.self_attn.o_proj"),
-                    h,
-                    cfg.num_heads * hd,
-                    false,
-                    dtype,
-                )?,
+                q: Linear::load(src, &format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, b, dtype)?,
+                k: Linear::load(src, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, b, dtype)?,
+                v: Linear::load(src, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, b, dtype)?,
+                o: Linear::load(src, &format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false, dtype)?,
             };
             blocks.push(Block {
-                attn_norm: RmsNorm::load(
-                    src,
-                    &format!("{p}.input_layernorm.weight"),
-                    h,
-                    cfg.rms_norm_eps,
-                    dtype,
-                )?,
+                attn_norm: RmsNorm::load(src, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps, dtype)?,
                 attn,
                 mlp_norm: RmsNorm::load(
                     src,
@@ -147,12 +111,7 @@ impl Llama {
         }
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let (cos, sin) = self.rotary.tables_for(&input.positions)?;
-        let write_index = input
-            .attn
-            .slot_mapping
-            .reshape((t, 1, 1))?
-            .broadcast_as((t, nkv, hd))?
-            .contiguous()?;
+        let write_index = input.attn.slot_mapping.reshape((t, 1, 1))?.broadcast_as((t, nkv, hd))?.contiguous()?;
         let mut x = self.embed.forward(&input.tokens)?;
         for (i, b) in self.blocks.iter().enumerate() {
             let h = b.attn_norm.forward(&x)?;

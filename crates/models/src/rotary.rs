@@ -19,19 +19,11 @@ pub struct Rotary {
 fn inv_freqs(cfg: &ModelConfig) -> Vec<f32> {
     let d = cfg.head_dim;
     let theta = cfg.rope_theta as f32;
-    let base: Vec<f32> = (0..d)
-        .step_by(2)
-        .map(|i| 1f32 / theta.powf(i as f32 / d as f32))
-        .collect();
+    let base: Vec<f32> = (0..d).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / d as f32)).collect();
     match &cfg.rope_scaling {
         None | Some(RopeScaling::Default) => base,
         Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / *factor as f32).collect(),
-        Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        }) => {
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
             let old = *original_max_position_embeddings as f64;
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
@@ -44,8 +36,7 @@ fn inv_freqs(cfg: &ModelConfig) -> Vec<f32> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth = (old / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -57,12 +48,7 @@ fn inv_freqs(cfg: &ModelConfig) -> Vec<f32> {
 
 impl Rotary {
     /// Build tables for positions `0..max_positions`.
-    pub fn new(
-        cfg: &ModelConfig,
-        max_positions: usize,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, max_positions: usize, dtype: DType, dev: &Device) -> Result<Self> {
         let inv = inv_freqs(cfg);
         let half = inv.len();
         let mut cos = Vec::with_capacity(max_positions * half);
@@ -76,11 +62,7 @@ impl Rotary {
         }
         let cos = Tensor::from_vec(cos, (max_positions, half), dev)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (max_positions, half), dev)?.to_dtype(dtype)?;
-        Ok(Self {
-            cos,
-            sin,
-            interleaved: cfg.rope_interleaved,
-        })
+        Ok(Self { cos, sin, interleaved: cfg.rope_interleaved })
     }
 
     /// Number of positions the tables cover.
@@ -90,10 +72,7 @@ impl Rotary {
 
     /// Gather the cos/sin rows of `positions` (`[T]`, u32) once per forward.
     pub fn tables_for(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.cos.index_select(positions, 0)?,
-            self.sin.index_select(positions, 0)?,
-        ))
+        Ok((self.cos.index_select(positions, 0)?, self.sin.index_select(positions, 0)?))
     }
 
     /// Rotate `x` of shape `[T, heads, head_dim]` with per-token tables from [`Self::tables_for`].

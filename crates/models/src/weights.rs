@@ -45,11 +45,7 @@ pub trait WeightSource {
         let w = self.get(name)?;
         let got = w.dims();
         if got != expected {
-            return Err(crate::ModelError::Shape {
-                name: name.to_string(),
-                got,
-                expected: expected.to_vec(),
-            });
+            return Err(crate::ModelError::Shape { name: name.to_string(), got, expected: expected.to_vec() });
         }
         Ok(w)
     }

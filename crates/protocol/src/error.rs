@@ -11,16 +11,10 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     pub fn new(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            param: None,
-        }
+        Self { message: message.into(), param: None }
     }
 
     pub fn param(param: &str, message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            param: Some(param.to_string()),
-        }
+        Self { message: message.into(), param: Some(param.to_string()) }
     }
 }

@@ -12,12 +12,10 @@ mod sampling;
 pub use error::ProtocolError;
 pub use requests::CommonParams;
 pub use requests::{
-    ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, Prompt, StopSpec,
-    StreamOptions,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, Prompt, StopSpec, StreamOptions,
 };
 pub use responses::{
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
-    ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionResponse, ErrorBody,
-    ErrorResponse, ModelCard, ModelList, Usage,
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatResponseMessage,
+    CompletionChoice, CompletionChunk, CompletionResponse, ErrorBody, ErrorResponse, ModelCard, ModelList, Usage,
 };
 pub use sampling::{FinishReason, ModelDefaults, SamplingParams};

@@ -49,6 +49,9 @@ pub struct CommonParams {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub user: Option<String>,
+    /// Keep generating past end-of-sequence tokens (vLLM extension).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/completions`.
@@ -106,10 +109,7 @@ impl ChatMessage {
                     if p.kind != "text" {
                         return Err(crate::ProtocolError::param(
                             "messages",
-                            format!(
-                                "content part type `{}` is not supported (only `text`)",
-                                p.kind
-                            ),
+                            format!("content part type `{}` is not supported (only `text`)", p.kind),
                         ));
                     }
                     out.push_str(p.text.as_deref().unwrap_or(""));

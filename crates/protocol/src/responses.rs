@@ -11,11 +11,7 @@ pub struct Usage {
 
 impl Usage {
     pub fn new(prompt: usize, completion: usize) -> Self {
-        Self {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: prompt + completion,
-        }
+        Self { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
     }
 }
 

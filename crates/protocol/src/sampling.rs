@@ -32,18 +32,12 @@ pub struct SamplingParams {
     pub max_tokens: Option<usize>,
     pub stop: Vec<String>,
     pub seed: Option<u64>,
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            max_tokens: None,
-            stop: vec![],
-            seed: None,
-        }
+        Self { temperature: 1.0, top_p: 1.0, top_k: 0, max_tokens: None, stop: vec![], seed: None, ignore_eos: false }
     }
 }
 
@@ -66,10 +60,7 @@ impl SamplingParams {
             if v.is_finite() {
                 Ok(v)
             } else {
-                Err(ProtocolError::param(
-                    name,
-                    format!("`{name}` must be a finite number"),
-                ))
+                Err(ProtocolError::param(name, format!("`{name}` must be a finite number")))
             }
         };
         let temperature = match c.temperature {
@@ -89,10 +80,7 @@ impl SamplingParams {
             Some(p) => {
                 let p = finite("top_p", p)?;
                 if !(p > 0.0 && p <= 1.0) {
-                    return Err(ProtocolError::param(
-                        "top_p",
-                        format!("`top_p` must be in (0, 1], got {p}"),
-                    ));
+                    return Err(ProtocolError::param("top_p", format!("`top_p` must be in (0, 1], got {p}")));
                 }
                 p as f32
             }
@@ -102,52 +90,30 @@ impl SamplingParams {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => k as usize,
             Some(k) => {
-                return Err(ProtocolError::param(
-                    "top_k",
-                    format!("`top_k` must be -1 (disabled) or >= 1, got {k}"),
-                ))
+                return Err(ProtocolError::param("top_k", format!("`top_k` must be -1 (disabled) or >= 1, got {k}")))
             }
         };
         let max_tokens = match max_tokens {
             None => None,
             Some(m) if m >= 1 => Some(m as usize),
             Some(m) => {
-                return Err(ProtocolError::param(
-                    "max_tokens",
-                    format!("`max_tokens` must be at least 1, got {m}"),
-                ))
+                return Err(ProtocolError::param("max_tokens", format!("`max_tokens` must be at least 1, got {m}")))
             }
         };
         let stop = c.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
         if stop.iter().any(|s| s.is_empty()) {
-            return Err(ProtocolError::param(
-                "stop",
-                "stop strings must not be empty",
-            ));
+            return Err(ProtocolError::param("stop", "stop strings must not be empty"));
         }
         if stop.len() > 16 {
-            return Err(ProtocolError::param(
-                "stop",
-                "at most 16 stop strings are allowed",
-            ));
+            return Err(ProtocolError::param("stop", "at most 16 stop strings are allowed"));
         }
         if let Some(n) = c.n {
             if n != 1 {
-                return Err(ProtocolError::param(
-                    "n",
-                    format!("`n` = {n} is not supported by this server; use n = 1"),
-                ));
+                return Err(ProtocolError::param("n", format!("`n` = {n} is not supported by this server; use n = 1")));
             }
         }
         let seed = c.seed.map(|s| s as u64);
-        Ok(Self {
-            temperature,
-            top_p,
-            top_k,
-            max_tokens,
-            stop,
-            seed,
-        })
+        Ok(Self { temperature, top_p, top_k, max_tokens, stop, seed, ignore_eos: c.ignore_eos })
     }
 }
 
@@ -161,11 +127,7 @@ mod tests {
 
     #[test]
     fn defaults_and_model_defaults() {
-        let d = ModelDefaults {
-            temperature: Some(0.2),
-            top_p: None,
-            top_k: Some(50),
-        };
+        let d = ModelDefaults { temperature: Some(0.2), top_p: None, top_k: Some(50) };
         let p = SamplingParams::from_common(&common("{}"), None, &d).unwrap();
         assert_eq!(p.temperature, 0.2);
         assert_eq!(p.top_k, 50);

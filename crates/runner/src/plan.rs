@@ -16,12 +16,7 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-        }
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
     }
 }
 

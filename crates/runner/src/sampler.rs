@@ -24,27 +24,14 @@ pub fn sample(logits: &[f32], spec: &SampleSpec) -> u32 {
     }
     // Candidates sorted by logit, descending, cut to top-k.
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let k = if c.top_k == 0 {
-        idx.len()
-    } else {
-        c.top_k.min(idx.len())
-    };
+    let k = if c.top_k == 0 { idx.len() } else { c.top_k.min(idx.len()) };
     if k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| {
-            logits[b as usize].total_cmp(&logits[a as usize])
-        });
+        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         idx.truncate(k);
     }
-    idx.sort_unstable_by(|&a, &b| {
-        logits[b as usize]
-            .total_cmp(&logits[a as usize])
-            .then(a.cmp(&b))
-    });
+    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
     let max = logits[idx[0] as usize];
-    let mut probs: Vec<f32> = idx
-        .iter()
-        .map(|&i| ((logits[i as usize] - max) / c.temperature).exp())
-        .collect();
+    let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i as usize] - max) / c.temperature).exp()).collect();
     let total: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if c.top_p < 1.0 {
@@ -61,8 +48,7 @@ pub fn sample(logits: &[f32], spec: &SampleSpec) -> u32 {
         idx.truncate(keep);
     }
     let total: f32 = probs.iter().sum();
-    let mut rng =
-        ChaCha8Rng::seed_from_u64(c.seed ^ spec.output_index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = ChaCha8Rng::seed_from_u64(c.seed ^ spec.output_index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut r = rng.random::<f32>() * total;
     for (p, &i) in probs.iter().zip(idx.iter()) {
         if r < *p {
@@ -78,22 +64,8 @@ mod tests {
     use super::*;
     use crate::SamplingConfig;
 
-    fn spec(
-        temperature: f32,
-        top_k: usize,
-        top_p: f32,
-        seed: u64,
-        output_index: u64,
-    ) -> SampleSpec {
-        SampleSpec {
-            config: SamplingConfig {
-                temperature,
-                top_p,
-                top_k,
-                seed,
-            },
-            output_index,
-        }
+    fn spec(temperature: f32, top_k: usize, top_p: f32, seed: u64, output_index: u64) -> SampleSpec {
+        SampleSpec { config: SamplingConfig { temperature, top_p, top_k, seed }, output_index }
     }
 
     #[test]
@@ -104,15 +76,9 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_varies() {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
-        let a: Vec<u32> = (0..20)
-            .map(|n| sample(&logits, &spec(1.0, 0, 1.0, 42, n)))
-            .collect();
-        let b: Vec<u32> = (0..20)
-            .map(|n| sample(&logits, &spec(1.0, 0, 1.0, 42, n)))
-            .collect();
-        let c: Vec<u32> = (0..20)
-            .map(|n| sample(&logits, &spec(1.0, 0, 1.0, 43, n)))
-            .collect();
+        let a: Vec<u32> = (0..20).map(|n| sample(&logits, &spec(1.0, 0, 1.0, 42, n))).collect();
+        let b: Vec<u32> = (0..20).map(|n| sample(&logits, &spec(1.0, 0, 1.0, 42, n))).collect();
+        let c: Vec<u32> = (0..20).map(|n| sample(&logits, &spec(1.0, 0, 1.0, 43, n))).collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

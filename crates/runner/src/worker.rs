@@ -26,11 +26,7 @@ impl Worker {
             model.dtype(),
             &device,
         )?;
-        Ok(Self {
-            model,
-            cache,
-            device,
-        })
+        Ok(Self { model, cache, device })
     }
 
     pub fn model(&self) -> &Llama {
@@ -56,10 +52,7 @@ impl Worker {
                 )));
             }
             if let Some(b) = s.block_table.iter().find(|&&b| b >= nb) {
-                return Err(RunnerError::Plan(format!(
-                    "sequence {}: block {b} out of range",
-                    s.seq_id
-                )));
+                return Err(RunnerError::Plan(format!("sequence {}: block {b} out of range", s.seq_id)));
             }
             let slot = |p: usize| s.block_table[p / bs] * bs as u32 + (p % bs) as u32;
             let q_start = tokens.len();
@@ -80,10 +73,7 @@ impl Worker {
         Ok(BatchInput {
             tokens: Tensor::new(tokens.as_slice(), dev)?,
             positions: Tensor::new(positions.as_slice(), dev)?,
-            attn: AttentionMetadata {
-                slot_mapping: Tensor::new(slots.as_slice(), dev)?,
-                seqs,
-            },
+            attn: AttentionMetadata { slot_mapping: Tensor::new(slots.as_slice(), dev)?, seqs },
             logits_indices: Tensor::new(rows.as_slice(), dev)?,
         })
     }
@@ -110,10 +100,7 @@ impl Worker {
             .iter()
             .zip(rows.iter())
             .filter_map(|(s, row)| {
-                s.sample.as_ref().map(|spec| StepResult {
-                    seq_id: s.seq_id,
-                    token: sampler::sample(row, spec),
-                })
+                s.sample.as_ref().map(|spec| StepResult { seq_id: s.seq_id, token: sampler::sample(row, spec) })
             })
             .collect())
     }

@@ -25,36 +25,19 @@ fn raise_exception(msg: String) -> Result<String, Error> {
 
 impl ChatTemplate {
     /// Compile `source`; the error says what is wrong with the template.
-    pub fn new(
-        source: &str,
-        bos_token: Option<String>,
-        eos_token: Option<String>,
-    ) -> Result<Self, String> {
+    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, String> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| format!("chat template does not compile: {e}"))?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.unwrap_or_default(),
-            eos_token: eos_token.unwrap_or_default(),
-        })
+        Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
     }
 
     /// Render `(role, content)` messages with the generation prompt appended.
     pub fn render(&self, messages: &[(String, String)]) -> Result<String, ApiError> {
-        let msgs: Vec<Msg> = messages
-            .iter()
-            .map(|(r, c)| Msg {
-                role: r,
-                content: c,
-            })
-            .collect();
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let msgs: Vec<Msg> = messages.iter().map(|(r, c)| Msg { role: r, content: c }).collect();
+        let tmpl = self.env.get_template("chat").map_err(|e| ApiError::Internal(e.to_string()))?;
         tmpl.render(context! {
             messages => minijinja::Value::from(minijinja::value::Serde(&msgs)),
             add_generation_prompt => true,
@@ -82,16 +65,12 @@ mod tests {
         )
         .unwrap();
         let out = t.render(&[("user".into(), " hi ".into())]).unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     #[test]
     fn raise_exception_becomes_a_400() {
-        let t =
-            ChatTemplate::new("{{ raise_exception('roles must alternate') }}", None, None).unwrap();
+        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", None, None).unwrap();
         let e = t.render(&[]).unwrap_err();
         assert!(e.to_string().contains("roles must alternate"), "{e}");
     }

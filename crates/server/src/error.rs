@@ -10,10 +10,7 @@ use tessera_protocol::{ErrorBody, ErrorResponse, ProtocolError};
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{message}")]
-    BadRequest {
-        message: String,
-        param: Option<String>,
-    },
+    BadRequest { message: String, param: Option<String> },
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
     #[error("{0}")]
@@ -24,10 +21,7 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad(message: impl Into<String>) -> Self {
-        Self::BadRequest {
-            message: message.into(),
-            param: None,
-        }
+        Self::BadRequest { message: message.into(), param: None }
     }
 
     fn status(&self) -> StatusCode {
@@ -67,20 +61,14 @@ impl ApiError {
 
 impl From<ProtocolError> for ApiError {
     fn from(e: ProtocolError) -> Self {
-        Self::BadRequest {
-            message: e.message,
-            param: e.param,
-        }
+        Self::BadRequest { message: e.message, param: e.param }
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::TooLong(m) => Self::BadRequest {
-                message: m,
-                param: Some("messages".into()),
-            },
+            EngineError::TooLong(m) => Self::BadRequest { message: m, param: Some("messages".into()) },
             EngineError::Stopped => Self::NotReady(e.to_string()),
             EngineError::Step(m) => Self::Internal(m),
         }

@@ -23,24 +23,12 @@ impl EngineCollector {
         [("model_name", self.model_name.clone())]
     }
 
-    fn gauge(
-        &self,
-        enc: &mut DescriptorEncoder,
-        name: &str,
-        help: &str,
-        v: f64,
-    ) -> std::fmt::Result {
+    fn gauge(&self, enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
         let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
         ConstGauge::new(v).encode(m.encode_family(&self.labels())?)
     }
 
-    fn counter(
-        &self,
-        enc: &mut DescriptorEncoder,
-        name: &str,
-        help: &str,
-        v: u64,
-    ) -> std::fmt::Result {
+    fn counter(&self, enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
         let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
         ConstCounter::new(v).encode(m.encode_family(&self.labels())?)
     }
@@ -62,29 +50,12 @@ impl Collector for EngineCollector {
             "Requests waiting to be scheduled.",
             s.waiting.load(Ordering::Relaxed) as f64,
         )?;
-        self.gauge(
-            &mut enc,
-            "vllm:kv_cache_usage_perc",
-            "KV cache usage, 0..1.",
-            usage,
-        )?;
-        self.gauge(
-            &mut enc,
-            "vllm:gpu_cache_usage_perc",
-            "KV cache usage, 0..1 (legacy name).",
-            usage,
-        )?;
+        self.gauge(&mut enc, "vllm:kv_cache_usage_perc", "KV cache usage, 0..1.", usage)?;
+        self.gauge(&mut enc, "vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (legacy name).", usage)?;
         {
-            let mut m = enc.encode_descriptor(
-                "vllm:cache_config_info",
-                "KV cache configuration.",
-                None,
-                MetricType::Gauge,
-            )?;
-            let labels = [
-                ("block_size", s.block_size.to_string()),
-                ("num_gpu_blocks", s.num_blocks.to_string()),
-            ];
+            let mut m =
+                enc.encode_descriptor("vllm:cache_config_info", "KV cache configuration.", None, MetricType::Gauge)?;
+            let labels = [("block_size", s.block_size.to_string()), ("num_gpu_blocks", s.num_blocks.to_string())];
             ConstGauge::new(1.0).encode(m.encode_family(&labels)?)?;
         }
         self.counter(
@@ -111,39 +82,18 @@ impl Collector for EngineCollector {
             "Prompt tokens found in the prefix cache.",
             s.prefix_hits.load(Ordering::Relaxed),
         )?;
-        self.counter(
-            &mut enc,
-            "vllm:num_preemptions",
-            "Sequences preempted.",
-            s.preemptions.load(Ordering::Relaxed),
-        )?;
-        self.counter(
-            &mut enc,
-            "tessera:engine_steps",
-            "Engine steps run.",
-            s.steps.load(Ordering::Relaxed),
-        )?;
+        self.counter(&mut enc, "vllm:num_preemptions", "Sequences preempted.", s.preemptions.load(Ordering::Relaxed))?;
+        self.counter(&mut enc, "tessera:engine_steps", "Engine steps run.", s.steps.load(Ordering::Relaxed))?;
         self.counter(
             &mut enc,
             "tessera:engine_batched_steps",
             "Engine steps that ran more than one sequence.",
             s.batched_steps.load(Ordering::Relaxed),
         )?;
-        let mut m = enc.encode_descriptor(
-            "vllm:request_success",
-            "Requests finished, by reason.",
-            None,
-            MetricType::Counter,
-        )?;
-        for (reason, c) in [
-            ("stop", &s.finished_stop),
-            ("length", &s.finished_length),
-            ("abort", &s.finished_abort),
-        ] {
-            let labels = [
-                ("model_name", self.model_name.clone()),
-                ("finished_reason", reason.to_string()),
-            ];
+        let mut m =
+            enc.encode_descriptor("vllm:request_success", "Requests finished, by reason.", None, MetricType::Counter)?;
+        for (reason, c) in [("stop", &s.finished_stop), ("length", &s.finished_length), ("abort", &s.finished_abort)] {
+            let labels = [("model_name", self.model_name.clone()), ("finished_reason", reason.to_string())];
             ConstCounter::new(c.load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
         }
         Ok(())
@@ -151,15 +101,9 @@ impl Collector for EngineCollector {
 }
 
 /// Render the metrics text for one scrape.
-pub(crate) fn render(
-    stats: &Arc<EngineStats>,
-    model_name: &str,
-) -> Result<String, std::fmt::Error> {
+pub(crate) fn render(stats: &Arc<EngineStats>, model_name: &str) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::default();
-    reg.register_collector(Box::new(EngineCollector {
-        stats: stats.clone(),
-        model_name: model_name.to_string(),
-    }));
+    reg.register_collector(Box::new(EngineCollector { stats: stats.clone(), model_name: model_name.to_string() }));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
     Ok(out)

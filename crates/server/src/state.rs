@@ -41,10 +41,7 @@ pub struct AppState {
 }
 
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl AppState {
@@ -95,10 +92,7 @@ impl AppState {
         if self.inner.draining.load(Ordering::SeqCst) {
             return Err(ApiError::NotReady("the server is shutting down".into()));
         }
-        self.inner
-            .model
-            .get()
-            .ok_or_else(|| ApiError::NotReady("the model is still loading".into()))
+        self.inner.model.get().ok_or_else(|| ApiError::NotReady("the model is still loading".into()))
     }
 
     /// Check the request's `model` against the served names.

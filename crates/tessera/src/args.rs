@@ -6,11 +6,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "tessera",
-    version,
-    about = "Tessera model-serving worker (vLLM-compatible flags)"
-)]
+#[command(name = "tessera", version, about = "Tessera model-serving worker (vLLM-compatible flags)")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -124,13 +120,9 @@ impl ServeArgs {
 /// Parse a byte size such as `2147483648`, `512M`, `2GiB`, `1.5G`.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 2GiB, 512M, 1073741824)"))?;
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (examples: 2GiB, 512M, 1073741824)"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -139,11 +131,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "kib" => 1024.0,
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
-        u => {
-            return Err(format!(
-                "`{s}`: unknown size unit `{u}` (use K, M, G, KiB, MiB or GiB)"
-            ))
-        }
+        u => return Err(format!("`{s}`: unknown size unit `{u}` (use K, M, G, KiB, MiB or GiB)")),
     };
     Ok((n * mult) as u64)
 }
@@ -182,9 +170,7 @@ mod tests {
             "--disable-log-requests",
         ])
         .unwrap();
-        let Command::Serve(a) = cli.command else {
-            panic!("not serve")
-        };
+        let Command::Serve(a) = cli.command else { panic!("not serve") };
         assert_eq!(a.served_model_name, vec!["m", "publishers/ns/models/m"]);
         assert!(a.prefix_caching() && a.chunked_prefill());
     }

@@ -17,18 +17,11 @@ pub fn run(cli: args::Cli) -> Result<(), ServeError> {
     match cli.command {
         args::Command::ExportHf { gguf, out_dir } => {
             tessera_loader::export_hf(&gguf, &out_dir)?;
-            tracing::info!(
-                "wrote a Hugging Face copy of {} to {}",
-                gguf.display(),
-                out_dir.display()
-            );
+            tracing::info!("wrote a Hugging Face copy of {} to {}", gguf.display(), out_dir.display());
             Ok(())
         }
         args::Command::Serve(a) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(ServeError::Io)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(ServeError::Io)?;
             rt.block_on(async move {
                 let running = launch(*a).await?;
                 running.wait_for_signal().await

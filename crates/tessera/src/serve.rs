@@ -47,14 +47,13 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -76,13 +75,9 @@ fn validate(a: &ServeArgs) -> Result<(), ServeError> {
         return bad("--max-num-batched-tokens must be at least 1".into());
     }
     if !(0.0..=1.0).contains(&a.gpu_memory_utilization) || a.gpu_memory_utilization == 0.0 {
-        return bad(format!(
-            "--gpu-memory-utilization must be in (0, 1], got {}",
-            a.gpu_memory_utilization
-        ));
+        return bad(format!("--gpu-memory-utilization must be in (0, 1], got {}", a.gpu_memory_utilization));
     }
-    parse_bytes(&a.kv_cache_memory)
-        .map_err(|e| ServeError::Config(format!("--kv-cache-memory: {e}")))?;
+    parse_bytes(&a.kv_cache_memory).map_err(|e| ServeError::Config(format!("--kv-cache-memory: {e}")))?;
     Ok(())
 }
 
@@ -91,9 +86,7 @@ fn pick_device(d: DeviceArg) -> Result<Device, ServeError> {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
         DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
-            ServeError::Config(format!(
-                "--device cuda: {e} (this build needs the `cuda` feature and a GPU)"
-            ))
+            ServeError::Config(format!("--device cuda: {e} (this build needs the `cuda` feature and a GPU)"))
         }),
     }
 }
@@ -113,18 +106,14 @@ fn chat_template(
     bundle: &tessera_loader::TokenizerBundle,
 ) -> Result<Option<ChatTemplate>, ServeError> {
     let source = match arg {
-        Some(a) if Path::new(a).is_file() => Some(
-            std::fs::read_to_string(a)
-                .map_err(|e| ServeError::Config(format!("--chat-template {a}: {e}")))?,
-        ),
+        Some(a) if Path::new(a).is_file() => {
+            Some(std::fs::read_to_string(a).map_err(|e| ServeError::Config(format!("--chat-template {a}: {e}")))?)
+        }
         Some(a) => Some(a.to_string()),
         None => bundle.chat_template.clone(),
     };
     source
-        .map(|s| {
-            ChatTemplate::new(&s, bundle.bos_token.clone(), bundle.eos_token.clone())
-                .map_err(ServeError::Config)
-        })
+        .map(|s| ChatTemplate::new(&s, bundle.bos_token.clone(), bundle.eos_token.clone()).map_err(ServeError::Config))
         .transpose()
 }
 
@@ -151,13 +140,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
     let model = Llama::load(&cfg, lm.weights.as_ref(), max_model_len, dtype, &device)?;
     drop(lm.weights);
     let kv_bytes = parse_bytes(&a.kv_cache_memory).map_err(ServeError::Config)? as usize;
-    let per_block = KvCache::bytes_per_block(
-        cfg.num_layers,
-        a.block_size,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        dtype,
-    );
+    let per_block = KvCache::bytes_per_block(cfg.num_layers, a.block_size, cfg.num_kv_heads, cfg.head_dim, dtype);
     let num_blocks = kv_bytes / per_block;
     if num_blocks * a.block_size < max_model_len {
         return Err(ServeError::Config(format!(
@@ -218,15 +201,8 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
 /// Bind, serve HTTP (503 until loaded), load the model and attach it.
 pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
     validate(&a)?;
-    let names = if a.served_model_name.is_empty() {
-        vec![a.model.clone()]
-    } else {
-        a.served_model_name.clone()
-    };
-    let state = AppState::new(ModelInfo {
-        served_names: names,
-        root: a.model.clone(),
-    });
+    let names = if a.served_model_name.is_empty() { vec![a.model.clone()] } else { a.served_model_name.clone() };
+    let state = AppState::new(ModelInfo { served_names: names, root: a.model.clone() });
     let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await?;
     let addr = listener.local_addr()?;
     tracing::info!("listening on http://{addr}");
@@ -244,10 +220,5 @@ pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
         .await
         .map_err(|e| ServeError::Config(format!("model loading task failed: {e}")))??;
     state.attach(model);
-    Ok(Running {
-        addr,
-        state,
-        shutdown: Some(tx),
-        server,
-    })
+    Ok(Running { addr, state, shutdown: Some(tx), server })
 }

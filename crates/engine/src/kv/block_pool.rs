@@ -145,11 +145,7 @@ mod tests {
         p.cache(a, 77, &[1, 2]);
         p.release(a);
         assert_eq!(p.lookup(77, &[1, 2]), Some(a));
-        assert_eq!(
-            p.lookup(77, &[1, 3]),
-            None,
-            "token check guards hash collisions"
-        );
+        assert_eq!(p.lookup(77, &[1, 3]), None, "token check guards hash collisions");
         // Touch takes it back out of the free list.
         p.touch(a);
         assert_eq!(p.num_free(), 1);

@@ -109,19 +109,9 @@ impl KvCacheManager {
     pub fn allocate(&mut self, seq: u64, num_tokens: usize, prefix: &CachedPrefix) -> bool {
         let have = self.seqs.get(&seq).map_or(0, |s| s.blocks.len());
         let reuse = if have == 0 { prefix.blocks.len() } else { 0 };
-        let need = num_tokens
-            .div_ceil(self.block_size)
-            .saturating_sub(have + reuse);
+        let need = num_tokens.div_ceil(self.block_size).saturating_sub(have + reuse);
         // Prefix blocks that are free now leave the free list when we take them.
-        let reuse_free = if reuse > 0 {
-            prefix
-                .blocks
-                .iter()
-                .filter(|&&b| self.pool.is_free(b))
-                .count()
-        } else {
-            0
-        };
+        let reuse_free = if reuse > 0 { prefix.blocks.iter().filter(|&&b| self.pool.is_free(b)).count() } else { 0 };
         if need + reuse_free > self.pool.num_free() {
             return false;
         }
@@ -188,10 +178,7 @@ mod tests {
         assert_eq!(m.block_table(1).len(), 2, "8 tokens still fit in 2 blocks");
         assert!(m.allocate(1, 9, &CachedPrefix::default()));
         assert_eq!(m.num_free(), 5);
-        assert!(
-            !m.allocate(2, 4 * 6, &CachedPrefix::default()),
-            "6 blocks do not fit in 5"
-        );
+        assert!(!m.allocate(2, 4 * 6, &CachedPrefix::default()), "6 blocks do not fit in 5");
         assert_eq!(m.num_free(), 5, "a failed allocation changes nothing");
         m.free(1);
         assert_eq!(m.num_free(), 8);
@@ -210,13 +197,7 @@ mod tests {
         assert_eq!(m.block_table(2)[..2], m.block_table(1)[..2]);
         assert_ne!(m.block_table(2)[2], m.block_table(1)[2]);
         m.record_prefix(10, 8);
-        assert_eq!(
-            m.stats(),
-            PrefixStats {
-                queries: 10,
-                hits: 8
-            }
-        );
+        assert_eq!(m.stats(), PrefixStats { queries: 10, hits: 8 });
         // After both finish, the blocks are free but still findable.
         m.free(1);
         m.free(2);

@@ -2,21 +2,13 @@ use super::*;
 
 fn sched(blocks: usize, bs: usize, max_seqs: usize, budget: usize) -> Scheduler {
     Scheduler::new(
-        SchedulerConfig {
-            max_num_seqs: max_seqs,
-            max_num_batched_tokens: budget,
-            enable_chunked_prefill: true,
-        },
+        SchedulerConfig { max_num_seqs: max_seqs, max_num_batched_tokens: budget, enable_chunked_prefill: true },
         KvCacheManager::new(blocks, bs, true),
     )
 }
 
 fn seq(id: u64, len: usize) -> Sequence {
-    Sequence::new(
-        id,
-        (0..len as u32).map(|t| t + 1000 * id as u32).collect(),
-        SamplingConfig::default(),
-    )
+    Sequence::new(id, (0..len as u32).map(|t| t + 1000 * id as u32).collect(), SamplingConfig::default())
 }
 
 /// Pretend to execute: every sampling sequence gets token 7.
@@ -27,21 +19,14 @@ fn run(s: &mut Scheduler) -> Scheduled {
         .seqs
         .iter()
         .filter(|st| st.sample.is_some())
-        .map(|st| StepResult {
-            seq_id: st.seq_id,
-            token: 7,
-        })
+        .map(|st| StepResult { seq_id: st.seq_id, token: 7 })
         .collect();
     s.apply(&results);
     out
 }
 
 fn shape(out: &Scheduled) -> Vec<(u64, usize, bool)> {
-    out.plan
-        .seqs
-        .iter()
-        .map(|s| (s.seq_id, s.tokens.len(), s.sample.is_some()))
-        .collect()
+    out.plan.seqs.iter().map(|s| (s.seq_id, s.tokens.len(), s.sample.is_some())).collect()
 }
 
 #[test]
@@ -63,14 +48,7 @@ fn long_prompt_is_chunked_and_samples_only_at_the_end() {
     let mut s = sched(64, 4, 8, 16);
     s.add(seq(1, 40));
     let chunks: Vec<_> = (0..3).map(|_| shape(&run(&mut s))).collect();
-    assert_eq!(
-        chunks,
-        vec![
-            vec![(1, 16, false)],
-            vec![(1, 16, false)],
-            vec![(1, 8, true)]
-        ]
-    );
+    assert_eq!(chunks, vec![vec![(1, 16, false)], vec![(1, 16, false)], vec![(1, 8, true)]]);
     let seq = s.get(1).unwrap();
     assert_eq!(seq.num_computed, 40);
     assert_eq!(seq.tokens.len(), 41);
@@ -83,11 +61,7 @@ fn long_prompt_is_chunked_and_samples_only_at_the_end() {
 #[test]
 fn chunked_prefill_off_waits_for_room() {
     let mut s = Scheduler::new(
-        SchedulerConfig {
-            max_num_seqs: 8,
-            max_num_batched_tokens: 16,
-            enable_chunked_prefill: false,
-        },
+        SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 16, enable_chunked_prefill: false },
         KvCacheManager::new(64, 4, true),
     );
     s.add(seq(1, 10));
@@ -140,11 +114,7 @@ fn repeated_prefix_is_not_recomputed() {
     s.add(seq(1, 10));
     run(&mut s);
     s.remove(1);
-    s.add(Sequence::new(
-        2,
-        seq(1, 10).tokens,
-        SamplingConfig::default(),
-    ));
+    s.add(Sequence::new(2, seq(1, 10).tokens, SamplingConfig::default()));
     let out = run(&mut s);
     assert_eq!(out.prefix_hits, vec![(2, 8)]);
     assert_eq!(out.plan.seqs[0].start_pos, 8);

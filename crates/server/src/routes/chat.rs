@@ -5,8 +5,8 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tessera_protocol::{
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, ChatResponseMessage, SamplingParams,
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
+    ChatResponseMessage, SamplingParams,
 };
 
 use super::generate::{collect, encode, sse, submit, usage, Piece};
@@ -30,11 +30,7 @@ pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Re
     for msg in &req.messages {
         if !ROLES.contains(&msg.role.as_str()) {
             return Err(ApiError::BadRequest {
-                message: format!(
-                    "unknown message role `{}` (expected one of {})",
-                    msg.role,
-                    ROLES.join(", ")
-                ),
+                message: format!("unknown message role `{}` (expected one of {})", msg.role, ROLES.join(", ")),
                 param: Some("messages".into()),
             });
         }
@@ -42,11 +38,10 @@ pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Re
     }
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let params = SamplingParams::from_common(&req.common, max_tokens, &m.defaults)?;
-    let template = m.chat_template.as_ref().ok_or_else(|| {
-        ApiError::bad(
-            "this model has no chat template; pass --chat-template or use /v1/completions",
-        )
-    })?;
+    let template = m
+        .chat_template
+        .as_ref()
+        .ok_or_else(|| ApiError::bad("this model has no chat template; pass --chat-template or use /v1/completions"))?;
     let prompt_text = template.render(&msgs)?;
     let prompt = encode(m, prompt_text, false).await?;
     let rs = submit(m, prompt, params)?;
@@ -64,17 +59,13 @@ pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Re
         let first = chunk(
             vec![ChatChunkChoice {
                 index: 0,
-                delta: ChatDelta {
-                    role: Some("assistant"),
-                    content: Some(String::new()),
-                },
+                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
                 logprobs: None,
                 finish_reason: None,
             }],
             None,
         );
-        let first =
-            vec![serde_json::to_string(&first).map_err(|e| ApiError::Internal(e.to_string()))?];
+        let first = vec![serde_json::to_string(&first).map_err(|e| ApiError::Internal(e.to_string()))?];
         return Ok(sse(rs, first, include_usage, move |p| {
             let c = match p {
                 Piece::Output(o) => {
@@ -86,10 +77,7 @@ pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Re
                     chunk(
                         vec![ChatChunkChoice {
                             index: 0,
-                            delta: ChatDelta {
-                                role: None,
-                                content,
-                            },
+                            delta: ChatDelta { role: None, content },
                             logprobs: None,
                             finish_reason,
                         }],
@@ -109,10 +97,7 @@ pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Re
         model,
         choices: vec![ChatChoice {
             index: 0,
-            message: ChatResponseMessage {
-                role: "assistant",
-                content: done.text,
-            },
+            message: ChatResponseMessage { role: "assistant", content: done.text },
             logprobs: None,
             finish_reason: Some(done.finished.reason.as_str()),
         }],

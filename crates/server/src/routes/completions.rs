@@ -5,8 +5,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tessera_protocol::{
-    CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Prompt,
-    SamplingParams,
+    CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Prompt, SamplingParams,
 };
 
 use super::generate::{collect, encode, sse, submit, usage, Piece};
@@ -51,12 +50,7 @@ pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Re
                         return None;
                     }
                     chunk(
-                        vec![CompletionChoice {
-                            index: 0,
-                            text: o.text.clone(),
-                            logprobs: None,
-                            finish_reason,
-                        }],
+                        vec![CompletionChoice { index: 0, text: o.text.clone(), logprobs: None, finish_reason }],
                         None,
                     )
                 }

@@ -14,11 +14,7 @@ use crate::state::ServedModel;
 use crate::ApiError;
 
 /// Tokenise on the blocking pool (long prompts must not stall the runtime).
-pub(crate) async fn encode(
-    m: &ServedModel,
-    text: String,
-    add_special: bool,
-) -> Result<Vec<u32>, ApiError> {
+pub(crate) async fn encode(m: &ServedModel, text: String, add_special: bool) -> Result<Vec<u32>, ApiError> {
     let tok = m.tokenizer.clone();
     tokio::task::spawn_blocking(move || tok.encode(text, add_special).map(|e| e.get_ids().to_vec()))
         .await
@@ -26,17 +22,10 @@ pub(crate) async fn encode(
         .map_err(|e| ApiError::bad(format!("cannot tokenize the prompt: {e}")))
 }
 
-pub(crate) fn submit(
-    m: &ServedModel,
-    prompt: Vec<u32>,
-    params: SamplingParams,
-) -> Result<RequestStream, ApiError> {
+pub(crate) fn submit(m: &ServedModel, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream, ApiError> {
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= m.vocab_size) {
         return Err(ApiError::BadRequest {
-            message: format!(
-                "token id {bad} is out of range (vocabulary size {})",
-                m.vocab_size
-            ),
+            message: format!("token id {bad} is out of range (vocabulary size {})", m.vocab_size),
             param: Some("prompt".into()),
         });
     }
@@ -58,9 +47,7 @@ pub(crate) async fn collect(mut rs: RequestStream) -> Result<Collected, ApiError
             return Ok(Collected { text, finished });
         }
     }
-    Err(ApiError::Internal(
-        "the engine ended the request without a result".into(),
-    ))
+    Err(ApiError::Internal("the engine ended the request without a result".into()))
 }
 
 pub(crate) fn usage(f: &Finished) -> Usage {
@@ -75,22 +62,13 @@ pub(crate) enum Piece<'a> {
 
 /// Stream engine outputs as SSE: `first` events, then one chunk per output (via `encode`),
 /// an optional usage chunk, then `data: [DONE]`. Errors become an OpenAI error event.
-pub(crate) fn sse<F>(
-    rs: RequestStream,
-    first: Vec<String>,
-    include_usage: bool,
-    encode: F,
-) -> Response
+pub(crate) fn sse<F>(rs: RequestStream, first: Vec<String>, include_usage: bool, encode: F) -> Response
 where
     F: FnMut(Piece<'_>) -> Option<String> + Send + 'static,
 {
-    let queue: VecDeque<Event> = first
-        .into_iter()
-        .map(|d| Event::default().data(d))
-        .collect();
-    let stream = futures::stream::unfold(
-        (rs, encode, queue, false),
-        move |(mut rs, mut encode, mut q, mut done)| async move {
+    let queue: VecDeque<Event> = first.into_iter().map(|d| Event::default().data(d)).collect();
+    let stream =
+        futures::stream::unfold((rs, encode, queue, false), move |(mut rs, mut encode, mut q, mut done)| async move {
             loop {
                 if let Some(e) = q.pop_front() {
                     return Some((Ok::<Event, Infallible>(e), (rs, encode, q, done)));
@@ -118,8 +96,7 @@ where
                 q.push_back(Event::default().data("[DONE]"));
                 done = true;
             }
-        },
-    );
+        });
     sse_response(stream)
 }
 
@@ -131,7 +108,5 @@ fn sse_response<S>(stream: S) -> Response
 where
     S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
 {
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }

@@ -62,10 +62,7 @@ async fn models(State(st): State<AppState>) -> Json<ModelList> {
             max_model_len,
         })
         .collect();
-    Json(ModelList {
-        object: "list",
-        data,
-    })
+    Json(ModelList { object: "list", data })
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {
@@ -74,14 +71,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
     };
     let name = st.info().served_names.first().cloned().unwrap_or_default();
     match crate::metrics::render(m.engine.stats(), &name) {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
         Err(_) => ApiError::Internal("metrics encoding failed".into()).into_response(),
     }
 }

@@ -1,0 +1,109 @@
+//! Our generated CRDs against KServe's (`../shared/reference/kserve-llmisvc/crd`): every
+//! field path of theirs exists in ours with the same type, enum, bounds, required-ness and
+//! Kubernetes extensions; names, scope, short names, printer columns and subresources match.
+//! Also keeps the committed copy in `operator/crds/` in sync with the types.
+
+use kube::CustomResourceExt;
+use serde_json::Value;
+use tessera_operator::api::{LLMInferenceService, LLMInferenceServiceConfig};
+
+const CHECKED: &[&str] = &[
+    "type",
+    "enum",
+    "format",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "pattern",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields",
+];
+
+fn reference(file: &str) -> Value {
+    let p = format!("{}/../../shared/reference/kserve-llmisvc/crd/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    serde_yaml::from_str(&text).expect("reference CRD parses")
+}
+
+/// Walk the reference schema; collect every difference from ours.
+fn compare(theirs: &Value, ours: &Value, path: &str, out: &mut Vec<String>) {
+    for key in CHECKED {
+        let (t, o) = (theirs.get(*key), ours.get(*key));
+        if t != o {
+            out.push(format!("{path}: {key} is {o:?} in ours, {t:?} in KServe's"));
+        }
+    }
+    let req = |v: &Value| {
+        let mut r: Vec<String> =
+            v.get("required").and_then(|r| r.as_array()).map_or(vec![], |a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect());
+        r.sort();
+        r
+    };
+    if req(theirs) != req(ours) {
+        out.push(format!("{path}: required is {:?} in ours, {:?} in KServe's", req(ours), req(theirs)));
+    }
+    if let Some(props) = theirs.get("properties").and_then(|p| p.as_object()) {
+        for (k, t) in props {
+            match ours.get("properties").and_then(|p| p.get(k)) {
+                Some(o) => compare(t, o, &format!("{path}.{k}"), out),
+                None => out.push(format!("{path}.{k}: missing in ours")),
+            }
+        }
+    }
+    if let Some(t) = theirs.get("items") {
+        match ours.get("items") {
+            Some(o) => compare(t, o, &format!("{path}[]"), out),
+            None => out.push(format!("{path}[]: items missing in ours")),
+        }
+    }
+    if let Some(t) = theirs.get("additionalProperties").filter(|v| v.is_object()) {
+        match ours.get("additionalProperties") {
+            Some(o) => compare(t, o, &format!("{path}{{*}}"), out),
+            None => out.push(format!("{path}{{*}}: additionalProperties missing in ours")),
+        }
+    }
+}
+
+fn check(ours: Value, theirs: Value) {
+    let mut diffs = vec![];
+    for key in ["group", "scope", "names"] {
+        if ours["spec"][key] != theirs["spec"][key] {
+            diffs.push(format!("spec.{key}: {} vs {}", ours["spec"][key], theirs["spec"][key]));
+        }
+    }
+    let (ov, tv) = (&ours["spec"]["versions"][0], &theirs["spec"]["versions"][0]);
+    for key in ["name", "served", "storage", "subresources", "additionalPrinterColumns"] {
+        if ov[key] != tv[key] {
+            diffs.push(format!("versions[0].{key}: {} vs {}", ov[key], tv[key]));
+        }
+    }
+    compare(&tv["schema"]["openAPIV3Schema"], &ov["schema"]["openAPIV3Schema"], "", &mut diffs);
+    assert!(diffs.is_empty(), "{} differences:\n{}", diffs.len(), diffs.join("\n"));
+}
+
+#[test]
+fn llminferenceservice_crd_matches_kserve() {
+    check(
+        serde_json::to_value(LLMInferenceService::crd()).unwrap(),
+        reference("serving.kserve.io_llminferenceservices.yaml"),
+    );
+}
+
+#[test]
+fn llminferenceserviceconfig_crd_matches_kserve() {
+    check(
+        serde_json::to_value(LLMInferenceServiceConfig::crd()).unwrap(),
+        reference("serving.kserve.io_llminferenceserviceconfigs.yaml"),
+    );
+}
+
+#[test]
+fn committed_crds_are_current() {
+    let p = format!("{}/crds/llminferenceservice.yaml", env!("CARGO_MANIFEST_DIR"));
+    let committed = std::fs::read_to_string(&p).unwrap_or_default();
+    let generated = tessera_operator::api::crds_yaml().unwrap();
+    assert!(committed == generated, "{p} is stale: run `cargo run -p tessera-operator -- crd > {p}`");
+}

@@ -1,0 +1,83 @@
+//! Tiny random llama models written in Hugging Face layout, for format and parallelism tests.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+/// Shape of a tiny model.
+#[derive(Debug, Clone, Copy)]
+pub struct TinyShape {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
+
+impl Default for TinyShape {
+    fn default() -> Self {
+        Self { vocab: 128, hidden: 64, inter: 96, layers: 4, heads: 8, kv_heads: 4 }
+    }
+}
+
+/// Random weights (seeded by candle's RNG state; values are only compared within a run).
+pub fn tiny_weights(s: TinyShape) -> HashMap<String, Tensor> {
+    let dev = Device::Cpu;
+    let hd = s.hidden / s.heads;
+    let r = |shape: &[usize]| Tensor::randn(0f32, 0.2, shape, &dev).expect("randn");
+    let ones = |n: usize| (Tensor::ones(n, DType::F32, &dev).expect("ones") + r(&[n])).expect("norm");
+    let mut w = HashMap::new();
+    w.insert("model.embed_tokens.weight".to_string(), r(&[s.vocab, s.hidden]));
+    w.insert("model.norm.weight".to_string(), ones(s.hidden));
+    w.insert("lm_head.weight".to_string(), r(&[s.vocab, s.hidden]));
+    for i in 0..s.layers {
+        let p = format!("model.layers.{i}");
+        w.insert(format!("{p}.input_layernorm.weight"), ones(s.hidden));
+        w.insert(format!("{p}.post_attention_layernorm.weight"), ones(s.hidden));
+        w.insert(format!("{p}.self_attn.q_proj.weight"), r(&[s.heads * hd, s.hidden]));
+        w.insert(format!("{p}.self_attn.k_proj.weight"), r(&[s.kv_heads * hd, s.hidden]));
+        w.insert(format!("{p}.self_attn.v_proj.weight"), r(&[s.kv_heads * hd, s.hidden]));
+        w.insert(format!("{p}.self_attn.o_proj.weight"), r(&[s.hidden, s.heads * hd]));
+        w.insert(format!("{p}.mlp.gate_proj.weight"), r(&[s.inter, s.hidden]));
+        w.insert(format!("{p}.mlp.up_proj.weight"), r(&[s.inter, s.hidden]));
+        w.insert(format!("{p}.mlp.down_proj.weight"), r(&[s.hidden, s.inter]));
+    }
+    w
+}
+
+/// `config.json` text for a tiny shape.
+pub fn tiny_config(s: TinyShape) -> String {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": s.vocab, "hidden_size": s.hidden, "intermediate_size": s.inter,
+        "num_hidden_layers": s.layers, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "tie_word_embeddings": false,
+    })
+    .to_string()
+}
+
+/// Write `weights` into `dir` as `shards` safetensors files (with an index when > 1).
+pub fn write_hf(dir: &Path, s: TinyShape, weights: &HashMap<String, Tensor>, shards: usize) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(dir.join("config.json"), tiny_config(s)).expect("config");
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    if shards <= 1 {
+        candle_core::safetensors::save(weights, dir.join("model.safetensors")).expect("save");
+        return;
+    }
+    let mut map = serde_json::Map::new();
+    for (k, chunk) in names.chunks(names.len().div_ceil(shards)).enumerate() {
+        let file = format!("model-{:05}-of-{shards:05}.safetensors", k + 1);
+        let part: HashMap<String, Tensor> = chunk.iter().map(|n| ((*n).clone(), weights[*n].clone())).collect();
+        candle_core::safetensors::save(&part, dir.join(&file)).expect("save shard");
+        for n in chunk {
+            map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
+}
