@@ -12,10 +12,22 @@ fn preserve_unknown(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
 }
 
+/// A schema KServe's CRD embeds, verbatim (copied into `schemas/`, Apache-2.0 data).
+fn upstream(json: &str) -> schemars::Schema {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    schemars::Schema::try_from(v).unwrap_or_default()
+}
+
+/// Pod specs are typed with k8s-openapi's `PodSpec`, but validated with the schema KServe's
+/// CRD uses (controller-gen's: list/map types for server-side apply, nothing required, so
+/// presets and baseRefs can fill in the rest).
+fn pod_spec(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    upstream(include_str!("../../schemas/podspec.json"))
+}
+
 /// An embedded third-party spec (Gateway API `HTTPRouteSpec`, Inference Extension
 /// `InferencePoolSpec`). The operator passes these through to the objects it creates, so
-/// they stay untyped JSON; their schemas are the upstream ones exactly as KServe's CRD embeds
-/// them (copied into `schemas/`, Apache-2.0), which keeps validation identical to KServe's.
+/// they stay untyped JSON, validated by the upstream schema KServe's CRD embeds.
 macro_rules! upstream_spec {
     ($name:ident, $file:literal, $doc:literal) => {
         #[doc = $doc]
@@ -31,8 +43,7 @@ macro_rules! upstream_spec {
                 true
             }
             fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-                let v: serde_json::Value = serde_json::from_str(include_str!($file)).unwrap_or_default();
-                schemars::Schema::try_from(v).unwrap_or_default()
+                upstream(include_str!($file))
             }
         }
     };
@@ -124,9 +135,11 @@ pub struct WorkloadSpec {
     pub parallelism: Option<ParallelismSpec>,
     /// The main pod (the leader when multi-node; decode when prefill is set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "pod_spec")]
     pub template: Option<PodSpec>,
     /// Its presence makes the workload multi-node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "pod_spec")]
     pub worker: Option<PodSpec>,
 }
 
@@ -180,6 +193,7 @@ pub struct SchedulerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<InferencePoolRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "pod_spec")]
     pub template: Option<PodSpec>,
 }
 
