@@ -24,6 +24,8 @@ const CHECKED: &[&str] = &[
     "x-kubernetes-list-map-keys",
     "x-kubernetes-embedded-resource",
     "anyOf",
+    "default",
+    "nullable",
 ];
 
 fn reference(file: &str) -> Value {

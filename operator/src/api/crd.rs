@@ -54,11 +54,12 @@ fn finish(mut crd: CustomResourceDefinition, extra: impl FnOnce(&mut Value)) -> 
 fn normalise(node: &mut Value) {
     match node {
         Value::Object(obj) => {
-            // Optional enums: schemars adds `null`; controller-gen leaves optionality to `required`.
+            // Optional fields: schemars marks them nullable (and adds `null` to enums);
+            // controller-gen leaves optionality to `required`.
+            obj.remove("nullable");
             if let Some(Value::Array(values)) = obj.get_mut("enum") {
                 if values.iter().any(Value::is_null) {
                     values.retain(|v| !v.is_null());
-                    obj.remove("nullable");
                 }
             }
             // Object references whose name "is allowed to be empty" are not required in
@@ -76,9 +77,12 @@ fn normalise(node: &mut Value) {
                         obj.remove("required");
                     }
                 }
-                // `LocalObjectReference` is `+structType=atomic`.
+                // `LocalObjectReference`: `+structType=atomic`, name `+default=""`.
                 if obj.get("properties").and_then(Value::as_object).is_some_and(|p| p.len() == 1) {
                     obj.insert("x-kubernetes-map-type".into(), json!("atomic"));
+                    if let Some(name) = obj.get_mut("properties").and_then(|p| p.get_mut("name")) {
+                        name["default"] = json!("");
+                    }
                 }
             }
             // kube's structural rewriter empties int-or-string's `anyOf` branches; controller-gen

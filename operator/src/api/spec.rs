@@ -101,6 +101,13 @@ pub struct LLMModelSpec {
     pub lora: Option<LoraSpec>,
 }
 
+impl LLMModelSpec {
+    /// Nothing set (a config that leaves the model to the service).
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Parallel degrees of one workload.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -228,7 +235,7 @@ pub struct RouterSpec {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LLMInferenceServiceSpec {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "LLMModelSpec::is_unset")]
     pub model: LLMModelSpec,
     #[serde(flatten)]
     pub workload: WorkloadSpec,

@@ -1,0 +1,210 @@
+//! The child objects of a service, built from its effective (merged, rendered) spec: the
+//! single-node Deployment and the workload Service, with model storage wired in.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Container, EmptyDirVolumeSource, ImageVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{LLMInferenceService, LLMInferenceServiceSpec};
+use crate::names::{self, Role};
+use crate::Error;
+
+/// Where the model is mounted in the worker.
+pub const MODEL_DIR: &str = "/mnt/models";
+/// The worker's HTTP port.
+pub const PORT: i32 = 8000;
+const MODEL_VOLUME: &str = "kserve-provision-location";
+const STORAGE_INIT: &str = "storage-initializer";
+
+/// How a model URI reaches `/mnt/models`.
+#[derive(Debug, PartialEq)]
+pub enum Storage {
+    /// `pvc://claim[/path]`: the claim, read-only, with `path` as subPath.
+    Pvc { claim: String, path: Option<String> },
+    /// `oci://image`: an image volume.
+    Image(String),
+    /// Anything `tessera fetch` downloads (`hf://`, `s3://`, `gs://`, `az://`, `http(s)://`).
+    Download(String),
+}
+
+impl Storage {
+    pub fn parse(uri: &str) -> Result<Self, Error> {
+        let (scheme, rest) = uri.split_once("://").ok_or_else(|| {
+            Error::Invalid(format!("spec.model.uri {uri:?} has no scheme; use pvc://, hf://, s3://, gs://, oci:// …"))
+        })?;
+        match scheme {
+            "pvc" => {
+                let (claim, path) = match rest.split_once('/') {
+                    Some((c, p)) if !p.is_empty() => (c, Some(p.trim_end_matches('/').to_string())),
+                    Some((c, _)) => (c, None),
+                    None => (rest, None),
+                };
+                if claim.is_empty() {
+                    return Err(Error::Invalid(format!("spec.model.uri {uri:?} names no claim (pvc://<claim>/<path>)")));
+                }
+                Ok(Storage::Pvc { claim: claim.to_string(), path })
+            }
+            "oci" if !rest.is_empty() => Ok(Storage::Image(rest.to_string())),
+            "hf" | "s3" | "gs" | "az" | "abfs" | "http" | "https" if !rest.is_empty() => {
+                Ok(Storage::Download(uri.to_string()))
+            }
+            _ => Err(Error::Invalid(format!(
+                "spec.model.uri {uri:?}: unsupported scheme {scheme:?} (supported: pvc, hf, s3, gs, az, abfs, http, https, oci)"
+            ))),
+        }
+    }
+}
+
+fn owned_meta(svc: &LLMInferenceService, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: svc.namespace(),
+        labels: Some(labels),
+        owner_references: svc.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// Wire the model storage into a pod spec whose worker container is `main`.
+fn add_storage(pod: &mut PodSpec, uri: &str) -> Result<(), Error> {
+    let storage = Storage::parse(uri)?;
+    let main =
+        pod.containers.iter().position(|c| c.name == "main").ok_or_else(|| {
+            Error::Invalid("the merged pod template has no container named \"main\" (the worker)".into())
+        })?;
+    let mount = |read_only: bool, sub_path: Option<String>| VolumeMount {
+        name: MODEL_VOLUME.into(),
+        mount_path: MODEL_DIR.into(),
+        read_only: Some(read_only),
+        sub_path,
+        ..Default::default()
+    };
+    let (volume, main_mount) = match storage {
+        Storage::Pvc { claim, path } => (
+            Volume {
+                name: MODEL_VOLUME.into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim,
+                    read_only: Some(true),
+                }),
+                ..Default::default()
+            },
+            mount(true, path),
+        ),
+        Storage::Image(reference) => (
+            Volume {
+                name: MODEL_VOLUME.into(),
+                image: Some(ImageVolumeSource { reference: Some(reference), pull_policy: Some("IfNotPresent".into()) }),
+                ..Default::default()
+            },
+            mount(true, None),
+        ),
+        Storage::Download(uri) => {
+            let image = pod.containers[main].image.clone();
+            pod.init_containers.get_or_insert_with(Vec::new).push(Container {
+                name: STORAGE_INIT.into(),
+                image,
+                command: Some(vec!["tessera".into(), "fetch".into()]),
+                args: Some(vec![uri, MODEL_DIR.into()]),
+                env: pod.containers[main].env.clone(),
+                volume_mounts: Some(vec![mount(false, None)]),
+                termination_message_policy: Some("FallbackToLogsOnError".into()),
+                ..Default::default()
+            });
+            (
+                Volume {
+                    name: MODEL_VOLUME.into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                },
+                mount(true, None),
+            )
+        }
+    };
+    let volumes = pod.volumes.get_or_insert_with(Vec::new);
+    volumes.retain(|v| v.name != MODEL_VOLUME);
+    volumes.push(volume);
+    let mounts = pod.containers[main].volume_mounts.get_or_insert_with(Vec::new);
+    mounts.retain(|m| m.mount_path != MODEL_DIR);
+    mounts.push(main_mount);
+    Ok(())
+}
+
+/// The single-node Deployment `<name>-kserve` (role `both`, or `decode` when prefill is set).
+pub fn main_deployment(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> Result<Deployment, Error> {
+    let role = if spec.prefill.is_some() { Role::Decode } else { Role::Both };
+    let labels = names::workload_labels(&svc.name_any(), role);
+    let mut pod = spec.workload.template.clone().unwrap_or_default();
+    add_storage(&mut pod, &spec.model.uri)?;
+    Ok(Deployment {
+        metadata: owned_meta(svc, names::main_workload(&svc.name_any()), labels.clone()),
+        spec: DeploymentSpec {
+            // Nil keeps the live count, so an autoscaler can own it.
+            replicas: spec.workload.replicas,
+            selector: LabelSelector { match_labels: Some(labels.clone()), ..Default::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                spec: Some(pod),
+            },
+            ..Default::default()
+        },
+        status: None,
+    })
+}
+
+/// The Service `<name>-kserve-workload-svc` in front of the workload pods.
+pub fn workload_service(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> Service {
+    let role = if spec.prefill.is_some() { Role::Decode } else { Role::Both };
+    let labels = names::workload_labels(&svc.name_any(), role);
+    Service {
+        metadata: owned_meta(svc, names::workload_service(&svc.name_any()), labels.clone()),
+        spec: Some(ServiceSpec {
+            selector: Some(labels),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: PORT,
+                target_port: Some(IntOrString::Int(PORT)),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The in-cluster URL of the workload Service.
+pub fn workload_url(svc: &LLMInferenceService) -> String {
+    format!(
+        "http://{}.{}.svc.cluster.local:{PORT}",
+        names::workload_service(&svc.name_any()),
+        svc.namespace().unwrap_or_default()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_uris() {
+        assert_eq!(
+            Storage::parse("pvc://models/llama/8b").unwrap(),
+            Storage::Pvc { claim: "models".into(), path: Some("llama/8b".into()) }
+        );
+        assert_eq!(Storage::parse("pvc://models").unwrap(), Storage::Pvc { claim: "models".into(), path: None });
+        assert_eq!(Storage::parse("hf://org/m").unwrap(), Storage::Download("hf://org/m".into()));
+        assert_eq!(Storage::parse("oci://reg/img:1").unwrap(), Storage::Image("reg/img:1".into()));
+        for bad in ["/mnt/x", "ftp://x", "pvc://", "hf://"] {
+            let e = Storage::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+}
