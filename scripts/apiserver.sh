@@ -23,7 +23,10 @@ log() { echo "apiserver: $*" >&2; }
 
 need_packages() {
   local missing=()
-  for p in golang-1.19-go etcd-server rsync dpkg-dev golang-github-modern-go-reflect2-dev kubernetes-client openssl xz-utils; do
+  local want=(golang-1.19-go etcd-server rsync dpkg-dev golang-github-modern-go-reflect2-dev openssl xz-utils)
+  # Any kubectl will do (some images ship one from another package that owns /usr/bin/kubectl).
+  command -v kubectl >/dev/null 2>&1 || want+=(kubernetes-client)
+  for p in "${want[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then

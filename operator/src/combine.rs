@@ -53,10 +53,15 @@ pub fn combine(
         "annotations": svc.annotations(),
         "generation": svc.metadata.generation,
     });
+    let parse = |v: Value| -> Result<LLMInferenceServiceSpec, Error> {
+        serde_json::from_value(v).map_err(|e| Error::Invalid(format!("the merged spec does not parse: {e}")))
+    };
+    // Structure first (a worker without parallelism would otherwise fail as a template error
+    // in the multi-node presets), then the rendered strings.
+    validate(&parse(merged.clone())?)?;
     let renderer = Renderer::new(&meta, &merged, global);
     renderer.render_json(&mut merged)?;
-    let spec: LLMInferenceServiceSpec =
-        serde_json::from_value(merged).map_err(|e| Error::Invalid(format!("the merged spec does not parse: {e}")))?;
+    let spec = parse(merged)?;
     validate(&spec)?;
     Ok(spec)
 }

@@ -1,0 +1,229 @@
+//! The test API server: a real kube-apiserver + etcd on loopback (`scripts/apiserver.sh`),
+//! with our CRDs and the third-party ones installed, and the operator run against it.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+use serde_json::Value;
+use tessera_operator::api::{config_crd, service_crd, Condition, LLMInferenceService};
+use tessera_operator::controller::{self, Metrics, Settings};
+use tessera_operator::template::GlobalConfig;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Start (or reuse) the API server and install the CRDs, once per test binary.
+pub fn kubeconfig() -> &'static Path {
+    static ONCE: OnceLock<PathBuf> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let out = std::process::Command::new("bash")
+            .arg(repo().join("scripts/apiserver.sh"))
+            .arg("start")
+            .output()
+            .expect("run scripts/apiserver.sh");
+        assert!(out.status.success(), "apiserver.sh start failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim());
+        assert!(path.is_file(), "no kubeconfig at {}", path.display());
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(install_crds(&p));
+        })
+        .join()
+        .expect("install CRDs");
+        path
+    })
+}
+
+pub async fn client() -> Client {
+    let path = kubeconfig();
+    let kc = Kubeconfig::read_from(path).expect("kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
+    Client::try_from(cfg).expect("client")
+}
+
+/// What kube-apiserver 1.20 cannot take: CEL rules (`x-kubernetes-validations`, newer than
+/// 1.20) and empty-string defaults (1.20 reads `default: ""` as null and refuses the CRD; a
+/// list-map key that loses its default becomes required instead).
+fn strip_cel(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            o.remove("x-kubernetes-validations");
+            let keys: Vec<String> = o
+                .get("x-kubernetes-list-map-keys")
+                .and_then(Value::as_array)
+                .map(|k| k.iter().filter_map(|k| k.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            if let Some(items) = o.get_mut("items") {
+                for k in keys {
+                    if items["properties"][&k]["default"] == "" {
+                        match items.get_mut("required").and_then(Value::as_array_mut) {
+                            Some(r) if !r.contains(&Value::from(k.as_str())) => r.push(k.into()),
+                            Some(_) => {}
+                            None => items["required"] = serde_json::json!([k]),
+                        }
+                    }
+                }
+            }
+            if o.get("default") == Some(&Value::String(String::new())) {
+                o.remove("default");
+            }
+            o.values_mut().for_each(strip_cel);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_cel),
+        _ => {}
+    }
+}
+
+async fn install_crds(kubeconfig: &Path) {
+    let kc = Kubeconfig::read_from(kubeconfig).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+    let client = Client::try_from(cfg).unwrap();
+    let api: Api<CustomResourceDefinition> = Api::all(client);
+    let mut crds: Vec<Value> =
+        vec![serde_json::to_value(service_crd()).unwrap(), serde_json::to_value(config_crd()).unwrap()];
+    let third_party = repo().join("../shared/reference/crds");
+    for e in std::fs::read_dir(&third_party).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            for d in serde_yaml::Deserializer::from_str(&text) {
+                let v: Value = serde::Deserialize::deserialize(d).unwrap();
+                if v["kind"] == "CustomResourceDefinition" {
+                    crds.push(v);
+                }
+            }
+        }
+    }
+    for mut crd in crds {
+        strip_cel(&mut crd);
+        let name = crd["metadata"]["name"].as_str().unwrap().to_string();
+        api.patch(&name, &PatchParams::apply("tessera-tests").force(), &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("install CRD {name}: {e}"));
+    }
+    eventually("CRDs established", Duration::from_secs(60), || async {
+        let list = api.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .all(|c| {
+                c.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+            })
+            .then_some(())
+    })
+    .await;
+}
+
+/// Poll `f` until it yields `Some`, or panic after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A test's own namespace with the operator (presets installed there) watching it.
+pub struct Env {
+    pub client: Client,
+    pub ns: String,
+    pub metrics: Arc<Metrics>,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl Env {
+    pub async fn new(test: &str) -> Env {
+        let client = client().await;
+        let ns = format!("{test}-{}", std::process::id());
+        let nss: Api<Namespace> = Api::all(client.clone());
+        let obj: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap();
+        match nss.create(&PostParams::default(), &obj).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("create namespace {ns}: {e}"),
+        }
+        controller::install_presets(&client, &ns, "tessera:test").await.expect("install presets");
+        let metrics = Arc::new(Metrics::default());
+        let controller = Self::spawn(&client, &ns, metrics.clone());
+        Env { client, ns, metrics, controller }
+    }
+
+    fn spawn(client: &Client, ns: &str, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+        let settings = Settings {
+            namespaces: vec![ns.to_string()],
+            system_namespace: ns.to_string(),
+            global: GlobalConfig::default(),
+        };
+        tokio::spawn(controller::run(client.clone(), settings, metrics))
+    }
+
+    /// Stop the operator and start a fresh one (with fresh metrics).
+    pub async fn restart_controller(&mut self) {
+        self.controller.abort();
+        let _ = (&mut self.controller).await;
+        self.metrics = Arc::new(Metrics::default());
+        self.controller = Self::spawn(&self.client, &self.ns, self.metrics.clone());
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Create (server-side apply) an object from JSON in this namespace.
+    pub async fn apply<K>(&self, v: Value) -> K
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let name = v["metadata"]["name"].as_str().unwrap().to_string();
+        self.api::<K>().patch(&name, &PatchParams::apply("tessera-tests").force(), &Patch::Apply(&v)).await.unwrap()
+    }
+
+    /// Wait until the service's condition `ty` satisfies `pred`; returns it.
+    pub async fn condition(&self, svc: &str, ty: &str, pred: impl Fn(&Condition) -> bool) -> Condition {
+        let api = self.api::<LLMInferenceService>();
+        eventually(&format!("{svc}: condition {ty}"), Duration::from_secs(30), || async {
+            let s = api.get(svc).await.ok()?;
+            let c = s.status?.conditions?.into_iter().find(|c| c.type_ == ty)?;
+            pred(&c).then_some(c)
+        })
+        .await
+    }
+
+    pub fn reconciles(&self) -> u64 {
+        let ok = self.metrics.reconciles.get_or_create(&vec![("result".into(), "ok".into())]).get();
+        let err = self.metrics.reconciles.get_or_create(&vec![("result".into(), "error".into())]).get();
+        ok + err
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.controller.abort();
+    }
+}
