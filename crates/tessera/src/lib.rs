@@ -12,6 +12,27 @@ mod serve;
 pub use error::ServeError;
 pub use serve::{launch, load_model, Running};
 
+/// The whole binary: parse `std::env::args`, set up logging, run, map errors to the exit code.
+/// (Shared by `tessera` and the test harness's copy of it.)
+pub fn main_entry() -> std::process::ExitCode {
+    use clap::Parser;
+    let cli = args::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Run a parsed command line to completion.
 pub fn run(cli: args::Cli) -> Result<(), ServeError> {
     match cli.command {
