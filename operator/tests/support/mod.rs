@@ -1,6 +1,8 @@
 //! The test API server: a real kube-apiserver + etcd on loopback (`scripts/apiserver.sh`),
 //! with our CRDs and the third-party ones installed, and the operator run against it.
 
+#![allow(dead_code)] // each test binary uses part of the harness
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
