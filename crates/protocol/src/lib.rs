@@ -12,10 +12,12 @@ mod sampling;
 pub use error::ProtocolError;
 pub use requests::CommonParams;
 pub use requests::{
-    ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, Prompt, StopSpec, StreamOptions,
+    ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, MessageContent, Prompt, StopSpec,
+    StreamOptions, TokenizeRequest,
 };
 pub use responses::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatResponseMessage,
-    CompletionChoice, CompletionChunk, CompletionResponse, ErrorBody, ErrorResponse, ModelCard, ModelList, Usage,
+    CompletionChoice, CompletionChunk, CompletionResponse, DetokenizeResponse, ErrorBody, ErrorResponse, ModelCard,
+    ModelList, TokenizeResponse, Usage,
 };
 pub use sampling::{FinishReason, ModelDefaults, SamplingParams};

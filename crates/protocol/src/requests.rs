@@ -119,3 +119,33 @@ impl ChatMessage {
         }
     }
 }
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /tokenize` (vLLM): a `prompt`, or chat `messages` rendered with the chat template.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TokenizeRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Default: true for a prompt, false for messages (the template adds them), as in vLLM.
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
+    #[serde(default = "yes")]
+    pub add_generation_prompt: bool,
+    #[serde(default)]
+    pub return_token_strs: bool,
+}
+
+/// `POST /detokenize` (vLLM).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct DetokenizeRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}

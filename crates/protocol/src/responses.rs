@@ -125,3 +125,18 @@ pub struct ErrorBody {
     pub param: Option<String>,
     pub code: u16,
 }
+
+/// `POST /tokenize` answer (vLLM shape).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+    pub token_strs: Option<Vec<String>>,
+}
+
+/// `POST /detokenize` answer (vLLM shape).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
+}

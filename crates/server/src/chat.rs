@@ -34,13 +34,13 @@ impl ChatTemplate {
         Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
     }
 
-    /// Render `(role, content)` messages with the generation prompt appended.
-    pub fn render(&self, messages: &[(String, String)]) -> Result<String, ApiError> {
+    /// Render `(role, content)` messages, with the generation prompt appended when asked.
+    pub fn render(&self, messages: &[(String, String)], add_generation_prompt: bool) -> Result<String, ApiError> {
         let msgs: Vec<Msg> = messages.iter().map(|(r, c)| Msg { role: r, content: c }).collect();
         let tmpl = self.env.get_template("chat").map_err(|e| ApiError::Internal(e.to_string()))?;
         tmpl.render(context! {
             messages => minijinja::Value::from(minijinja::value::Serde(&msgs)),
-            add_generation_prompt => true,
+            add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })
@@ -64,14 +64,16 @@ mod tests {
             None,
         )
         .unwrap();
-        let out = t.render(&[("user".into(), " hi ".into())]).unwrap();
+        let out = t.render(&[("user".into(), " hi ".into())], true).unwrap();
         assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        let out = t.render(&[("user".into(), " hi ".into())], false).unwrap();
+        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n");
     }
 
     #[test]
     fn raise_exception_becomes_a_400() {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", None, None).unwrap();
-        let e = t.render(&[]).unwrap_err();
+        let e = t.render(&[], true).unwrap_err();
         assert!(e.to_string().contains("roles must alternate"), "{e}");
     }
 }

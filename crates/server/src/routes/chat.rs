@@ -6,28 +6,30 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tessera_protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
-    ChatResponseMessage, SamplingParams,
+    ChatMessage, ChatResponseMessage, SamplingParams,
 };
 
 use super::generate::{collect, encode, sse, submit, usage, Piece};
 use super::{parse, request_id};
 use crate::state::unix_now;
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, ServedModel};
 
 const ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer"];
 
-pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let req: ChatCompletionRequest = parse(&body)?;
-    let m = st.model()?;
-    st.check_name(&req.model)?;
-    if req.messages.is_empty() {
+/// Check the messages' roles and render them with the model's chat template.
+pub(crate) fn render_messages(
+    m: &ServedModel,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<String, ApiError> {
+    if messages.is_empty() {
         return Err(ApiError::BadRequest {
             message: "`messages` must not be empty".into(),
             param: Some("messages".into()),
         });
     }
-    let mut msgs = Vec::with_capacity(req.messages.len());
-    for msg in &req.messages {
+    let mut msgs = Vec::with_capacity(messages.len());
+    for msg in messages {
         if !ROLES.contains(&msg.role.as_str()) {
             return Err(ApiError::BadRequest {
                 message: format!("unknown message role `{}` (expected one of {})", msg.role, ROLES.join(", ")),
@@ -36,13 +38,20 @@ pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Re
         }
         msgs.push((msg.role.clone(), msg.text()?));
     }
-    let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
-    let params = SamplingParams::from_common(&req.common, max_tokens, &m.defaults)?;
     let template = m
         .chat_template
         .as_ref()
         .ok_or_else(|| ApiError::bad("this model has no chat template; pass --chat-template or use /v1/completions"))?;
-    let prompt_text = template.render(&msgs)?;
+    template.render(&msgs, add_generation_prompt)
+}
+
+pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req: ChatCompletionRequest = parse(&body)?;
+    let m = st.model()?;
+    st.check_name(&req.model)?;
+    let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
+    let params = SamplingParams::from_common(&req.common, max_tokens, &m.defaults)?;
+    let prompt_text = render_messages(m, &req.messages, true)?;
     let prompt = encode(m, prompt_text, false).await?;
     let rs = submit(m, prompt, params)?;
     let (id, created, model) = (request_id("chatcmpl"), unix_now(), req.model.clone());

@@ -3,6 +3,7 @@
 mod chat;
 mod completions;
 mod generate;
+mod tokenize;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -22,6 +23,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(completions::handle))
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(health))
         .route("/ping", get(health).post(health))
         .route("/version", get(version))
