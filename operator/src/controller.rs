@@ -60,18 +60,16 @@ struct Ctx {
 
 async fn fetch_configs(ctx: &Ctx, svc: &LLMInferenceService) -> Result<Vec<LLMInferenceServiceConfig>, Error> {
     let ns = svc.namespace().unwrap_or_default();
+    let system = &ctx.settings.system_namespace;
+    let local: Api<LLMInferenceServiceConfig> = Api::namespaced(ctx.client.clone(), &ns);
+    let shared: Api<LLMInferenceServiceConfig> = Api::namespaced(ctx.client.clone(), system);
     let mut out = vec![];
     for name in config_names(svc) {
-        let local: Api<LLMInferenceServiceConfig> = Api::namespaced(ctx.client.clone(), &ns);
         let found = match local.get_opt(&name).await? {
-            Some(c) => Some(c),
-            None if ns != ctx.settings.system_namespace => {
-                Api::namespaced(ctx.client.clone(), &ctx.settings.system_namespace).get_opt(&name).await?
-            }
-            None => None,
+            None if &ns != system => shared.get_opt(&name).await?,
+            found => found,
         };
-        let namespaces = format!("{ns}, {}", ctx.settings.system_namespace);
-        out.push(found.ok_or(Error::ConfigNotFound { name, namespaces })?);
+        out.push(found.ok_or_else(|| Error::ConfigNotFound { name, namespaces: format!("{ns}, {system}") })?);
     }
     Ok(out)
 }
@@ -239,6 +237,18 @@ fn error_policy(svc: Arc<LLMInferenceService>, err: &Error, ctx: Arc<Ctx>) -> Ac
     Action::requeue(Duration::from_secs(1u64 << n.min(8)).min(Duration::from_secs(300)))
 }
 
+/// An API over one namespace, or all of them.
+fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// Run one controller per watched namespace (or one for all) until the process is signalled.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
@@ -248,20 +258,13 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
     };
     let ctx = Arc::new(Ctx { client: client.clone(), settings, metrics, failures: Mutex::new(HashMap::new()) });
     let runs = scopes.into_iter().map(|ns| {
-        let api = |c: &Client| match &ns {
-            Some(ns) => {
-                (Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns))
-            }
-            None => (Api::all(c.clone()), Api::all(c.clone()), Api::all(c.clone())),
-        };
-        let (svcs, deps, services): (Api<LLMInferenceService>, Api<Deployment>, Api<Service>) = api(&client);
         let configs: Api<LLMInferenceServiceConfig> = Api::all(client.clone());
-        let controller = Controller::new(svcs, watcher::Config::default());
+        let controller = Controller::new(scoped::<LLMInferenceService>(&client, &ns), watcher::Config::default());
         let store = controller.store();
         let system_ns = ctx.settings.system_namespace.clone();
         controller
-            .owns(deps, watcher::Config::default())
-            .owns(services, watcher::Config::default())
+            .owns(scoped::<Deployment>(&client, &ns), watcher::Config::default())
+            .owns(scoped::<Service>(&client, &ns), watcher::Config::default())
             .watches(configs, watcher::Config::default(), move |cfg: LLMInferenceServiceConfig| {
                 let (cfg_name, cfg_ns) = (cfg.name_any(), cfg.namespace().unwrap_or_default());
                 store

@@ -137,10 +137,15 @@ fn add_storage(pod: &mut PodSpec, uri: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Labels of the main workload's pods: role `both`, or `decode` when prefill is split off.
+fn main_labels(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> BTreeMap<String, String> {
+    let role = if spec.prefill.is_some() { Role::Decode } else { Role::Both };
+    names::workload_labels(&svc.name_any(), role)
+}
+
 /// The single-node Deployment `<name>-kserve` (role `both`, or `decode` when prefill is set).
 pub fn main_deployment(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> Result<Deployment, Error> {
-    let role = if spec.prefill.is_some() { Role::Decode } else { Role::Both };
-    let labels = names::workload_labels(&svc.name_any(), role);
+    let labels = main_labels(svc, spec);
     let mut pod = spec.workload.template.clone().unwrap_or_default();
     add_storage(&mut pod, &spec.model.uri)?;
     Ok(Deployment {
@@ -161,8 +166,7 @@ pub fn main_deployment(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec
 
 /// The Service `<name>-kserve-workload-svc` in front of the workload pods.
 pub fn workload_service(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> Service {
-    let role = if spec.prefill.is_some() { Role::Decode } else { Role::Both };
-    let labels = names::workload_labels(&svc.name_any(), role);
+    let labels = main_labels(svc, spec);
     Service {
         metadata: owned_meta(svc, names::workload_service(&svc.name_any()), labels.clone()),
         spec: Some(ServiceSpec {

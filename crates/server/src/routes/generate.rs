@@ -22,13 +22,19 @@ pub(crate) async fn encode(m: &ServedModel, text: String, add_special: bool) -> 
         .map_err(|e| ApiError::bad(format!("cannot tokenize the prompt: {e}")))
 }
 
-pub(crate) fn submit(m: &ServedModel, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream, ApiError> {
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= m.vocab_size) {
-        return Err(ApiError::BadRequest {
+/// Every id must be in the model's vocabulary; the error names `param`.
+pub(crate) fn check_vocab(m: &ServedModel, ids: &[u32], param: &str) -> Result<(), ApiError> {
+    match ids.iter().find(|&&t| t as usize >= m.vocab_size) {
+        Some(bad) => Err(ApiError::BadRequest {
             message: format!("token id {bad} is out of range (vocabulary size {})", m.vocab_size),
-            param: Some("prompt".into()),
-        });
+            param: Some(param.into()),
+        }),
+        None => Ok(()),
     }
+}
+
+pub(crate) fn submit(m: &ServedModel, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream, ApiError> {
+    check_vocab(m, &prompt, "prompt")?;
     Ok(m.engine.submit(EngineRequest { prompt, params })?)
 }
 

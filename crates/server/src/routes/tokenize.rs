@@ -6,7 +6,7 @@ use axum::Json;
 use tessera_protocol::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
 
 use super::chat::render_messages;
-use super::generate::encode;
+use super::generate::{check_vocab, encode};
 use super::parse;
 use crate::{ApiError, AppState};
 
@@ -46,12 +46,7 @@ pub(crate) async fn detokenize(State(st): State<AppState>, body: Bytes) -> Resul
     if let Some(name) = &req.model {
         st.check_name(name)?;
     }
-    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= m.vocab_size) {
-        return Err(ApiError::BadRequest {
-            message: format!("token id {bad} is out of range (vocabulary size {})", m.vocab_size),
-            param: Some("tokens".into()),
-        });
-    }
+    check_vocab(m, &req.tokens, "tokens")?;
     let tok = m.tokenizer.clone();
     let prompt = tokio::task::spawn_blocking(move || tok.decode(&req.tokens, false))
         .await
