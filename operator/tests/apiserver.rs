@@ -33,6 +33,12 @@ async fn deployment(env: &Env, name: &str, pred: impl Fn(&Deployment) -> bool) -
     .await
 }
 
+/// The Service is applied right after the Deployment: wait for it too.
+async fn workload_service(env: &Env, name: &str) -> Service {
+    let api = env.api::<Service>();
+    eventually(&format!("Service {name}"), WAIT, || async { api.get_opt(name).await.ok().flatten() }).await
+}
+
 fn main_container(d: &Deployment) -> k8s_openapi::api::core::v1::Container {
     d.spec.template.spec.as_ref().unwrap().containers.iter().find(|c| c.name == "main").unwrap().clone()
 }
@@ -98,7 +104,7 @@ async fn opt_sample_applied_with_kubectl() {
     assert_eq!(init[0].args.clone().unwrap(), ["hf://facebook/opt-125m", "/mnt/models"]);
     assert!(pod.volumes.unwrap().iter().any(|v| v.name == "kserve-provision-location" && v.empty_dir.is_some()));
 
-    let s = env.api::<Service>().get(&format!("{name}-kserve-workload-svc")).await.unwrap();
+    let s = workload_service(&env, &format!("{name}-kserve-workload-svc")).await;
     let spec = s.spec.clone().unwrap();
     assert_eq!(spec.selector.unwrap().get("app.kubernetes.io/name").map(String::as_str), Some(name));
     assert_eq!(spec.ports.unwrap()[0].port, 8000);
@@ -288,7 +294,7 @@ async fn stop_and_unstop() {
 
     patch(Value::Null).await;
     deployment(&env, "s-kserve", |_| true).await;
-    env.api::<Service>().get("s-kserve-workload-svc").await.unwrap();
+    workload_service(&env, "s-kserve-workload-svc").await;
     env.condition("s", "MainWorkloadReady", |c| c.reason.as_deref() != Some("Stopped")).await;
 }
 
