@@ -18,7 +18,12 @@ fn logits(dir: &std::path::Path) -> Vec<f32> {
             tokens: vec![1, 5, 9, 3, 7],
             start_pos: 0,
             block_table: vec![0],
-            sample: Some(SampleSpec { config: SamplingConfig::default(), output_index: 0 }),
+            sample: Some(SampleSpec {
+                config: SamplingConfig::default(),
+                output_index: 0,
+                history: vec![],
+                prompt_len: 0,
+            }),
         }],
     };
     w.forward_logits(&plan).unwrap().flatten_all().unwrap().to_vec1().unwrap()

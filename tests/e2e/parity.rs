@@ -35,7 +35,12 @@ fn plan(tokens: &[u32], computed: usize, output_index: u64) -> StepPlan {
             tokens: tokens[computed..].to_vec(),
             start_pos: computed,
             block_table: (0..tokens.len().div_ceil(16) as u32).collect(),
-            sample: Some(SampleSpec { config: SamplingConfig::default(), output_index }),
+            sample: Some(SampleSpec {
+                config: SamplingConfig::default(),
+                output_index,
+                history: vec![],
+                prompt_len: 0,
+            }),
         }],
     }
 }

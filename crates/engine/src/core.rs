@@ -1,19 +1,18 @@
-//! The engine loop on its own thread, and the [`EngineHandle`] through which the server
-//! talks to it (commands in, per-request output streams back).
+//! The [`EngineHandle`] through which the server talks to the engine thread: admission
+//! (length checks, the bounded waiting queue, shedding), commands in, per-choice output
+//! streams back.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::Instant;
 
 use tessera_protocol::{FinishReason, SamplingParams};
-use tessera_runner::{Executor, SamplingConfig};
+use tessera_runner::{Executor, TokenLogprobs};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc as tmpsc;
 
-use crate::detok::{Detokenizer, OutputText};
-use crate::kv::KvCacheManager;
-use crate::scheduler::{Scheduler, SchedulerConfig, Sequence};
+use crate::scheduler::SchedulerConfig;
 use crate::stats::EngineStats;
 use crate::EngineError;
 
@@ -25,16 +24,51 @@ pub struct EngineConfig {
     pub block_size: usize,
     pub enable_prefix_caching: bool,
     pub scheduler: SchedulerConfig,
+    /// Requests that may wait for their first step; past it new requests get 429.
+    pub max_queued_requests: usize,
 }
+
+/// llm-d / KServe criticality of a model: under saturation Sheddable work is refused first,
+/// Critical work may preempt lower classes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Criticality {
+    Critical,
+    #[default]
+    Standard,
+    Sheddable,
+}
+
+impl Criticality {
+    /// Scheduling class: smaller runs first.
+    pub fn class(self) -> u8 {
+        self as u8
+    }
+}
+
+impl FromStr for Criticality {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "critical" => Ok(Self::Critical),
+            "standard" => Ok(Self::Standard),
+            "sheddable" => Ok(Self::Sheddable),
+            _ => Err(format!("unknown criticality `{s}` (expected Critical, Standard or Sheddable)")),
+        }
+    }
+}
+
+/// KV usage from which the engine counts as saturated (Sheddable requests are refused).
+pub const SATURATION_KV_USAGE: f64 = 0.8;
 
 /// A tokenised request.
 #[derive(Debug, Clone)]
 pub struct EngineRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    pub criticality: Criticality,
 }
 
-/// How a request ended.
+/// How a choice ended.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Finished {
     pub reason: FinishReason,
@@ -43,28 +77,41 @@ pub struct Finished {
     pub cached_tokens: usize,
 }
 
-/// One increment of a request's output.
+/// One increment of a choice's output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestOutput {
     pub text: String,
     pub token_ids: Vec<u32>,
+    /// One entry per token of `token_ids` when log-probabilities were asked for.
+    pub logprobs: Vec<TokenLogprobs>,
     pub finished: Option<Finished>,
 }
 
-enum Command {
-    Add { id: u64, req: EngineRequest, tx: tmpsc::UnboundedSender<Result<RequestOutput, EngineError>> },
+pub(crate) type OutputTx = tmpsc::UnboundedSender<Result<RequestOutput, EngineError>>;
+
+pub(crate) enum Command {
+    /// A request with `txs.len()` choices, ids `first_id..`.
+    Add {
+        first_id: u64,
+        req: Box<EngineRequest>,
+        txs: Vec<OutputTx>,
+        arrival: Instant,
+    },
     Abort(u64),
+    /// End every request with this error (shutdown past its deadline).
+    AbortAll(EngineError),
 }
 
-/// The receiving end of one request. Dropping it cancels the request.
+/// The receiving end of one choice. Dropping it cancels the choice.
 pub struct RequestStream {
     id: u64,
     rx: tmpsc::UnboundedReceiver<Result<RequestOutput, EngineError>>,
     cmd: mpsc::Sender<Command>,
+    live: Arc<AtomicUsize>,
 }
 
 impl RequestStream {
-    /// Next output increment; `None` once the request has ended.
+    /// Next output increment; `None` once the choice has ended.
     pub async fn next(&mut self) -> Option<Result<RequestOutput, EngineError>> {
         self.rx.recv().await
     }
@@ -72,18 +119,28 @@ impl RequestStream {
 
 impl Drop for RequestStream {
     fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
         // If the engine is gone there is nothing to cancel.
         let _ = self.cmd.send(Command::Abort(self.id));
     }
 }
 
+/// Counters shared by the handle and the engine thread.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Requests admitted but not yet scheduled for the first time.
+    pub queued: AtomicUsize,
+}
+
 /// Cloneable handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
-    cmd: mpsc::Sender<Command>,
-    next_id: Arc<AtomicU64>,
-    stats: Arc<EngineStats>,
-    cfg: EngineConfig,
+    pub(crate) cmd: mpsc::Sender<Command>,
+    pub(crate) next_id: Arc<AtomicU64>,
+    pub(crate) stats: Arc<EngineStats>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) live: Arc<AtomicUsize>,
+    pub(crate) cfg: EngineConfig,
 }
 
 impl EngineHandle {
@@ -93,6 +150,17 @@ impl EngineHandle {
 
     pub fn stats(&self) -> &Arc<EngineStats> {
         &self.stats
+    }
+
+    /// Choices whose output stream is still held by someone.
+    pub fn live_streams(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Whether new work would only wait: every batch slot taken or the KV cache nearly full.
+    pub fn saturated(&self) -> bool {
+        self.stats.running.load(Ordering::Relaxed) >= self.cfg.scheduler.max_num_seqs
+            || self.stats.kv_usage() >= SATURATION_KV_USAGE
     }
 
     /// Check that a request can ever run, and resolve its `max_tokens`.
@@ -125,24 +193,38 @@ impl EngineHandle {
         Ok(())
     }
 
-    /// Submit a request; outputs arrive on the returned stream.
-    pub fn submit(&self, mut req: EngineRequest) -> Result<RequestStream, EngineError> {
+    /// Submit a request; each of its `n` choices streams on its own [`RequestStream`].
+    pub fn submit(&self, mut req: EngineRequest) -> Result<Vec<RequestStream>, EngineError> {
         self.admit(&mut req)?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = tmpsc::unbounded_channel();
-        self.cmd.send(Command::Add { id, req, tx }).map_err(|_| EngineError::Stopped)?;
-        Ok(RequestStream { id, rx, cmd: self.cmd.clone() })
+        if req.criticality == Criticality::Sheddable && self.saturated() {
+            return Err(EngineError::Overloaded(
+                "the server is saturated and this model's requests are sheddable; retry later".into(),
+            ));
+        }
+        let max = self.cfg.max_queued_requests;
+        self.shared.queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| (q < max).then_some(q + 1)).map_err(
+            |q| EngineError::Overloaded(format!("the waiting queue is full ({q} requests waiting); retry later")),
+        )?;
+        let n = req.params.n.max(1);
+        let first_id = self.next_id.fetch_add(n as u64, Ordering::Relaxed);
+        let (mut txs, mut streams) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for i in 0..n as u64 {
+            let (tx, rx) = tmpsc::unbounded_channel();
+            txs.push(tx);
+            self.live.fetch_add(1, Ordering::SeqCst);
+            streams.push(RequestStream { id: first_id + i, rx, cmd: self.cmd.clone(), live: self.live.clone() });
+        }
+        if self.cmd.send(Command::Add { first_id, req: Box::new(req), txs, arrival: Instant::now() }).is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Stopped);
+        }
+        Ok(streams)
     }
-}
 
-struct RequestState {
-    tx: tmpsc::UnboundedSender<Result<RequestOutput, EngineError>>,
-    detok: Detokenizer,
-    text: OutputText,
-    max_tokens: usize,
-    prompt_len: usize,
-    cached_tokens: usize,
-    ignore_eos: bool,
+    /// End every request now with `err` (their streams get it as the last item).
+    pub fn abort_all(&self, err: EngineError) {
+        let _ = self.cmd.send(Command::AbortAll(err));
+    }
 }
 
 /// Start the engine thread.
@@ -154,175 +236,19 @@ pub fn spawn(
 ) -> EngineHandle {
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::new(cfg.num_blocks, cfg.block_size));
-    let core = Core {
-        sched: Scheduler::new(
-            cfg.scheduler.clone(),
-            KvCacheManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching),
-        ),
-        executor,
-        tokenizer,
-        eos: eos_token_ids,
-        requests: HashMap::new(),
-        stats: stats.clone(),
-        max_model_len: cfg.max_model_len,
-        seeds: RandomState::new(),
-    };
+    let shared = Arc::new(Shared::default());
+    let core = crate::looper::Core::new(&cfg, executor, tokenizer, eos_token_ids, stats.clone(), shared.clone());
     std::thread::Builder::new()
         .name("tessera-engine".into())
         .spawn(move || core.run(cmd_rx))
         .map(|_| ())
         .unwrap_or_else(|e| tracing::error!("cannot start the engine thread: {e}"));
-    EngineHandle { cmd: cmd_tx, next_id: Arc::new(AtomicU64::new(1)), stats, cfg }
-}
-
-struct Core {
-    sched: Scheduler,
-    executor: Box<dyn Executor>,
-    tokenizer: Tokenizer,
-    eos: Vec<u32>,
-    requests: HashMap<u64, RequestState>,
-    stats: Arc<EngineStats>,
-    max_model_len: usize,
-    seeds: RandomState,
-}
-
-impl Core {
-    fn run(mut self, rx: mpsc::Receiver<Command>) {
-        loop {
-            if self.sched.is_idle() {
-                match rx.recv() {
-                    Ok(c) => self.handle(c),
-                    Err(_) => return,
-                }
-            }
-            while let Ok(c) = rx.try_recv() {
-                self.handle(c);
-            }
-            self.drop_disconnected();
-            if !self.sched.is_idle() {
-                self.step();
-            }
-            self.publish();
-        }
-    }
-
-    fn handle(&mut self, c: Command) {
-        match c {
-            Command::Add { id, req, tx } => {
-                let p = &req.params;
-                let sampling = SamplingConfig {
-                    temperature: p.temperature,
-                    top_p: p.top_p,
-                    top_k: p.top_k,
-                    seed: p.seed.unwrap_or_else(|| self.seeds.hash_one(id)),
-                };
-                self.requests.insert(
-                    id,
-                    RequestState {
-                        tx,
-                        detok: Detokenizer::new(&req.prompt),
-                        text: OutputText::new(p.stop.clone()),
-                        max_tokens: p.max_tokens.unwrap_or(self.max_model_len),
-                        prompt_len: req.prompt.len(),
-                        cached_tokens: 0,
-                        ignore_eos: p.ignore_eos,
-                    },
-                );
-                self.stats.prompt_tokens.fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
-                self.sched.add(Sequence::new(id, req.prompt, sampling));
-            }
-            Command::Abort(id) => {
-                if self.requests.remove(&id).is_some() {
-                    self.sched.remove(id);
-                }
-            }
-        }
-    }
-
-    fn drop_disconnected(&mut self) {
-        let gone: Vec<u64> = self.requests.iter().filter(|(_, r)| r.tx.is_closed()).map(|(id, _)| *id).collect();
-        for id in gone {
-            self.requests.remove(&id);
-            self.sched.remove(id);
-        }
-    }
-
-    fn step(&mut self) {
-        let out = self.sched.schedule();
-        if out.plan.seqs.is_empty() {
-            // Nothing could be scheduled (should not happen with admission checks); avoid spinning.
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            return;
-        }
-        for &(id, cached) in &out.prefix_hits {
-            if let Some(r) = self.requests.get_mut(&id) {
-                r.cached_tokens = r.cached_tokens.max(cached.min(r.prompt_len));
-            }
-        }
-        self.stats.record_step(&out.plan, out.preempted.len());
-        let results = match self.executor.execute(&out.plan) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("engine step failed: {e}");
-                for s in &out.plan.seqs {
-                    self.sched.remove(s.seq_id);
-                    if let Some(r) = self.requests.remove(&s.seq_id) {
-                        let _ = r.tx.send(Err(EngineError::Step(e.to_string())));
-                    }
-                }
-                return;
-            }
-        };
-        for (id, token) in self.sched.apply(&results) {
-            self.on_token(id, token);
-        }
-    }
-
-    fn on_token(&mut self, id: u64, token: u32) {
-        let Some(seq_len) = self.sched.get(id).map(|s| s.tokens.len()) else {
-            return;
-        };
-        let Some(r) = self.requests.get_mut(&id) else {
-            return;
-        };
-        self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
-        let n_out = seq_len - r.prompt_len;
-        let mut reason = None;
-        if !r.ignore_eos && self.eos.contains(&token) {
-            reason = Some(FinishReason::Stop);
-        } else {
-            let delta = r.detok.push(&self.tokenizer, token);
-            if r.text.append(&delta) {
-                reason = Some(FinishReason::Stop);
-            }
-        }
-        if reason.is_none() && (n_out >= r.max_tokens || seq_len >= self.max_model_len) {
-            reason = Some(FinishReason::Length);
-        }
-        let finished = reason.map(|reason| Finished {
-            reason,
-            prompt_tokens: r.prompt_len,
-            completion_tokens: n_out,
-            cached_tokens: r.cached_tokens,
-        });
-        let text = r.text.take_sendable(finished.is_some());
-        let sent = r.tx.send(Ok(RequestOutput { text, token_ids: vec![token], finished }));
-        if finished.is_some() || sent.is_err() {
-            self.requests.remove(&id);
-            self.sched.remove(id);
-            if let Some(f) = finished {
-                self.stats.record_finish(f.reason);
-            }
-        }
-    }
-
-    fn publish(&self) {
-        self.stats.publish(
-            self.sched.num_running(),
-            self.sched.num_waiting(),
-            self.sched.kv().usage(),
-            self.sched.kv().num_free(),
-            self.sched.kv().stats(),
-        );
+    EngineHandle {
+        cmd: cmd_tx,
+        next_id: Arc::new(AtomicU64::new(1)),
+        stats,
+        shared,
+        live: Arc::new(AtomicUsize::new(0)),
+        cfg,
     }
 }

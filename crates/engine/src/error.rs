@@ -12,4 +12,10 @@ pub enum EngineError {
     /// A step failed; the requests in it were ended with this message.
     #[error("engine step failed: {0}")]
     Step(String),
+    /// Refused now for lack of capacity (queue full, or sheddable while saturated): retry later.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The server is shutting down and the request did not finish in time.
+    #[error("{0}")]
+    Shutdown(String),
 }

@@ -12,11 +12,15 @@ mod core;
 mod detok;
 mod error;
 pub mod kv;
+mod looper;
 pub mod scheduler;
 mod stats;
 
-pub use crate::core::{spawn, EngineConfig, EngineHandle, EngineRequest, Finished, RequestOutput, RequestStream};
+pub use crate::core::{
+    spawn, Criticality, EngineConfig, EngineHandle, EngineRequest, Finished, RequestOutput, RequestStream,
+    SATURATION_KV_USAGE,
+};
 pub use detok::{Detokenizer, OutputText};
 pub use error::EngineError;
-pub use scheduler::SchedulerConfig;
-pub use stats::EngineStats;
+pub use scheduler::{Policy, SchedulerConfig};
+pub use stats::{EngineStats, Histogram, HistogramSnapshot};

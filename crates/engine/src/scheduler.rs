@@ -1,7 +1,10 @@
 //! Continuous batching: each step picks running sequences first (decode tokens and
 //! unfinished prefill chunks), then admits waiting ones, under a token budget; blocks come
 //! from the [`KvCacheManager`] and, when they run out, the most recently admitted running
-//! sequence is preempted (its blocks freed, recomputed later).
+//! sequence with the lowest priority is preempted (its blocks freed, recomputed later).
+//! Waiting sequences are ordered by criticality class, then (with the priority policy) the
+//! request's `priority`, then arrival; a waiting sequence of a strictly better class or
+//! priority may preempt a running one to get in.
 
 use std::collections::VecDeque;
 
@@ -15,7 +18,21 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub enable_chunked_prefill: bool,
+    pub policy: Policy,
 }
+
+/// `--scheduling-policy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// First come, first served (within a criticality class).
+    #[default]
+    Fcfs,
+    /// The request's `priority` (lower first), then arrival.
+    Priority,
+}
+
+/// Ordering key: (criticality class, priority, arrival); smaller runs first.
+pub type SeqKey = (u8, i64, u64);
 
 /// A sequence as the scheduler sees it.
 #[derive(Debug, Clone)]
@@ -27,11 +44,20 @@ pub struct Sequence {
     /// Tokens whose keys/values are in the cache.
     pub num_computed: usize,
     pub sampling: SamplingConfig,
+    /// Criticality class (0 = most critical) and request priority (lower = sooner).
+    pub class: u8,
+    pub priority: i64,
 }
 
 impl Sequence {
     pub fn new(id: u64, prompt: Vec<u32>, sampling: SamplingConfig) -> Self {
-        Self { id, prompt_len: prompt.len(), tokens: prompt, num_computed: 0, sampling }
+        Self { id, prompt_len: prompt.len(), tokens: prompt, num_computed: 0, sampling, class: 1, priority: 0 }
+    }
+
+    pub fn with_priority(mut self, class: u8, priority: i64) -> Self {
+        self.class = class;
+        self.priority = priority;
+        self
     }
 
     pub fn num_output(&self) -> usize {
@@ -80,8 +106,24 @@ impl Scheduler {
         self.waiting.is_empty() && self.running.is_empty()
     }
 
+    fn key(&self, s: &Sequence) -> SeqKey {
+        let prio = if self.cfg.policy == Policy::Priority { s.priority } else { 0 };
+        (s.class, prio, s.id)
+    }
+
     pub fn add(&mut self, seq: Sequence) {
-        self.waiting.push_back(seq);
+        let key = self.key(&seq);
+        let at = self.waiting.iter().position(|w| self.key(w) > key).unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
+    }
+
+    /// Add `seq`, a further choice of `parent`'s prompt, sharing the parent's full prompt blocks
+    /// (the tail of the prompt is recomputed, so at least one token is left to compute).
+    pub fn add_fork(&mut self, mut seq: Sequence, parent: u64) {
+        let shareable = seq.prompt_len.saturating_sub(1) / self.kv.block_size();
+        let shared = self.kv.fork(parent, seq.id, shareable);
+        seq.num_computed = shared * self.kv.block_size();
+        self.add(seq);
     }
 
     /// Read access to a live sequence.
@@ -102,13 +144,36 @@ impl Scheduler {
         seq
     }
 
-    fn preempt_last(&mut self) -> Option<u64> {
-        let mut victim = self.running.pop()?;
+    /// Index of the running sequence to preempt first: the worst key.
+    fn worst_running(&self) -> Option<usize> {
+        (0..self.running.len()).max_by_key(|&i| self.key(&self.running[i]))
+    }
+
+    fn preempt(&mut self, i: usize) -> u64 {
+        let mut victim = self.running.remove(i);
         self.kv.free(victim.id);
         victim.num_computed = 0;
         let id = victim.id;
-        self.waiting.push_front(victim);
-        Some(id)
+        self.add(victim);
+        id
+    }
+
+    /// Make room for the waiting head by preempting a running sequence of a strictly worse
+    /// class (or, with the priority policy, priority). Returns false when none qualifies.
+    fn preempt_for_head(&mut self, out: &mut Scheduled, scheduled: &mut Vec<(u64, usize)>, budget: &mut usize) -> bool {
+        let (Some(head), Some(w)) = (self.waiting.front(), self.worst_running()) else {
+            return false;
+        };
+        let (hk, wk) = (self.key(head), self.key(&self.running[w]));
+        if (hk.0, hk.1) >= (wk.0, wk.1) {
+            return false;
+        }
+        let id = self.preempt(w);
+        if let Some(p) = scheduled.iter().position(|&(s, _)| s == id) {
+            *budget += scheduled.remove(p).1;
+        }
+        out.preempted.push(id);
+        true
     }
 
     fn step_for(&self, seq: &Sequence, num_new: usize) -> SeqStep {
@@ -118,8 +183,12 @@ impl Scheduler {
             tokens: seq.tokens[seq.num_computed..end].to_vec(),
             start_pos: seq.num_computed,
             block_table: self.kv.block_table(seq.id).to_vec(),
-            sample: (end == seq.tokens.len())
-                .then(|| SampleSpec { config: seq.sampling.clone(), output_index: seq.num_output() as u64 }),
+            sample: (end == seq.tokens.len()).then(|| SampleSpec {
+                config: seq.sampling.clone(),
+                output_index: seq.num_output() as u64,
+                history: if seq.sampling.needs_history() { seq.tokens.clone() } else { Vec::new() },
+                prompt_len: seq.prompt_len,
+            }),
         }
     }
 
@@ -140,7 +209,9 @@ impl Scheduler {
             let (id, want) = (seq.id, seq.num_computed + num_new);
             let mut ok = true;
             while !self.kv.allocate(id, want, &CachedPrefix::default()) {
-                match self.preempt_last() {
+                // Only sequences not yet scheduled this step (index >= i) are candidates.
+                let victim = (i..self.running.len()).max_by_key(|&j| self.key(&self.running[j]));
+                match victim.map(|j| self.preempt(j)) {
                     Some(v) => {
                         out.preempted.push(v);
                         if v == id {
@@ -162,7 +233,16 @@ impl Scheduler {
             i += 1;
         }
         if out.preempted.is_empty() {
-            while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            while budget > 0 {
+                if self.waiting.is_empty() {
+                    break;
+                }
+                if self.running.len() >= self.cfg.max_num_seqs {
+                    if self.preempt_for_head(&mut out, &mut scheduled, &mut budget) {
+                        continue;
+                    }
+                    break;
+                }
                 let Some(seq) = self.waiting.front() else {
                     break;
                 };
@@ -177,6 +257,9 @@ impl Scheduler {
                 let num_new = remaining.min(budget);
                 let (id, query) = (seq.id, seq.tokens.len());
                 if !self.kv.allocate(id, start + num_new, &prefix) {
+                    if self.preempt_for_head(&mut out, &mut scheduled, &mut budget) {
+                        continue;
+                    }
                     break;
                 }
                 self.kv.record_prefix(query, cached);
@@ -202,8 +285,8 @@ impl Scheduler {
     }
 
     /// Apply the results of the last plan: advance computed counts, register full blocks in
-    /// the prefix cache, append sampled tokens. Returns the (sequence, token) pairs appended.
-    pub fn apply(&mut self, results: &[StepResult]) -> Vec<(u64, u32)> {
+    /// the prefix cache, append sampled tokens. Returns the results appended.
+    pub fn apply(&mut self, results: &[StepResult]) -> Vec<StepResult> {
         let mut appended = Vec::with_capacity(results.len());
         for (id, n) in std::mem::take(&mut self.in_flight) {
             let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
@@ -213,7 +296,7 @@ impl Scheduler {
             self.kv.cache_full_blocks(id, &seq.tokens, seq.num_computed);
             if let Some(r) = results.iter().find(|r| r.seq_id == id) {
                 seq.tokens.push(r.token);
-                appended.push((id, r.token));
+                appended.push(r.clone());
             }
         }
         appended

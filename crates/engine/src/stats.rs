@@ -1,11 +1,58 @@
 //! Live engine figures, written by the engine thread and read by `/metrics` and tests.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use tessera_protocol::FinishReason;
 use tessera_runner::StepPlan;
 
 use crate::kv::PrefixStats;
+
+/// A latency histogram in seconds (fixed bucket bounds, like vLLM's).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// (per-bucket counts incl. the +Inf bucket, sum, count)
+    data: Mutex<(Vec<u64>, f64, u64)>,
+}
+
+/// A histogram's state: (upper bound, count in that bucket alone) ending with +Inf, sum, count.
+pub type HistogramSnapshot = (Vec<(f64, u64)>, f64, u64);
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, data: Mutex::new((vec![0; bounds.len() + 1], 0.0, 0)) }
+    }
+
+    pub fn observe(&self, v: f64) {
+        let i = self.bounds.iter().position(|&b| v <= b).unwrap_or(self.bounds.len());
+        if let Ok(mut d) = self.data.lock() {
+            d.0[i] += 1;
+            d.1 += v;
+            d.2 += 1;
+        }
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let d = match self.data.lock() {
+            Ok(d) => d.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let bounds = self.bounds.iter().copied().chain([f64::INFINITY]);
+        (bounds.zip(d.0).collect(), d.1, d.2)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.snapshot().2
+    }
+}
+
+/// vLLM's bucket bounds.
+const TTFT_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const ITL_BUCKETS: &[f64] =
+    &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const REQUEST_BUCKETS: &[f64] = &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0];
 
 /// Gauges and counters of one engine. All fields are updated with relaxed atomics.
 #[derive(Debug)]
@@ -29,6 +76,14 @@ pub struct EngineStats {
     pub finished_stop: AtomicU64,
     pub finished_length: AtomicU64,
     pub finished_abort: AtomicU64,
+    /// Arrival → first token.
+    pub ttft: Histogram,
+    /// Between consecutive tokens of a choice.
+    pub itl: Histogram,
+    /// Arrival → end (any reason).
+    pub e2e: Histogram,
+    /// Arrival → first scheduled.
+    pub queue_time: Histogram,
 }
 
 impl EngineStats {
@@ -51,6 +106,10 @@ impl EngineStats {
             finished_stop: AtomicU64::new(0),
             finished_length: AtomicU64::new(0),
             finished_abort: AtomicU64::new(0),
+            ttft: Histogram::new(TTFT_BUCKETS),
+            itl: Histogram::new(ITL_BUCKETS),
+            e2e: Histogram::new(REQUEST_BUCKETS),
+            queue_time: Histogram::new(REQUEST_BUCKETS),
         }
     }
 
@@ -69,7 +128,8 @@ impl EngineStats {
         self.preemptions.fetch_add(preempted as u64, Ordering::Relaxed);
     }
 
-    pub(crate) fn record_finish(&self, r: FinishReason) {
+    pub(crate) fn record_finish(&self, r: FinishReason, e2e_seconds: f64) {
+        self.e2e.observe(e2e_seconds);
         let c = match r {
             FinishReason::Stop => &self.finished_stop,
             FinishReason::Length => &self.finished_length,
@@ -85,5 +145,22 @@ impl EngineStats {
         self.free_blocks.store(free, Ordering::Relaxed);
         self.prefix_queries.store(prefix.queries, Ordering::Relaxed);
         self.prefix_hits.store(prefix.hits, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_sum_and_count() {
+        let h = Histogram::new(&[0.1, 1.0]);
+        for v in [0.05, 0.1, 0.5, 3.0] {
+            h.observe(v);
+        }
+        let (b, sum, n) = h.snapshot();
+        assert_eq!(b, vec![(0.1, 2), (1.0, 1), (f64::INFINITY, 1)]);
+        assert!((sum - 3.65).abs() < 1e-9);
+        assert_eq!(n, 4);
     }
 }

@@ -16,8 +16,8 @@ pub use requests::{
     StreamOptions, TokenizeRequest,
 };
 pub use responses::{
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatResponseMessage,
-    CompletionChoice, CompletionChunk, CompletionResponse, DetokenizeResponse, ErrorBody, ErrorResponse, ModelCard,
-    ModelList, TokenizeResponse, Usage,
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatLogprobs,
+    ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse,
+    DetokenizeResponse, ErrorBody, ErrorResponse, ModelCard, ModelList, TokenizeResponse, TopLogprob, Usage,
 };
-pub use sampling::{FinishReason, ModelDefaults, SamplingParams};
+pub use sampling::{logprobs_count, FinishReason, ModelDefaults, SamplingParams, MAX_LOGPROBS};

@@ -1,6 +1,9 @@
 //! Request bodies of `/v1/completions` and `/v1/chat/completions`.
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
+use serde_json::Value;
 
 /// `prompt` of a completion request.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -52,6 +55,29 @@ pub struct CommonParams {
     /// Keep generating past end-of-sequence tokens (vLLM extension).
     #[serde(default)]
     pub ignore_eos: bool,
+    pub min_p: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub min_tokens: Option<i64>,
+    /// Token id (as a string, as OpenAI sends it) → bias in [-100, 100].
+    pub logit_bias: Option<HashMap<String, f64>>,
+    pub skip_special_tokens: Option<bool>,
+    #[serde(default)]
+    pub include_stop_str_in_output: bool,
+    /// Lower runs first (needs `--scheduling-policy priority`).
+    pub priority: Option<i64>,
+    // Known fields this server cannot honour: refused with a 400 naming them when set.
+    pub best_of: Option<i64>,
+    pub prompt_logprobs: Option<i64>,
+    #[serde(default)]
+    pub use_beam_search: bool,
+    pub response_format: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
 }
 
 /// `POST /v1/completions`.
@@ -59,6 +85,11 @@ pub struct CommonParams {
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: Prompt,
+    /// Number of most likely alternatives per token, with the chosen token's log-probability.
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Option<String>,
     #[serde(flatten)]
     pub common: CommonParams,
 }
@@ -93,6 +124,11 @@ pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
     pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<i64>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
     #[serde(flatten)]
     pub common: CommonParams,
 }

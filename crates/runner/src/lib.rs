@@ -11,7 +11,7 @@ mod sampler;
 mod worker;
 
 pub use error::{Result, RunnerError};
-pub use plan::{SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult};
+pub use plan::{SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, TokenLogprobs};
 pub use sampler::sample;
 pub use worker::Worker;
 

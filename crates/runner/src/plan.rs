@@ -10,13 +10,48 @@ pub struct SamplingConfig {
     pub top_p: f32,
     /// 0 disables top-k filtering.
     pub top_k: usize,
+    /// 0 disables min-p filtering.
+    pub min_p: f32,
     /// Seed of this sequence's random stream (the engine picks one when the request has none).
     pub seed: u64,
+    /// Subtracted once from the logit of every token already generated (0 = off).
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of every generated token (0 = off).
+    pub frequency_penalty: f32,
+    /// Divides positive / multiplies negative logits of prompt and generated tokens (1 = off).
+    pub repetition_penalty: f32,
+    /// Added to the logit of a token id.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Tokens that may not be sampled while fewer than `min_tokens` were generated.
+    pub min_tokens: usize,
+    pub stop_ids: Vec<u32>,
+    /// Return the sampled token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: vec![],
+            min_tokens: 0,
+            stop_ids: vec![],
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingConfig {
+    /// Whether sampling needs the sequence's tokens (penalties).
+    pub fn needs_history(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }
 }
 
@@ -27,6 +62,10 @@ pub struct SampleSpec {
     /// How many tokens the sequence generated before this one; with the seed it fixes the
     /// random draw, so recomputation after preemption yields the same text.
     pub output_index: u64,
+    /// Prompt then generated tokens, only when [`SamplingConfig::needs_history`].
+    pub history: Vec<u32>,
+    /// Length of the prompt part of `history`.
+    pub prompt_len: usize,
 }
 
 /// One sequence's share of a step.
@@ -54,9 +93,18 @@ impl StepPlan {
     }
 }
 
+/// Log-probabilities (of the model's distribution, before sampling filters) of one sampled token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// A sampled token for one sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepResult {
     pub seq_id: u64,
     pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
 }

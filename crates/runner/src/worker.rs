@@ -100,7 +100,10 @@ impl Worker {
             .iter()
             .zip(rows.iter())
             .filter_map(|(s, row)| {
-                s.sample.as_ref().map(|spec| StepResult { seq_id: s.seq_id, token: sampler::sample(row, spec) })
+                s.sample.as_ref().map(|spec| {
+                    let (token, logprobs) = sampler::sample(row, spec);
+                    StepResult { seq_id: s.seq_id, token, logprobs }
+                })
             })
             .collect())
     }

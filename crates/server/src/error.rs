@@ -15,6 +15,9 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("{0}")]
     NotReady(String),
+    /// No capacity now (queue full, or shed); the client should retry later.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -29,6 +32,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -38,6 +42,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => "BadRequestError",
             ApiError::ModelNotFound(_) => "NotFoundError",
             ApiError::NotReady(_) => "ServiceUnavailableError",
+            ApiError::Overloaded(_) => "RateLimitError",
             ApiError::Internal(_) => "InternalServerError",
         }
     }
@@ -69,7 +74,8 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::TooLong(m) => Self::BadRequest { message: m, param: Some("messages".into()) },
-            EngineError::Stopped => Self::NotReady(e.to_string()),
+            EngineError::Stopped | EngineError::Shutdown(_) => Self::NotReady(e.to_string()),
+            EngineError::Overloaded(m) => Self::Overloaded(m),
             EngineError::Step(m) => Self::Internal(m),
         }
     }

@@ -5,12 +5,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use tessera_engine::EngineStats;
+use tessera_engine::{EngineStats, Histogram};
 
 #[derive(Debug)]
 struct EngineCollector {
@@ -26,6 +26,12 @@ impl EngineCollector {
     fn gauge(&self, enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
         let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
         ConstGauge::new(v).encode(m.encode_family(&self.labels())?)
+    }
+
+    fn histogram(&self, enc: &mut DescriptorEncoder, name: &str, help: &str, h: &Histogram) -> std::fmt::Result {
+        let (buckets, sum, count) = h.snapshot();
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        m.encode_family(&self.labels())?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
     fn counter(&self, enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
@@ -58,6 +64,24 @@ impl Collector for EngineCollector {
             let labels = [("block_size", s.block_size.to_string()), ("num_gpu_blocks", s.num_blocks.to_string())];
             ConstGauge::new(1.0).encode(m.encode_family(&labels)?)?;
         }
+        {
+            let mut m = enc.encode_descriptor(
+                "vllm:lora_requests_info",
+                "LoRA adapters in use (none are loaded).",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [
+                ("max_lora", "0".to_string()),
+                ("running_lora_adapters", String::new()),
+                ("waiting_lora_adapters", String::new()),
+            ];
+            ConstGauge::new(1.0).encode(m.encode_family(&labels)?)?;
+        }
+        self.histogram(&mut enc, "vllm:time_to_first_token_seconds", "Time to first token.", &s.ttft)?;
+        self.histogram(&mut enc, "vllm:inter_token_latency_seconds", "Time between tokens of a choice.", &s.itl)?;
+        self.histogram(&mut enc, "vllm:e2e_request_latency_seconds", "Arrival to end of a choice.", &s.e2e)?;
+        self.histogram(&mut enc, "vllm:request_queue_time_seconds", "Arrival to first scheduling.", &s.queue_time)?;
         self.counter(
             &mut enc,
             "vllm:prompt_tokens",

@@ -1,9 +1,10 @@
 //! Shared server state: what is served, and whether it is ready.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tessera_engine::EngineHandle;
+use tessera_engine::{Criticality, EngineHandle};
 use tessera_protocol::ModelDefaults;
 use tokenizers::Tokenizer;
 
@@ -16,6 +17,16 @@ pub struct ModelInfo {
     pub served_names: Vec<String>,
     /// Where the model came from (shown as `root` in `/v1/models`).
     pub root: String,
+    /// Criticality of requests naming a served name (`--criticality NAME=CLASS`), else `default_criticality`.
+    pub criticality: HashMap<String, Criticality>,
+    pub default_criticality: Criticality,
+}
+
+impl ModelInfo {
+    /// Names only; every request Standard.
+    pub fn new(served_names: Vec<String>, root: String) -> Self {
+        Self { served_names, root, criticality: HashMap::new(), default_criticality: Criticality::Standard }
+    }
 }
 
 /// A loaded model ready to serve.
@@ -77,6 +88,22 @@ impl AppState {
 
     pub(crate) fn created(&self) -> u64 {
         self.inner.created
+    }
+
+    /// Whether the server stopped taking requests.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// The loaded model's engine, if any.
+    pub fn engine(&self) -> Option<&EngineHandle> {
+        self.inner.model.get().map(|m| &m.engine)
+    }
+
+    /// The criticality of requests that name `model`.
+    pub(crate) fn criticality(&self, model: &str) -> Criticality {
+        let i = &self.inner.info;
+        i.criticality.get(model).copied().unwrap_or(i.default_criticality)
     }
 
     pub(crate) fn is_ready(&self) -> bool {

@@ -5,7 +5,7 @@ use tessera_server::{app, AppState, ModelInfo};
 
 #[tokio::test]
 async fn loading_server_is_503_with_openai_errors() {
-    let state = AppState::new(ModelInfo { served_names: vec!["m".into()], root: "/mnt/models".into() });
+    let state = AppState::new(ModelInfo::new(vec!["m".into()], "/mnt/models".into()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app(state)).await });

@@ -37,6 +37,29 @@ pub enum DTypeArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyArg {
+    Fcfs,
+    Priority,
+}
+
+/// `--criticality [NAME=]CLASS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CriticalitySpec {
+    /// `None`: the default for every served name.
+    pub name: Option<String>,
+    pub class: tessera_engine::Criticality,
+}
+
+fn parse_criticality(s: &str) -> Result<CriticalitySpec, String> {
+    let (name, class) = match s.rsplit_once('=') {
+        Some((n, c)) if !n.is_empty() => (Some(n.to_string()), c),
+        Some((_, _)) => return Err(format!("`{s}`: the name before `=` is empty")),
+        None => (None, s),
+    };
+    Ok(CriticalitySpec { name, class: class.parse()? })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
     Auto,
     Cpu,
@@ -87,6 +110,19 @@ pub struct ServeArgs {
     pub enable_chunked_prefill: bool,
     #[arg(long, action = ArgAction::SetTrue, env = "TESSERA_NO_ENABLE_CHUNKED_PREFILL")]
     pub no_enable_chunked_prefill: bool,
+    /// `fcfs`, or `priority` (the request's `priority` field orders waiting requests, lower first).
+    #[arg(long, value_enum, default_value = "fcfs", env = "TESSERA_SCHEDULING_POLICY")]
+    pub scheduling_policy: PolicyArg,
+    /// Requests that may wait for a batch slot; past it new requests get 429.
+    #[arg(long, default_value_t = 1024, env = "TESSERA_MAX_QUEUED_REQUESTS")]
+    pub max_queued_requests: usize,
+    /// Criticality (Critical, Standard, Sheddable) of all requests, or `NAME=CLASS` for requests naming
+    /// one served name. Under saturation Sheddable requests get 429; Critical ones may preempt others.
+    #[arg(long, value_parser = parse_criticality, env = "TESSERA_CRITICALITY", value_delimiter = ',')]
+    pub criticality: Vec<CriticalitySpec>,
+    /// Seconds to finish in-flight requests after SIGTERM before ending them with an error.
+    #[arg(long, default_value_t = 30.0, env = "TESSERA_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: f64,
     /// Chat template: a file, or the template text itself.
     #[arg(long, env = "TESSERA_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
@@ -154,6 +190,21 @@ mod tests {
         let e = Cli::try_parse_from(["tessera", "serve", "m", "--frobnicate"]).unwrap_err();
         assert!(e.to_string().contains("--frobnicate"), "{e}");
         assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn criticality_specs() {
+        use tessera_engine::Criticality;
+        assert_eq!(
+            parse_criticality("Sheddable").unwrap(),
+            CriticalitySpec { name: None, class: Criticality::Sheddable }
+        );
+        assert_eq!(
+            parse_criticality("publishers/ns/models/m=critical").unwrap(),
+            CriticalitySpec { name: Some("publishers/ns/models/m".into()), class: Criticality::Critical }
+        );
+        assert!(parse_criticality("m=urgent").unwrap_err().contains("urgent"));
+        assert!(parse_criticality("=Critical").is_err());
     }
 
     #[test]

@@ -2,43 +2,68 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use tessera_engine::{EngineConfig, SchedulerConfig};
+use tessera_engine::{EngineConfig, EngineError, Policy, SchedulerConfig};
 use tessera_models::{KvCache, Llama};
 use tessera_protocol::ModelDefaults;
 use tessera_runner::Worker;
 use tessera_server::{AppState, ChatTemplate, ModelInfo, ServedModel};
 use tokio::sync::oneshot;
 
-use crate::args::{parse_bytes, DTypeArg, DeviceArg, ServeArgs};
+use crate::args::{parse_bytes, DTypeArg, DeviceArg, PolicyArg, ServeArgs};
 use crate::ServeError;
 
 /// A started worker.
 pub struct Running {
     pub addr: SocketAddr,
     pub state: AppState,
+    shutdown_timeout: Duration,
     shutdown: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Running {
-    /// Wait for SIGTERM / Ctrl-C, then stop taking requests and let in-flight ones finish.
+    /// Wait for SIGTERM / Ctrl-C, then drain (see [`Running::stop`]).
     pub async fn wait_for_signal(self) -> Result<(), ServeError> {
         shutdown_signal().await;
-        tracing::info!("shutting down: /health is 503, finishing in-flight requests");
+        tracing::info!(
+            "shutting down: /health is 503, new requests get 503, finishing in-flight requests (up to {:.0}s)",
+            self.shutdown_timeout.as_secs_f64()
+        );
         self.stop().await
     }
 
-    /// Stop the server (graceful: open responses complete).
+    /// Drain: refuse new requests (503) while in-flight ones finish within `--shutdown-timeout`;
+    /// past it, end the rest with an error event. Then close the listener and return.
     pub async fn stop(mut self) -> Result<(), ServeError> {
         self.state.set_draining();
+        if let Some(engine) = self.state.engine() {
+            let deadline = Instant::now() + self.shutdown_timeout;
+            while engine.live_streams() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = engine.live_streams();
+            if left > 0 {
+                tracing::warn!("shutdown timeout: ending {left} unfinished request(s) with an error");
+                engine.abort_all(EngineError::Shutdown(
+                    "the server shut down before this request finished (--shutdown-timeout elapsed)".into(),
+                ));
+            }
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        match self.server.await {
-            Ok(r) => r.map_err(ServeError::Io),
-            Err(e) => Err(ServeError::Config(format!("server task failed: {e}"))),
+        // Open responses now end promptly (finished or errored); do not wait forever on a stuck client.
+        match tokio::time::timeout(Duration::from_secs(10), &mut self.server).await {
+            Ok(Ok(r)) => r.map_err(ServeError::Io),
+            Ok(Err(e)) => Err(ServeError::Config(format!("server task failed: {e}"))),
+            Err(_) => {
+                tracing::warn!("connections still open 10s after draining; closing them");
+                self.server.abort();
+                Ok(())
+            }
         }
     }
 }
@@ -63,6 +88,14 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+fn served_names(a: &ServeArgs) -> Vec<String> {
+    if a.served_model_name.is_empty() {
+        vec![a.model.clone()]
+    } else {
+        a.served_model_name.clone()
+    }
+}
+
 fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     let bad = |m: String| Err(ServeError::Config(m));
     if a.block_size == 0 {
@@ -78,6 +111,18 @@ fn validate(a: &ServeArgs) -> Result<(), ServeError> {
         return bad(format!("--gpu-memory-utilization must be in (0, 1], got {}", a.gpu_memory_utilization));
     }
     parse_bytes(&a.kv_cache_memory).map_err(|e| ServeError::Config(format!("--kv-cache-memory: {e}")))?;
+    if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
+        return bad(format!("--shutdown-timeout must be a number of seconds >= 0, got {}", a.shutdown_timeout));
+    }
+    if a.max_queued_requests == 0 {
+        return bad("--max-queued-requests must be at least 1".into());
+    }
+    let names = served_names(a);
+    for c in &a.criticality {
+        if let Some(n) = c.name.as_ref().filter(|n| !names.contains(n)) {
+            return bad(format!("--criticality names `{n}`, which is not a served model name ({})", names.join(", ")));
+        }
+    }
     Ok(())
 }
 
@@ -171,7 +216,12 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
                 max_num_seqs: a.max_num_seqs,
                 max_num_batched_tokens: a.max_num_batched_tokens,
                 enable_chunked_prefill: a.chunked_prefill(),
+                policy: match a.scheduling_policy {
+                    PolicyArg::Fcfs => Policy::Fcfs,
+                    PolicyArg::Priority => Policy::Priority,
+                },
             },
+            max_queued_requests: a.max_queued_requests,
         },
         Box::new(worker),
         tok.tokenizer.clone(),
@@ -201,8 +251,16 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
 /// Bind, serve HTTP (503 until loaded), load the model and attach it.
 pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
     validate(&a)?;
-    let names = if a.served_model_name.is_empty() { vec![a.model.clone()] } else { a.served_model_name.clone() };
-    let state = AppState::new(ModelInfo { served_names: names, root: a.model.clone() });
+    let mut info = ModelInfo::new(served_names(&a), a.model.clone());
+    for c in &a.criticality {
+        match &c.name {
+            Some(n) => {
+                info.criticality.insert(n.clone(), c.class);
+            }
+            None => info.default_criticality = c.class,
+        }
+    }
+    let state = AppState::new(info);
     let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await?;
     let addr = listener.local_addr()?;
     tracing::info!("listening on http://{addr}");
@@ -220,5 +278,6 @@ pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
         .await
         .map_err(|e| ServeError::Config(format!("model loading task failed: {e}")))??;
     state.attach(model);
-    Ok(Running { addr, state, shutdown: Some(tx), server })
+    let shutdown_timeout = Duration::from_secs_f64(a.shutdown_timeout);
+    Ok(Running { addr, state, shutdown_timeout, shutdown: Some(tx), server })
 }

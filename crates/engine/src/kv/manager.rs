@@ -150,6 +150,22 @@ impl KvCacheManager {
         }
     }
 
+    /// Give `child` references to the first `max_blocks` blocks of `parent` (which must be
+    /// computed). Returns how many blocks are shared.
+    pub fn fork(&mut self, parent: u64, child: u64, max_blocks: usize) -> usize {
+        let Some(p) = self.seqs.get(&parent) else {
+            return 0;
+        };
+        let k = max_blocks.min(p.blocks.len());
+        let blocks = p.blocks[..k].to_vec();
+        let hashes = p.hashes[..k.min(p.hashes.len())].to_vec();
+        for &b in &blocks {
+            self.pool.touch(b);
+        }
+        self.seqs.insert(child, SeqBlocks { blocks, hashes });
+        k
+    }
+
     /// The block table of a sequence.
     pub fn block_table(&self, seq: u64) -> &[u32] {
         self.seqs.get(&seq).map_or(&[], |s| &s.blocks)

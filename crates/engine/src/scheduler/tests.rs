@@ -2,7 +2,12 @@ use super::*;
 
 fn sched(blocks: usize, bs: usize, max_seqs: usize, budget: usize) -> Scheduler {
     Scheduler::new(
-        SchedulerConfig { max_num_seqs: max_seqs, max_num_batched_tokens: budget, enable_chunked_prefill: true },
+        SchedulerConfig {
+            max_num_seqs: max_seqs,
+            max_num_batched_tokens: budget,
+            enable_chunked_prefill: true,
+            policy: Policy::Fcfs,
+        },
         KvCacheManager::new(blocks, bs, true),
     )
 }
@@ -19,7 +24,7 @@ fn run(s: &mut Scheduler) -> Scheduled {
         .seqs
         .iter()
         .filter(|st| st.sample.is_some())
-        .map(|st| StepResult { seq_id: st.seq_id, token: 7 })
+        .map(|st| StepResult { seq_id: st.seq_id, token: 7, logprobs: None })
         .collect();
     s.apply(&results);
     out
@@ -61,7 +66,12 @@ fn long_prompt_is_chunked_and_samples_only_at_the_end() {
 #[test]
 fn chunked_prefill_off_waits_for_room() {
     let mut s = Scheduler::new(
-        SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 16, enable_chunked_prefill: false },
+        SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 16,
+            enable_chunked_prefill: false,
+            policy: Policy::Fcfs,
+        },
         KvCacheManager::new(64, 4, true),
     );
     s.add(seq(1, 10));
@@ -120,4 +130,68 @@ fn repeated_prefix_is_not_recomputed() {
     assert_eq!(out.plan.seqs[0].start_pos, 8);
     assert_eq!(out.plan.seqs[0].tokens.len(), 2);
     assert_eq!(s.kv().stats().hits, 8);
+}
+
+#[test]
+fn a_fork_shares_the_parents_prompt_blocks() {
+    // Prefix caching off: sharing must come from the fork itself.
+    let mut s = Scheduler::new(
+        SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 64,
+            enable_chunked_prefill: true,
+            policy: Policy::Fcfs,
+        },
+        KvCacheManager::new(16, 4, false),
+    );
+    s.add(seq(1, 10));
+    run(&mut s);
+    let used_by_parent = 16 - s.kv().num_free();
+    s.add_fork(Sequence::new(2, seq(1, 10).tokens, SamplingConfig::default()), 1);
+    let out = run(&mut s);
+    // The child computes only the last partial block's 2 tokens.
+    assert_eq!(shape(&out), vec![(1, 1, true), (2, 2, true)]);
+    assert_eq!(s.kv().block_table(2)[..2], s.kv().block_table(1)[..2]);
+    assert_eq!(16 - s.kv().num_free(), used_by_parent + 1, "only one new block for the child");
+    s.remove(1);
+    s.remove(2);
+    assert_eq!(s.kv().num_free(), 16);
+}
+
+fn prio_sched(max_seqs: usize, policy: Policy) -> Scheduler {
+    Scheduler::new(
+        SchedulerConfig { max_num_seqs: max_seqs, max_num_batched_tokens: 64, enable_chunked_prefill: true, policy },
+        KvCacheManager::new(64, 4, true),
+    )
+}
+
+#[test]
+fn a_critical_arrival_preempts_a_lower_class_but_equals_wait() {
+    let mut s = prio_sched(2, Policy::Fcfs);
+    s.add(seq(1, 3).with_priority(1, 0));
+    s.add(seq(2, 3).with_priority(2, 0));
+    run(&mut s);
+    s.add(seq(3, 3).with_priority(2, 0));
+    let out = run(&mut s);
+    assert!(out.preempted.is_empty(), "no better class than the worst running: waits");
+    assert_eq!(s.num_waiting(), 1);
+    s.remove(3);
+    s.add(seq(4, 3).with_priority(0, 0));
+    let out = run(&mut s);
+    assert_eq!(out.preempted, vec![2], "the sheddable one makes room");
+    assert_eq!(shape(&out), vec![(1, 1, true), (4, 3, true)]);
+}
+
+#[test]
+fn priority_policy_orders_the_queue_and_fcfs_ignores_priority() {
+    for (policy, first) in [(Policy::Priority, 3), (Policy::Fcfs, 2)] {
+        let mut s = prio_sched(1, policy);
+        s.add(seq(1, 3));
+        run(&mut s);
+        s.add(seq(2, 3).with_priority(1, 5));
+        s.add(seq(3, 3).with_priority(1, -5));
+        s.remove(1);
+        let out = run(&mut s);
+        assert_eq!(out.plan.seqs[0].seq_id, first, "{policy:?}");
+    }
 }

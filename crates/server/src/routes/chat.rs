@@ -5,12 +5,12 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tessera_protocol::{
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
-    ChatMessage, ChatResponseMessage, SamplingParams,
+    logprobs_count, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatDelta, ChatMessage, ChatResponseMessage, SamplingParams,
 };
 
 use super::generate::{collect, encode, sse, submit, usage, Piece};
-use super::{parse, request_id};
+use super::{logprobs, parse, request_id};
 use crate::state::unix_now;
 use crate::{ApiError, AppState, ServedModel};
 
@@ -45,15 +45,43 @@ pub(crate) fn render_messages(
     template.render(&msgs, add_generation_prompt)
 }
 
+fn check_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::BadRequest {
+            message: "`tools` is not supported by this server: tool calling is not implemented".into(),
+            param: Some("tools".into()),
+        });
+    }
+    let choice = req.tool_choice.as_ref().and_then(|c| c.as_str());
+    if req.tool_choice.as_ref().is_some_and(|c| !c.is_null()) && choice != Some("none") && choice != Some("auto") {
+        return Err(ApiError::BadRequest {
+            message: "`tool_choice` is not supported by this server: tool calling is not implemented".into(),
+            param: Some("tool_choice".into()),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = parse(&body)?;
     let m = st.model()?;
     st.check_name(&req.model)?;
+    check_unsupported(&req)?;
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
-    let params = SamplingParams::from_common(&req.common, max_tokens, &m.defaults)?;
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (false, Some(k)) if k > 0 => {
+            return Err(ApiError::BadRequest {
+                message: "`top_logprobs` needs `logprobs: true`".into(),
+                param: Some("top_logprobs".into()),
+            })
+        }
+        (false, _) => None,
+        (true, k) => Some(logprobs_count("top_logprobs", k.unwrap_or(0))?),
+    };
+    let params = SamplingParams::from_common(&req.common, max_tokens, logprobs, &m.defaults)?;
     let prompt_text = render_messages(m, &req.messages, true)?;
     let prompt = encode(m, prompt_text, false).await?;
-    let rs = submit(m, prompt, params)?;
+    let streams = submit(&st, m, &req.model, prompt, params)?;
     let (id, created, model) = (request_id("chatcmpl"), unix_now(), req.model.clone());
     if req.common.stream {
         let include_usage = req.common.stream_options.is_some_and(|o| o.include_usage);
@@ -65,29 +93,37 @@ pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Re
             choices,
             usage,
         };
-        let first = chunk(
-            vec![ChatChunkChoice {
-                index: 0,
-                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
-                logprobs: None,
-                finish_reason: None,
-            }],
-            None,
-        );
-        let first = vec![serde_json::to_string(&first).map_err(|e| ApiError::Internal(e.to_string()))?];
-        return Ok(sse(rs, first, include_usage, move |p| {
+        let mut first = Vec::with_capacity(streams.len());
+        for index in 0..streams.len() {
+            let c = chunk(
+                vec![ChatChunkChoice {
+                    index,
+                    delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                None,
+            );
+            first.push(serde_json::to_string(&c).map_err(|e| ApiError::Internal(e.to_string()))?);
+        }
+        let st2 = st.clone();
+        return Ok(sse(streams, first, include_usage, move |p| {
             let c = match p {
-                Piece::Output(o) => {
+                Piece::Output(index, o) => {
                     let finish_reason = o.finished.map(|f| f.reason.as_str());
-                    if o.text.is_empty() && finish_reason.is_none() {
+                    if o.text.is_empty() && finish_reason.is_none() && o.logprobs.is_empty() {
                         return None;
                     }
                     let content = (!o.text.is_empty()).then(|| o.text.clone());
+                    let logprobs = st2
+                        .loaded()
+                        .filter(|_| !o.logprobs.is_empty())
+                        .map(|m| logprobs::chat(m, &o.token_ids, &o.logprobs));
                     chunk(
                         vec![ChatChunkChoice {
-                            index: 0,
+                            index,
                             delta: ChatDelta { role: None, content },
-                            logprobs: None,
+                            logprobs,
                             finish_reason,
                         }],
                         None,
@@ -98,19 +134,17 @@ pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Re
             serde_json::to_string(&c).ok()
         }));
     }
-    let done = collect(rs).await?;
-    Ok(Json(ChatCompletionResponse {
-        id,
-        object: "chat.completion",
-        created,
-        model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message: ChatResponseMessage { role: "assistant", content: done.text },
-            logprobs: None,
-            finish_reason: Some(done.finished.reason.as_str()),
-        }],
-        usage: usage(&done.finished),
-    })
-    .into_response())
+    let done = collect(streams).await?;
+    let usage = usage(done.iter().map(|d| &d.finished));
+    let choices = done
+        .into_iter()
+        .enumerate()
+        .map(|(index, d)| ChatChoice {
+            index,
+            logprobs: logprobs.map(|_| logprobs::chat(m, &d.token_ids, &d.logprobs)),
+            message: ChatResponseMessage { role: "assistant", content: d.text },
+            finish_reason: Some(d.finished.reason.as_str()),
+        })
+        .collect();
+    Ok(Json(ChatCompletionResponse { id, object: "chat.completion", created, model, choices, usage }).into_response())
 }

@@ -1,17 +1,18 @@
-//! What both completion endpoints share: tokenising, submitting, collecting a whole answer,
-//! and turning engine outputs into SSE events.
+//! What both completion endpoints share: tokenising, submitting, collecting whole answers,
+//! and turning the choices' engine outputs into SSE events.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
-use tessera_engine::{EngineRequest, Finished, RequestOutput, RequestStream};
+use futures::{Stream, StreamExt};
+use tessera_engine::{EngineError, EngineRequest, Finished, RequestOutput, RequestStream};
 use tessera_protocol::{SamplingParams, Usage};
+use tessera_runner::TokenLogprobs;
 
 use crate::state::ServedModel;
-use crate::ApiError;
+use crate::{ApiError, AppState};
 
 /// Tokenise on the blocking pool (long prompts must not stall the runtime).
 pub(crate) async fn encode(m: &ServedModel, text: String, add_special: bool) -> Result<Vec<u32>, ApiError> {
@@ -33,71 +34,132 @@ pub(crate) fn check_vocab(m: &ServedModel, ids: &[u32], param: &str) -> Result<(
     }
 }
 
-pub(crate) fn submit(m: &ServedModel, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream, ApiError> {
+/// Validate what needs the model (vocabulary, scheduling policy) and submit; one stream per choice.
+pub(crate) fn submit(
+    st: &AppState,
+    m: &ServedModel,
+    model_name: &str,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+) -> Result<Vec<RequestStream>, ApiError> {
     check_vocab(m, &prompt, "prompt")?;
-    Ok(m.engine.submit(EngineRequest { prompt, params })?)
+    check_vocab(m, &params.stop_token_ids, "stop_token_ids")?;
+    let bias: Vec<u32> = params.logit_bias.iter().map(|b| b.0).collect();
+    check_vocab(m, &bias, "logit_bias")?;
+    if params.priority != 0 && m.engine.config().scheduler.policy == tessera_engine::Policy::Fcfs {
+        return Err(ApiError::BadRequest {
+            message: "`priority` needs priority scheduling; start the server with --scheduling-policy priority".into(),
+            param: Some("priority".into()),
+        });
+    }
+    let criticality = st.criticality(model_name);
+    Ok(m.engine.submit(EngineRequest { prompt, params, criticality })?)
 }
 
-/// A whole answer.
+/// One choice's whole answer.
 pub(crate) struct Collected {
     pub text: String,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<TokenLogprobs>,
     pub finished: Finished,
 }
 
-pub(crate) async fn collect(mut rs: RequestStream) -> Result<Collected, ApiError> {
-    let mut text = String::new();
+async fn collect_one(mut rs: RequestStream) -> Result<Collected, ApiError> {
+    let (mut text, mut token_ids, mut logprobs) = (String::new(), Vec::new(), Vec::new());
     while let Some(item) = rs.next().await {
         let out = item?;
         text.push_str(&out.text);
+        token_ids.extend_from_slice(&out.token_ids);
+        logprobs.extend(out.logprobs);
         if let Some(finished) = out.finished {
-            return Ok(Collected { text, finished });
+            return Ok(Collected { text, token_ids, logprobs, finished });
         }
     }
     Err(ApiError::Internal("the engine ended the request without a result".into()))
 }
 
-pub(crate) fn usage(f: &Finished) -> Usage {
-    Usage::new(f.prompt_tokens, f.completion_tokens)
+/// Every choice's whole answer, in choice order. Dropping this future cancels them all.
+pub(crate) async fn collect(streams: Vec<RequestStream>) -> Result<Vec<Collected>, ApiError> {
+    futures::future::try_join_all(streams.into_iter().map(collect_one)).await
+}
+
+/// Usage of a request: the prompt once, the completions of all choices.
+pub(crate) fn usage<'a>(finished: impl IntoIterator<Item = &'a Finished>) -> Usage {
+    let (mut prompt, mut completion) = (0, 0);
+    for f in finished {
+        prompt = f.prompt_tokens;
+        completion += f.completion_tokens;
+    }
+    Usage::new(prompt, completion)
 }
 
 /// What an endpoint turns into SSE chunks.
 pub(crate) enum Piece<'a> {
-    Output(&'a RequestOutput),
+    /// Output of choice `index`.
+    Output(usize, &'a RequestOutput),
     Usage(Usage),
 }
 
-/// Stream engine outputs as SSE: `first` events, then one chunk per output (via `encode`),
-/// an optional usage chunk, then `data: [DONE]`. Errors become an OpenAI error event.
-pub(crate) fn sse<F>(rs: RequestStream, first: Vec<String>, include_usage: bool, encode: F) -> Response
+/// A choice's outputs as a stream of `(index, item)` up to its finished output or error; an
+/// item `None` means the engine dropped the choice without a result.
+fn tagged(index: usize, rs: RequestStream) -> impl Stream<Item = (usize, Option<Result<RequestOutput, EngineError>>)> {
+    futures::stream::unfold(Some(rs), move |rs| async move {
+        let mut rs = rs?;
+        match rs.next().await {
+            Some(Ok(out)) => {
+                let more = out.finished.is_none();
+                Some(((index, Some(Ok(out))), more.then_some(rs)))
+            }
+            Some(Err(e)) => Some(((index, Some(Err(e))), None)),
+            None => Some(((index, None), None)),
+        }
+    })
+}
+
+/// Stream the choices as SSE: `first` events, then one chunk per output (via `encode`), an
+/// optional usage chunk once every choice has finished, then `data: [DONE]`. An error ends
+/// the stream with an OpenAI error event (and cancels the other choices).
+pub(crate) fn sse<F>(streams: Vec<RequestStream>, first: Vec<String>, include_usage: bool, encode: F) -> Response
 where
     F: FnMut(Piece<'_>) -> Option<String> + Send + 'static,
 {
+    let n = streams.len();
+    let merged = futures::stream::select_all(streams.into_iter().enumerate().map(|(i, rs)| tagged(i, rs).boxed()));
     let queue: VecDeque<Event> = first.into_iter().map(|d| Event::default().data(d)).collect();
+    let state = (merged, encode, queue, Vec::<Finished>::new(), false);
     let stream =
-        futures::stream::unfold((rs, encode, queue, false), move |(mut rs, mut encode, mut q, mut done)| async move {
+        futures::stream::unfold(state, move |(mut merged, mut encode, mut q, mut done_list, mut done)| async move {
             loop {
                 if let Some(e) = q.pop_front() {
-                    return Some((Ok::<Event, Infallible>(e), (rs, encode, q, done)));
+                    return Some((Ok::<Event, Infallible>(e), (merged, encode, q, done_list, done)));
                 }
                 if done {
                     return None;
                 }
-                match rs.next().await {
-                    Some(Ok(out)) => {
-                        if let Some(d) = encode(Piece::Output(&out)) {
+                let failure = match merged.next().await {
+                    Some((i, Some(Ok(out)))) => {
+                        if let Some(d) = encode(Piece::Output(i, &out)) {
                             q.push_back(Event::default().data(d));
                         }
                         let Some(f) = out.finished else { continue };
+                        done_list.push(f);
+                        if done_list.len() < n {
+                            continue;
+                        }
                         if include_usage {
-                            if let Some(d) = encode(Piece::Usage(usage(&f))) {
+                            if let Some(d) = encode(Piece::Usage(usage(&done_list))) {
                                 q.push_back(Event::default().data(d));
                             }
                         }
+                        None
                     }
-                    Some(Err(e)) => q.push_back(error_event(ApiError::from(e))),
-                    None => q.push_back(error_event(ApiError::Internal(
-                        "the engine ended the request without a result".into(),
-                    ))),
+                    Some((_, Some(Err(e)))) => Some(ApiError::from(e)),
+                    Some((_, None)) | None => {
+                        Some(ApiError::Internal("the engine ended the request without a result".into()))
+                    }
+                };
+                if let Some(e) = failure {
+                    q.push_back(error_event(e));
                 }
                 q.push_back(Event::default().data("[DONE]"));
                 done = true;

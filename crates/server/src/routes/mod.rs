@@ -3,6 +3,7 @@
 mod chat;
 mod completions;
 mod generate;
+mod logprobs;
 mod tokenize;
 
 use axum::body::Bytes;
@@ -33,9 +34,19 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Parse a JSON body; errors are OpenAI-shaped 400s naming the problem.
+/// Parse a JSON body; errors are OpenAI-shaped 400s naming the problem and the field.
 pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let param = (path != "." && !path.is_empty()).then_some(path);
+        let inner = e.into_inner();
+        let message = match &param {
+            Some(p) => format!("invalid request body: `{p}`: {inner}"),
+            None => format!("invalid request body: {inner}"),
+        };
+        ApiError::BadRequest { message, param }
+    })
 }
 
 async fn health(State(st): State<AppState>) -> StatusCode {

@@ -1,0 +1,324 @@
+//! The engine loop on its own thread: takes commands, schedules and executes steps, turns
+//! sampled tokens into per-choice outputs (text, stop conditions, log-probabilities) and
+//! records timings.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use tessera_protocol::{FinishReason, SamplingParams};
+use tessera_runner::{Executor, SamplingConfig, StepResult};
+use tokenizers::Tokenizer;
+
+use crate::core::{Command, EngineConfig, Finished, OutputTx, RequestOutput, Shared};
+use crate::detok::{Detokenizer, OutputText};
+use crate::kv::KvCacheManager;
+use crate::scheduler::{Scheduler, Sequence};
+use crate::stats::EngineStats;
+use crate::EngineError;
+
+struct RequestState {
+    tx: OutputTx,
+    detok: Detokenizer,
+    text: OutputText,
+    max_tokens: usize,
+    min_tokens: usize,
+    prompt_len: usize,
+    cached_tokens: usize,
+    ignore_eos: bool,
+    stop_ids: Vec<u32>,
+    include_stop: bool,
+    /// Counted in [`Shared::queued`] until first scheduled.
+    queued: bool,
+    arrival: Instant,
+    last_token: Option<Instant>,
+}
+
+pub(crate) struct Core {
+    sched: Scheduler,
+    executor: Box<dyn Executor>,
+    tokenizer: Tokenizer,
+    eos: Vec<u32>,
+    requests: HashMap<u64, RequestState>,
+    /// Further choices of a request, started once the first choice's prompt is computed.
+    forks: HashMap<u64, Vec<Sequence>>,
+    stats: Arc<EngineStats>,
+    shared: Arc<Shared>,
+    max_model_len: usize,
+    seeds: RandomState,
+}
+
+fn sampling_config(p: &SamplingParams, seed: u64, stop_ids: Vec<u32>) -> SamplingConfig {
+    SamplingConfig {
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: p.top_k,
+        min_p: p.min_p,
+        seed,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        repetition_penalty: p.repetition_penalty,
+        logit_bias: p.logit_bias.clone(),
+        min_tokens: p.min_tokens,
+        stop_ids,
+        logprobs: p.logprobs,
+    }
+}
+
+impl Core {
+    pub(crate) fn new(
+        cfg: &EngineConfig,
+        executor: Box<dyn Executor>,
+        tokenizer: Tokenizer,
+        eos: Vec<u32>,
+        stats: Arc<EngineStats>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            sched: Scheduler::new(
+                cfg.scheduler.clone(),
+                KvCacheManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching),
+            ),
+            executor,
+            tokenizer,
+            eos,
+            requests: HashMap::new(),
+            forks: HashMap::new(),
+            stats,
+            shared,
+            max_model_len: cfg.max_model_len,
+            seeds: RandomState::new(),
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            if self.sched.is_idle() {
+                match rx.recv() {
+                    Ok(c) => self.handle(c),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(c) = rx.try_recv() {
+                self.handle(c);
+            }
+            self.drop_disconnected();
+            if !self.sched.is_idle() {
+                self.step();
+            }
+            self.publish();
+        }
+    }
+
+    fn handle(&mut self, c: Command) {
+        match c {
+            Command::Add { first_id, req, txs, arrival } => self.add(first_id, *req, txs, arrival),
+            Command::Abort(id) => self.end(id, None),
+            Command::AbortAll(err) => {
+                let ids: Vec<u64> = self.requests.keys().copied().collect();
+                for id in ids {
+                    self.end(id, Some(Err(err.clone())));
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, first_id: u64, req: crate::EngineRequest, txs: Vec<OutputTx>, arrival: Instant) {
+        let p = &req.params;
+        let mut banned = p.stop_token_ids.clone();
+        if !p.ignore_eos {
+            banned.extend_from_slice(&self.eos);
+        }
+        let base_seed = p.seed.unwrap_or_else(|| self.seeds.hash_one(first_id));
+        let class = req.criticality.class();
+        let mut children = Vec::new();
+        for (i, tx) in txs.into_iter().enumerate() {
+            let id = first_id + i as u64;
+            self.requests.insert(
+                id,
+                RequestState {
+                    tx,
+                    detok: Detokenizer::new(&req.prompt, p.skip_special_tokens),
+                    text: OutputText::new(p.stop.clone(), p.include_stop_str_in_output),
+                    max_tokens: p.max_tokens.unwrap_or(self.max_model_len),
+                    min_tokens: p.min_tokens,
+                    prompt_len: req.prompt.len(),
+                    cached_tokens: 0,
+                    ignore_eos: p.ignore_eos,
+                    stop_ids: p.stop_token_ids.clone(),
+                    include_stop: p.include_stop_str_in_output,
+                    queued: i == 0,
+                    arrival,
+                    last_token: None,
+                },
+            );
+            // Each choice draws from its own stream; choice 0 keeps the request's seed.
+            let seed = base_seed.wrapping_add((i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+            let seq = Sequence::new(id, req.prompt.clone(), sampling_config(p, seed, banned.clone()))
+                .with_priority(class, p.priority);
+            if i == 0 {
+                self.sched.add(seq);
+            } else {
+                children.push(seq);
+            }
+        }
+        if !children.is_empty() {
+            self.forks.insert(first_id, children);
+        }
+        self.stats.prompt_tokens.fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Start the pending further choices of `parent`, sharing its prompt blocks when `share`.
+    fn release_forks(&mut self, parent: u64, share: bool) {
+        for child in self.forks.remove(&parent).unwrap_or_default() {
+            if !self.requests.contains_key(&child.id) {
+                continue;
+            }
+            if share {
+                self.sched.add_fork(child, parent);
+            } else {
+                self.sched.add(child);
+            }
+        }
+    }
+
+    /// End a choice: free its blocks, start its pending siblings, and send `last` if given.
+    fn end(&mut self, id: u64, last: Option<Result<RequestOutput, EngineError>>) {
+        self.sched.remove(id);
+        self.release_forks(id, false);
+        for pending in self.forks.values_mut() {
+            pending.retain(|s| s.id != id);
+        }
+        if let Some(r) = self.requests.remove(&id) {
+            if r.queued {
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            match last {
+                Some(Ok(out)) => {
+                    if let Some(f) = out.finished {
+                        self.stats.record_finish(f.reason, r.arrival.elapsed().as_secs_f64());
+                    }
+                    let _ = r.tx.send(Ok(out));
+                }
+                Some(Err(e)) => {
+                    self.stats.record_finish(FinishReason::Abort, r.arrival.elapsed().as_secs_f64());
+                    let _ = r.tx.send(Err(e));
+                }
+                None => self.stats.record_finish(FinishReason::Abort, r.arrival.elapsed().as_secs_f64()),
+            }
+        }
+    }
+
+    fn drop_disconnected(&mut self) {
+        let gone: Vec<u64> = self.requests.iter().filter(|(_, r)| r.tx.is_closed()).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.end(id, None);
+        }
+    }
+
+    fn step(&mut self) {
+        let out = self.sched.schedule();
+        if out.plan.seqs.is_empty() {
+            // Nothing could be scheduled (should not happen with admission checks); avoid spinning.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            return;
+        }
+        let now = Instant::now();
+        for s in &out.plan.seqs {
+            if let Some(r) = self.requests.get_mut(&s.seq_id) {
+                if r.queued {
+                    r.queued = false;
+                    self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                    self.stats.queue_time.observe((now - r.arrival).as_secs_f64());
+                }
+            }
+        }
+        for &(id, cached) in &out.prefix_hits {
+            if let Some(r) = self.requests.get_mut(&id) {
+                r.cached_tokens = r.cached_tokens.max(cached.min(r.prompt_len));
+            }
+        }
+        self.stats.record_step(&out.plan, out.preempted.len());
+        let results = match self.executor.execute(&out.plan) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("engine step failed: {e}");
+                for s in &out.plan.seqs {
+                    self.end(s.seq_id, Some(Err(EngineError::Step(e.to_string()))));
+                }
+                return;
+            }
+        };
+        for r in self.sched.apply(&results) {
+            self.on_token(r);
+        }
+    }
+
+    fn on_token(&mut self, res: StepResult) {
+        let (id, token) = (res.seq_id, res.token);
+        let Some(seq_len) = self.sched.get(id).map(|s| s.tokens.len()) else {
+            return;
+        };
+        if self.forks.contains_key(&id) {
+            // The prompt is computed: the other choices can share its blocks now.
+            self.release_forks(id, true);
+        }
+        let Some(r) = self.requests.get_mut(&id) else {
+            return;
+        };
+        let now = Instant::now();
+        match r.last_token {
+            None => self.stats.ttft.observe((now - r.arrival).as_secs_f64()),
+            Some(t) => self.stats.itl.observe((now - t).as_secs_f64()),
+        }
+        r.last_token = Some(now);
+        self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
+        let n_out = seq_len - r.prompt_len;
+        let mut reason = None;
+        let stop_token = (!r.ignore_eos && self.eos.contains(&token)) || r.stop_ids.contains(&token);
+        if stop_token && n_out > r.min_tokens {
+            reason = Some(FinishReason::Stop);
+            if r.include_stop {
+                let delta = r.detok.push(&self.tokenizer, token);
+                r.text.append(&delta, false);
+            }
+        } else {
+            let delta = r.detok.push(&self.tokenizer, token);
+            if r.text.append(&delta, n_out > r.min_tokens) {
+                reason = Some(FinishReason::Stop);
+            }
+        }
+        if reason.is_none() && (n_out >= r.max_tokens || seq_len >= self.max_model_len) {
+            reason = Some(FinishReason::Length);
+        }
+        let finished = reason.map(|reason| Finished {
+            reason,
+            prompt_tokens: r.prompt_len,
+            completion_tokens: n_out,
+            cached_tokens: r.cached_tokens,
+        });
+        let out = RequestOutput {
+            text: r.text.take_sendable(finished.is_some()),
+            token_ids: vec![token],
+            logprobs: res.logprobs.into_iter().collect(),
+            finished,
+        };
+        if finished.is_some() {
+            self.end(id, Some(Ok(out)));
+        } else if r.tx.send(Ok(out)).is_err() {
+            self.end(id, None);
+        }
+    }
+
+    fn publish(&self) {
+        self.stats.publish(
+            self.sched.num_running(),
+            self.sched.num_waiting() + self.forks.values().map(Vec::len).sum::<usize>(),
+            self.sched.kv().usage(),
+            self.sched.kv().num_free(),
+            self.sched.kv().stats(),
+        );
+    }
+}

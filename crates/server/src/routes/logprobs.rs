@@ -1,0 +1,62 @@
+//! Engine log-probabilities → the chat and completions `logprobs` shapes.
+
+use std::collections::BTreeMap;
+
+use tessera_protocol::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob};
+use tessera_runner::TokenLogprobs;
+
+use crate::state::ServedModel;
+
+/// The text of one token as clients see it (special tokens shown).
+fn token_text(m: &ServedModel, id: u32) -> String {
+    m.tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+/// JSON has no -inf: a banned token reports vLLM's floor instead.
+fn finite(lp: f32) -> f32 {
+    if lp.is_finite() {
+        lp
+    } else {
+        -9999.0
+    }
+}
+
+pub(crate) fn chat(m: &ServedModel, ids: &[u32], lps: &[TokenLogprobs]) -> ChatLogprobs {
+    let content = ids
+        .iter()
+        .zip(lps)
+        .map(|(&id, lp)| {
+            let token = token_text(m, id);
+            ChatTokenLogprob {
+                bytes: token.as_bytes().to_vec(),
+                token,
+                logprob: finite(lp.logprob),
+                top_logprobs: lp
+                    .top
+                    .iter()
+                    .map(|&(t, l)| {
+                        let token = token_text(m, t);
+                        TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob: finite(l) }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    ChatLogprobs { content }
+}
+
+/// `offset`: where the first token's text starts in the choice's text (after an echoed prompt).
+pub(crate) fn completion(m: &ServedModel, ids: &[u32], lps: &[TokenLogprobs], offset: usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut at = offset;
+    for (&id, lp) in ids.iter().zip(lps) {
+        let token = token_text(m, id);
+        out.text_offset.push(at);
+        at += token.len();
+        out.tokens.push(token);
+        out.token_logprobs.push(finite(lp.logprob));
+        let top: BTreeMap<String, f32> = lp.top.iter().map(|&(t, l)| (token_text(m, t), finite(l))).collect();
+        out.top_logprobs.push(top);
+    }
+    out
+}
