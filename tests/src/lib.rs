@@ -60,3 +60,98 @@ pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
         .map(|s| s.trim().to_string())
         .collect()
 }
+
+/// A worker running as its own process (for signals and exit codes), stderr kept in a file.
+pub struct WorkerProcess {
+    pub child: std::process::Child,
+    pub base: String,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    /// Start `bin serve MODEL` on a free loopback port with `extra` flags and wait for `/health`.
+    pub async fn start(bin: &str, model: &std::path::Path, extra: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let log = std::env::temp_dir().join(format!("tessera-worker-{}-{port}.log", std::process::id()));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut args: Vec<String> = vec!["serve".into(), model.display().to_string()];
+        for (flag, value) in
+            [("--served-model-name", "smollm2"), ("--max-model-len", "1024"), ("--kv-cache-memory", "256MiB")]
+        {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
+        args.extend(["--host".into(), "127.0.0.1".into(), "--port".into(), port.to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = std::process::Command::new(bin)
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start the worker");
+        let mut w = Self { child, base: format!("http://127.0.0.1:{port}"), log };
+        let http = reqwest::Client::new();
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(r) = http.get(format!("{}/health", w.base)).send().await {
+                if r.status().is_success() {
+                    return w;
+                }
+            }
+            let exited = w.child.try_wait().expect("wait").is_some();
+            if exited || start.elapsed() > std::time::Duration::from_secs(120) {
+                panic!("worker never became healthy ({args:?}):\n{}", w.log_text());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send a signal by name (`TERM`, `KILL`, …) with the system's `kill`.
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait up to `secs` for the process to exit; its exit code.
+    pub async fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(secs) {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s.code();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of an unlabelled-or-labelled sample `name{...}` in Prometheus text (first match).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Peak resident memory of this process so far, in KiB (`VmHWM`).
+pub fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}

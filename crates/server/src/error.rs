@@ -15,6 +15,8 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("{0}")]
     NotReady(String),
+    #[error("{0}")]
+    TooLarge(String),
     /// No capacity now (queue full, or shed); the client should retry later.
     #[error("{0}")]
     Overloaded(String),
@@ -33,6 +35,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -43,6 +46,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => "NotFoundError",
             ApiError::NotReady(_) => "ServiceUnavailableError",
             ApiError::Overloaded(_) => "RateLimitError",
+            ApiError::TooLarge(_) => "BadRequestError",
             ApiError::Internal(_) => "InternalServerError",
         }
     }

@@ -1,6 +1,7 @@
 //! `POST /v1/chat/completions`.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -62,8 +63,11 @@ fn check_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let req: ChatCompletionRequest = parse(&body)?;
+pub(crate) async fn handle(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatCompletionRequest = parse(body)?;
     let m = st.model()?;
     st.check_name(&req.model)?;
     check_unsupported(&req)?;

@@ -1,6 +1,7 @@
 //! `POST /v1/completions`.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,8 +18,11 @@ fn bad(param: &str, message: &str) -> ApiError {
     ApiError::BadRequest { message: message.into(), param: Some(param.into()) }
 }
 
-pub(crate) async fn handle(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(&body)?;
+pub(crate) async fn handle(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(body)?;
     let m = st.model()?;
     st.check_name(&req.model)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {

@@ -7,6 +7,7 @@ mod logprobs;
 mod tokenize;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -35,8 +36,12 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Parse a JSON body; errors are OpenAI-shaped 400s naming the problem and the field.
-pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
+pub(crate) fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(format!("request body too large: {}", e.body_text())),
+        _ => ApiError::bad(format!("cannot read the request body: {}", e.body_text())),
+    })?;
+    let de = &mut serde_json::Deserializer::from_slice(&body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let param = (path != "." && !path.is_empty()).then_some(path);

@@ -1,6 +1,7 @@
 //! `POST /tokenize` and `POST /detokenize` (vLLM shapes).
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::Json;
 use tessera_protocol::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
@@ -10,8 +11,11 @@ use super::generate::{check_vocab, encode};
 use super::parse;
 use crate::{ApiError, AppState};
 
-pub(crate) async fn tokenize(State(st): State<AppState>, body: Bytes) -> Result<Json<TokenizeResponse>, ApiError> {
-    let req: TokenizeRequest = parse(&body)?;
+pub(crate) async fn tokenize(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    let req: TokenizeRequest = parse(body)?;
     let m = st.model()?;
     if let Some(name) = &req.model {
         st.check_name(name)?;
@@ -40,8 +44,11 @@ pub(crate) async fn tokenize(State(st): State<AppState>, body: Bytes) -> Result<
     }))
 }
 
-pub(crate) async fn detokenize(State(st): State<AppState>, body: Bytes) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let req: DetokenizeRequest = parse(&body)?;
+pub(crate) async fn detokenize(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
+    let req: DetokenizeRequest = parse(body)?;
     let m = st.model()?;
     if let Some(name) = &req.model {
         st.check_name(name)?;
