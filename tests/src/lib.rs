@@ -155,3 +155,36 @@ pub fn peak_rss_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// Wait until no sequence runs or waits and every KV block is free again.
+pub async fn wait_idle(running: &tessera::Running) {
+    let s = running.state.engine_stats().expect("model attached");
+    for _ in 0..400 {
+        if s.free_blocks.load(std::sync::atomic::Ordering::Relaxed) == s.num_blocks
+            && s.running.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && s.waiting.load(std::sync::atomic::Ordering::Relaxed) == 0
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!(
+        "not idle: {} of {} blocks free, {} running, {} waiting",
+        s.free_blocks.load(std::sync::atomic::Ordering::Relaxed),
+        s.num_blocks,
+        s.running.load(std::sync::atomic::Ordering::Relaxed),
+        s.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+/// An OpenAI-shaped error body with this status.
+pub fn assert_openai_error(status: u16, body: &[u8], what: &str) {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!("{what}: status {status}, body is not JSON ({e}): {}", String::from_utf8_lossy(body))
+    });
+    let err = &v["error"];
+    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: no message: {v}");
+    assert!(err["type"].is_string(), "{what}: no type: {v}");
+    assert!(err.get("param").is_some(), "{what}: no param key: {v}");
+    assert_eq!(err["code"].as_u64(), Some(status as u64), "{what}: code != status: {v}");
+}
