@@ -123,6 +123,15 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight requests after SIGTERM before ending them with an error.
     #[arg(long, default_value_t = 30.0, env = "TESSERA_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: f64,
+    /// Serve HTTPS with this PEM certificate chain (needs --ssl-keyfile).
+    #[arg(long, env = "TESSERA_SSL_CERTFILE")]
+    pub ssl_certfile: Option<PathBuf>,
+    /// The PEM private key of --ssl-certfile.
+    #[arg(long, env = "TESSERA_SSL_KEYFILE")]
+    pub ssl_keyfile: Option<PathBuf>,
+    /// Reload the certificate and key when their files change.
+    #[arg(long, env = "TESSERA_ENABLE_SSL_REFRESH")]
+    pub enable_ssl_refresh: bool,
     /// Chat template: a file, or the template text itself.
     #[arg(long, env = "TESSERA_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,

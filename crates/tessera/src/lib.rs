@@ -8,6 +8,7 @@
 pub mod args;
 mod error;
 mod serve;
+pub mod tls;
 
 pub use error::ServeError;
 pub use serve::{launch, load_model, Running};

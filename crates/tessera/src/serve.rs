@@ -263,16 +263,23 @@ pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
     let state = AppState::new(info);
     let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await?;
     let addr = listener.local_addr()?;
-    tracing::info!("listening on http://{addr}");
     let (tx, rx) = oneshot::channel::<()>();
+    let stop = async move {
+        let _ = rx.await;
+    };
     let app = tessera_server::app(state.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-    });
+    let server = match (&a.ssl_certfile, &a.ssl_keyfile) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::tls::TlsListener::new(listener, cert.clone(), key.clone(), a.enable_ssl_refresh)?;
+            tracing::info!("listening on https://{addr} (certificate reload: {})", a.enable_ssl_refresh);
+            tokio::spawn(async move { axum::serve(tls, app).with_graceful_shutdown(stop).await })
+        }
+        (None, None) => {
+            tracing::info!("listening on http://{addr}");
+            tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
+        }
+        _ => return Err(ServeError::Config("--ssl-certfile and --ssl-keyfile go together".into())),
+    };
     let args = a.clone();
     let model = tokio::task::spawn_blocking(move || load_model(&args))
         .await
