@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, ImageVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, ImageVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{LLMInferenceService, LLMInferenceServiceSpec};
+use crate::api::{Criticality, LLMInferenceService, LLMInferenceServiceSpec};
 use crate::names::{self, Role};
 use crate::Error;
 
@@ -143,11 +143,32 @@ fn main_labels(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> BTr
     names::workload_labels(&svc.name_any(), role)
 }
 
+/// `spec.model.criticality` → `TESSERA_CRITICALITY` on the `main` container (the worker sheds
+/// Sheddable work under saturation and lets Critical work preempt), unless the template sets it.
+fn add_criticality(pod: &mut PodSpec, spec: &LLMInferenceServiceSpec) {
+    let Some(c) = spec.model.criticality else { return };
+    let value = match c {
+        Criticality::Critical => "Critical",
+        Criticality::Standard => "Standard",
+        Criticality::Sheddable => "Sheddable",
+    };
+    if let Some(main) = pod.containers.iter_mut().find(|c| c.name == "main") {
+        let env = main.env.get_or_insert_with(Vec::new);
+        if !env.iter().any(|e| e.name == CRITICALITY_ENV) {
+            env.push(EnvVar { name: CRITICALITY_ENV.into(), value: Some(value.into()), ..Default::default() });
+        }
+    }
+}
+
+/// The worker's environment variable for `--criticality`.
+pub const CRITICALITY_ENV: &str = "TESSERA_CRITICALITY";
+
 /// The single-node Deployment `<name>-kserve` (role `both`, or `decode` when prefill is set).
 pub fn main_deployment(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> Result<Deployment, Error> {
     let labels = main_labels(svc, spec);
     let mut pod = spec.workload.template.clone().unwrap_or_default();
     add_storage(&mut pod, &spec.model.uri)?;
+    add_criticality(&mut pod, spec);
     Ok(Deployment {
         metadata: owned_meta(svc, names::main_workload(&svc.name_any()), labels.clone()),
         spec: DeploymentSpec {
@@ -210,5 +231,20 @@ mod tests {
             let e = Storage::parse(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn model_criticality_reaches_the_worker_env_unless_the_template_sets_it() {
+        let mut spec = LLMInferenceServiceSpec::default();
+        spec.model.criticality = Some(Criticality::Sheddable);
+        let mut pod =
+            PodSpec { containers: vec![Container { name: "main".into(), ..Default::default() }], ..Default::default() };
+        add_criticality(&mut pod, &spec);
+        let env = pod.containers[0].env.clone().unwrap_or_default();
+        assert_eq!(env.len(), 1);
+        assert_eq!((env[0].name.as_str(), env[0].value.as_deref()), (CRITICALITY_ENV, Some("Sheddable")));
+        spec.model.criticality = Some(Criticality::Critical);
+        add_criticality(&mut pod, &spec);
+        assert_eq!(pod.containers[0].env.as_ref().map(Vec::len), Some(1), "an explicit setting wins");
     }
 }
