@@ -15,6 +15,9 @@ pub enum ModelError {
     /// The configuration is invalid or unsupported.
     #[error("invalid model config: {0}")]
     Config(String),
+    /// A collective between tensor-parallel ranks failed (the message names the rank).
+    #[error("{0}")]
+    Comm(#[from] tessera_parallel::CommError),
     /// The weight source failed (I/O, format); the message names the file and tensor.
     #[error("{0}")]
     Source(String),

@@ -4,7 +4,7 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
 
-use crate::{Result, Weight, WeightSource};
+use crate::{Result, Shard, Weight, WeightSource};
 
 /// `y = x Wᵀ (+ b)`; `W` is `[out, in]`, dense or quantized.
 #[derive(Debug, Clone)]
@@ -36,6 +36,29 @@ impl Linear {
         Self::from_weight(w, b)
     }
 
+    /// Load one rank's part of `{prefix}.weight` (full shape `[out, in]`): `shard.dim` 0 is
+    /// column-parallel (a slice of the outputs, with its slice of the bias), 1 is row-parallel
+    /// (a slice of the inputs; the bias is kept by part 0 only, so the sum over ranks adds it once).
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_shard(
+        src: &dyn WeightSource,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        dtype: DType,
+        shard: Shard,
+    ) -> Result<Self> {
+        let w = src.get_shard(&format!("{prefix}.weight"), &[out, inp], shard)?;
+        let b = match (bias, shard.dim) {
+            (false, _) => None,
+            (true, 0) => Some(src.get_shard(&format!("{prefix}.bias"), &[out], shard)?.dense(dtype)?),
+            (true, _) if shard.index == 0 => Some(src.get_checked(&format!("{prefix}.bias"), &[out])?.dense(dtype)?),
+            (true, _) => None,
+        };
+        Self::from_weight(w, b)
+    }
+
     /// Apply to `x` of shape `[T, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.w.forward(x)?;
@@ -64,23 +87,44 @@ impl RmsNorm {
     }
 }
 
-/// Token embedding table `[vocab, hidden]` (kept dense for cheap row gathers).
+/// Token embedding table `[vocab, hidden]` (kept dense for cheap row gathers), or one
+/// rank's rows `start..start + rows` of it (vocabulary-parallel).
 #[derive(Debug, Clone)]
 pub struct Embedding {
     table: Tensor,
+    start: usize,
+    full: bool,
 }
 
 impl Embedding {
     pub fn new(table: Tensor) -> Self {
-        Self { table }
+        Self { table, start: 0, full: true }
+    }
+
+    /// Rows `start..` of the vocabulary; [`Embedding::forward`] then gives zero rows for ids
+    /// held by other ranks, and the sum over ranks is the full lookup.
+    pub fn shard(table: Tensor, start: usize) -> Self {
+        Self { table, start, full: false }
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.table.index_select(ids, 0)?)
+        if self.full {
+            return Ok(self.table.index_select(ids, 0)?);
+        }
+        let rows = self.table.dim(0)?;
+        let (lo, hi) = (self.start as u32, (self.start + rows) as u32);
+        let ids: Vec<u32> = ids.to_vec1()?;
+        let local: Vec<u32> = ids.iter().map(|&i| if (lo..hi).contains(&i) { i - lo } else { 0 }).collect();
+        let mask: Vec<f32> = ids.iter().map(|&i| if (lo..hi).contains(&i) { 1.0 } else { 0.0 }).collect();
+        let dev = self.table.device();
+        let local = Tensor::from_vec(local, ids.len(), dev)?;
+        let mask = Tensor::from_vec(mask, (ids.len(), 1), dev)?.to_dtype(self.table.dtype())?;
+        Ok(self.table.index_select(&local, 0)?.broadcast_mul(&mask)?)
     }
 }
 
-/// Gated MLP: `down(silu(gate(x)) * up(x))`.
+/// Gated MLP: `down(silu(gate(x)) * up(x))`. Sharded, each rank holds a slice of the
+/// intermediate dimension and returns a partial sum (the caller all-reduces).
 #[derive(Debug, Clone)]
 pub struct GatedMlp {
     gate: Linear,
@@ -89,11 +133,21 @@ pub struct GatedMlp {
 }
 
 impl GatedMlp {
-    pub fn load(src: &dyn WeightSource, prefix: &str, hidden: usize, inter: usize, dtype: DType) -> Result<Self> {
+    /// Part `index` of `count` of the intermediate dimension (`count` 1: the whole MLP).
+    pub fn load(
+        src: &dyn WeightSource,
+        prefix: &str,
+        hidden: usize,
+        inter: usize,
+        dtype: DType,
+        index: usize,
+        count: usize,
+    ) -> Result<Self> {
+        let (col, row) = (Shard::new(0, index, count), Shard::new(1, index, count));
         Ok(Self {
-            gate: Linear::load(src, &format!("{prefix}.gate_proj"), inter, hidden, false, dtype)?,
-            up: Linear::load(src, &format!("{prefix}.up_proj"), inter, hidden, false, dtype)?,
-            down: Linear::load(src, &format!("{prefix}.down_proj"), hidden, inter, false, dtype)?,
+            gate: Linear::load_shard(src, &format!("{prefix}.gate_proj"), inter, hidden, false, dtype, col)?,
+            up: Linear::load_shard(src, &format!("{prefix}.up_proj"), inter, hidden, false, dtype, col)?,
+            down: Linear::load_shard(src, &format!("{prefix}.down_proj"), hidden, inter, false, dtype, row)?,
         })
     }
 

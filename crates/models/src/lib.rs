@@ -14,6 +14,7 @@ mod error;
 mod kv;
 mod layers;
 mod llama;
+mod parallel;
 mod rotary;
 mod weights;
 
@@ -23,7 +24,9 @@ pub use error::{ModelError, Result};
 pub use kv::KvCache;
 pub use layers::{Linear, RmsNorm};
 pub use llama::Llama;
+pub use parallel::{part, HeadLayout, Shard, TensorParallel};
 pub use rotary::Rotary;
+pub use tessera_parallel::Communicator;
 pub use weights::{Weight, WeightSource};
 
 /// One forward batch: a flat list of tokens from several sequences (prefill chunks and

@@ -1,11 +1,19 @@
 //! The llama family (Llama 2/3, Mistral, Qwen2, SmolLM) on the shared layers.
 //! Stateless: the paged KV cache is passed to [`Llama::forward`].
+//!
+//! Tensor parallel (Megatron layout): q/k/v and gate/up are column-parallel (each rank its
+//! heads / its slice of the intermediate dimension), o and down are row-parallel followed by an
+//! all-reduce, the embedding and lm_head are vocabulary-parallel (masked lookup + all-reduce,
+//! local logits + all-gather). KV heads are replicated when there are fewer than ranks.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{paged_attention, write_cache};
 use crate::layers::{Embedding, GatedMlp};
-use crate::{BatchInput, KvCache, Linear, ModelConfig, ModelError, Result, RmsNorm, Rotary, WeightSource};
+use crate::{
+    BatchInput, HeadLayout, KvCache, Linear, ModelConfig, ModelError, Result, RmsNorm, Rotary, TensorParallel,
+    WeightSource,
+};
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -34,6 +42,8 @@ pub struct Llama {
     rotary: Rotary,
     dtype: DType,
     device: Device,
+    tp: TensorParallel,
+    heads: HeadLayout,
 }
 
 impl Llama {
@@ -45,24 +55,45 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_parallel(cfg, src, max_positions, dtype, device, TensorParallel::single())
+    }
+
+    /// Build this rank's share of the model (only its slices of the weights are loaded).
+    pub fn load_parallel(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+        tp: TensorParallel,
+    ) -> Result<Self> {
         cfg.validate()?;
+        let (rank, world) = (tp.rank(), tp.world());
+        let heads = HeadLayout::new(cfg, rank, world)?;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let embed_w = src.get_checked("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-        let embed = Embedding::new(embed_w.dense(dtype)?);
+        let vocab = tp.shard(0);
+        let embed_w = src.get_shard("model.embed_tokens.weight", &[cfg.vocab_size, h], vocab)?;
+        let embed = if world == 1 {
+            Embedding::new(embed_w.dense(dtype)?)
+        } else {
+            Embedding::shard(embed_w.dense(dtype)?, vocab.range(cfg.vocab_size).0)
+        };
         let lm_head = if !cfg.tie_word_embeddings && src.contains("lm_head.weight") {
-            Linear::load(src, "lm_head", cfg.vocab_size, h, false, dtype)?
+            Linear::load_shard(src, "lm_head", cfg.vocab_size, h, false, dtype, vocab)?
         } else {
             Linear::from_weight(embed_w, None)?
         };
+        let (col, row) = (tp.shard(0), tp.shard(1));
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let b = cfg.attention_bias;
+            let (nq, nkv, kv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd, heads.kv_shard);
             let attn = Attention {
-                q: Linear::load(src, &format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, b, dtype)?,
-                k: Linear::load(src, &format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, b, dtype)?,
-                v: Linear::load(src, &format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, b, dtype)?,
-                o: Linear::load(src, &format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false, dtype)?,
+                q: Linear::load_shard(src, &format!("{p}.self_attn.q_proj"), nq, h, b, dtype, col)?,
+                k: Linear::load_shard(src, &format!("{p}.self_attn.k_proj"), nkv, h, b, dtype, kv)?,
+                v: Linear::load_shard(src, &format!("{p}.self_attn.v_proj"), nkv, h, b, dtype, kv)?,
+                o: Linear::load_shard(src, &format!("{p}.self_attn.o_proj"), h, nq, false, dtype, row)?,
             };
             blocks.push(Block {
                 attn_norm: RmsNorm::load(src, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps, dtype)?,
@@ -74,7 +105,7 @@ impl Llama {
                     cfg.rms_norm_eps,
                     dtype,
                 )?,
-                mlp: GatedMlp::load(src, &format!("{p}.mlp"), h, cfg.intermediate_size, dtype)?,
+                mlp: GatedMlp::load(src, &format!("{p}.mlp"), h, cfg.intermediate_size, dtype, rank, world)?,
             });
         }
         Ok(Self {
@@ -86,7 +117,18 @@ impl Llama {
             rotary: Rotary::new(cfg, max_positions, dtype, device)?,
             dtype,
             device: device.clone(),
+            tp,
+            heads,
         })
+    }
+
+    /// Key/value heads held by this rank (its KV cache is sized for these).
+    pub fn local_kv_heads(&self) -> usize {
+        self.heads.kv_heads
+    }
+
+    pub fn tensor_parallel(&self) -> &TensorParallel {
+        &self.tp
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -109,10 +151,10 @@ impl Llama {
         if t == 0 {
             return Err(ModelError::Config("empty batch".into()));
         }
-        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let (hd, nh, nkv) = (cfg.head_dim, self.heads.heads, self.heads.kv_heads);
         let (cos, sin) = self.rotary.tables_for(&input.positions)?;
         let write_index = input.attn.slot_mapping.reshape((t, 1, 1))?.broadcast_as((t, nkv, hd))?.contiguous()?;
-        let mut x = self.embed.forward(&input.tokens)?;
+        let mut x = self.tp.all_reduce(&self.embed.forward(&input.tokens)?)?;
         for (i, b) in self.blocks.iter().enumerate() {
             let h = b.attn_norm.forward(&x)?;
             let q = b.attn.q.forward(&h)?.reshape((t, nh, hd))?;
@@ -123,12 +165,13 @@ impl Llama {
             let (kc, vc) = cache.layer(i);
             write_cache(kc, vc, &k, &v, &write_index)?;
             let a = paged_attention(&q, kc, vc, &input.attn, nkv)?;
-            x = (x + b.attn.o.forward(&a)?)?;
+            x = (x + self.tp.all_reduce(&b.attn.o.forward(&a)?)?)?;
             let h = b.mlp_norm.forward(&x)?;
-            x = (x + b.mlp.forward(&h)?)?;
+            x = (x + self.tp.all_reduce(&b.mlp.forward(&h)?)?)?;
         }
         let x = x.index_select(&input.logits_indices, 0)?;
         let x = self.norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        self.tp.all_gather(&logits, 1)
     }
 }

@@ -21,7 +21,7 @@ impl Worker {
             cfg.num_layers,
             num_blocks,
             block_size,
-            cfg.num_kv_heads,
+            model.local_kv_heads(),
             cfg.head_dim,
             model.dtype(),
             &device,

@@ -1,0 +1,133 @@
+//! Tensor parallelism on tiny random llamas: the logits of TP = 2 and 4 (ranks as threads,
+//! talking over the CPU TCP back-end) equal TP = 1's within 1e-4, for a prefill of 4
+//! sequences of different lengths and 20 decode steps; KV heads replicated when fewer than
+//! ranks; a degree that does not divide the heads is refused naming the numbers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use tessera_loader::SafetensorsSource;
+use tessera_models::{Llama, ModelConfig, TensorParallel};
+use tessera_parallel::TcpComm;
+use tessera_runner::{SampleSpec, SamplingConfig, SeqStep, StepPlan, Worker};
+use tessera_tests::tiny::{tiny_weights, write_hf, TinyShape};
+
+const BLOCK: usize = 4;
+const BLOCKS_PER_SEQ: usize = 12;
+const PROMPTS: [usize; 4] = [3, 7, 12, 20];
+const DECODE_STEPS: usize = 20;
+
+fn model_dir(name: &str, s: TinyShape) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tessera-tp-{}-{name}", std::process::id()));
+    write_hf(&dir, s, &tiny_weights(s), 2);
+    dir
+}
+
+fn worker(dir: &Path, tp: TensorParallel) -> Worker {
+    let cfg = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let src = SafetensorsSource::open(dir, DType::F32, &Device::Cpu).unwrap();
+    let model = Llama::load_parallel(&cfg, &src, 256, DType::F32, &Device::Cpu, tp).expect("load the rank's shard");
+    Worker::new(model, PROMPTS.len() * BLOCKS_PER_SEQ, BLOCK).unwrap()
+}
+
+fn step(seq: usize, tokens: &[u32], start: usize) -> SeqStep {
+    let base = (seq * BLOCKS_PER_SEQ) as u32;
+    SeqStep {
+        seq_id: seq as u64,
+        tokens: tokens[start..].to_vec(),
+        start_pos: start,
+        block_table: (base..base + BLOCKS_PER_SEQ as u32).collect(),
+        sample: Some(SampleSpec { config: SamplingConfig::default(), output_index: 0, history: vec![], prompt_len: 0 }),
+    }
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0) as u32
+}
+
+/// TP = 1 greedy run: the plans it executed and its logits per plan.
+fn reference(dir: &Path, vocab: usize) -> (Vec<StepPlan>, Vec<Vec<Vec<f32>>>) {
+    let mut w = worker(dir, TensorParallel::single());
+    let mut seqs: Vec<Vec<u32>> =
+        PROMPTS.iter().enumerate().map(|(i, &n)| (0..n).map(|t| ((t * 7 + i * 13) % vocab) as u32).collect()).collect();
+    let mut plan = StepPlan { seqs: seqs.iter().enumerate().map(|(i, s)| step(i, s, 0)).collect() };
+    let (mut plans, mut logits) = (vec![], vec![]);
+    for _ in 0..=DECODE_STEPS {
+        let rows: Vec<Vec<f32>> = w.forward_logits(&plan).unwrap().to_vec2().unwrap();
+        let next = StepPlan {
+            seqs: seqs
+                .iter_mut()
+                .zip(&rows)
+                .enumerate()
+                .map(|(i, (s, row))| {
+                    s.push(argmax(row));
+                    step(i, s, s.len() - 1)
+                })
+                .collect(),
+        };
+        plans.push(std::mem::replace(&mut plan, next));
+        logits.push(rows);
+    }
+    (plans, logits)
+}
+
+/// Every rank runs every plan (as the serving ranks would); rank 0's logits are returned.
+fn run_tp(dir: &Path, world: usize, plans: &[StepPlan]) -> Vec<Vec<Vec<f32>>> {
+    let group = TcpComm::local_group(world, Device::Cpu).expect("rank group");
+    let handles: Vec<_> = group
+        .into_iter()
+        .map(|comm| {
+            let (dir, plans) = (dir.to_path_buf(), plans.to_vec());
+            std::thread::spawn(move || {
+                let mut w = worker(&dir, TensorParallel::new(Arc::new(comm)));
+                plans.iter().map(|p| w.forward_logits(p).unwrap().to_vec2::<f32>().unwrap()).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut outs: Vec<Vec<Vec<Vec<f32>>>> = handles.into_iter().map(|h| h.join().expect("rank thread")).collect();
+    for (r, o) in outs.iter().enumerate().skip(1) {
+        assert_eq!(o, &outs[0], "rank {r} sees the same gathered logits as rank 0");
+    }
+    outs.swap_remove(0)
+}
+
+fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
+    a.iter().flatten().flatten().zip(b.iter().flatten().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn tp_2_and_4_equal_tp_1() {
+    for (name, shape, worlds) in [
+        ("kv4", TinyShape::default(), vec![2, 4]),
+        // 2 KV heads on 4 ranks: each KV head is replicated on two ranks.
+        ("kv2", TinyShape { kv_heads: 2, vocab: 130, inter: 100, ..TinyShape::default() }, vec![4]),
+    ] {
+        let dir = model_dir(name, shape);
+        let (plans, want) = reference(&dir, shape.vocab);
+        assert_eq!(want[0].len(), 4);
+        for world in worlds {
+            let got = run_tp(&dir, world, &plans);
+            let d = max_diff(&got, &want);
+            println!("{name}: TP={world} vs TP=1 over {} steps: max |Δlogit| = {d:e}", plans.len());
+            assert!(d < 1e-4, "{name}: TP={world} differs by {d}");
+            assert_eq!(got.iter().map(Vec::len).sum::<usize>(), want.iter().map(Vec::len).sum::<usize>());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn a_degree_that_does_not_divide_the_heads_is_refused() {
+    let shape = TinyShape::default();
+    let dir = model_dir("bad", shape);
+    let group = TcpComm::local_group(3, Device::Cpu).unwrap();
+    let cfg = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let src = SafetensorsSource::open(&dir, DType::F32, &Device::Cpu).unwrap();
+    let comm = group.into_iter().next().unwrap();
+    let e = Llama::load_parallel(&cfg, &src, 64, DType::F32, &Device::Cpu, TensorParallel::new(Arc::new(comm)))
+        .expect_err("TP=3 cannot split 8 heads")
+        .to_string();
+    assert!(e.contains("tensor parallel size 3") && e.contains("8 attention heads"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
