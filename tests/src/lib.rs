@@ -46,7 +46,7 @@ pub fn serve_args(model: &std::path::Path, extra: &[&str]) -> tessera::args::Ser
         }
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
-    match tessera::args::Cli::parse_from(argv).command {
+    match tessera::args::Cli::parse_from(tessera::args::normalize_argv(argv)).command {
         tessera::args::Command::Serve(a) => *a,
         other => panic!("not a serve command: {other:?}"),
     }

@@ -195,6 +195,9 @@ impl EngineHandle {
 
     /// Submit a request; each of its `n` choices streams on its own [`RequestStream`].
     pub fn submit(&self, mut req: EngineRequest) -> Result<Vec<RequestStream>, EngineError> {
+        if let Some(why) = self.stats.failure() {
+            return Err(EngineError::Failed(why));
+        }
         self.admit(&mut req)?;
         if req.criticality == Criticality::Sheddable && self.saturated() {
             return Err(EngineError::Overloaded(

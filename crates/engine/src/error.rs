@@ -15,6 +15,9 @@ pub enum EngineError {
     /// Refused now for lack of capacity (queue full, or sheddable while saturated): retry later.
     #[error("{0}")]
     Overloaded(String),
+    /// The engine lost a part it cannot run without (a tensor-parallel rank).
+    #[error("the engine stopped serving: {0}")]
+    Failed(String),
     /// The server is shutting down and the request did not finish in time.
     #[error("{0}")]
     Shutdown(String),

@@ -114,7 +114,16 @@ impl Core {
 
     fn handle(&mut self, c: Command) {
         match c {
-            Command::Add { first_id, req, txs, arrival } => self.add(first_id, *req, txs, arrival),
+            Command::Add { first_id, req, txs, arrival } => {
+                if let Some(why) = self.stats.failure() {
+                    for tx in txs {
+                        let _ = tx.send(Err(EngineError::Failed(why.clone())));
+                    }
+                    self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+                self.add(first_id, *req, txs, arrival)
+            }
             Command::Abort(id) => self.end(id, None),
             Command::AbortAll(err) => {
                 let ids: Vec<u64> = self.requests.keys().copied().collect();
@@ -247,6 +256,14 @@ impl Core {
                 tracing::error!("engine step failed: {e}");
                 for s in &out.plan.seqs {
                     self.end(s.seq_id, Some(Err(EngineError::Step(e.to_string()))));
+                }
+                if let Some(why) = self.executor.failure() {
+                    tracing::error!("the engine cannot continue: {why}; /health is 503 from now on");
+                    self.stats.set_failure(why.clone());
+                    let ids: Vec<u64> = self.requests.keys().copied().collect();
+                    for id in ids {
+                        self.end(id, Some(Err(EngineError::Failed(why.clone()))));
+                    }
                 }
                 return;
             }

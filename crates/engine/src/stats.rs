@@ -84,6 +84,8 @@ pub struct EngineStats {
     pub e2e: Histogram,
     /// Arrival → first scheduled.
     pub queue_time: Histogram,
+    /// Set when the executor can no longer run steps (a lost rank): the engine refuses work.
+    failure: Mutex<Option<String>>,
 }
 
 impl EngineStats {
@@ -110,6 +112,21 @@ impl EngineStats {
             itl: Histogram::new(ITL_BUCKETS),
             e2e: Histogram::new(REQUEST_BUCKETS),
             queue_time: Histogram::new(REQUEST_BUCKETS),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// Why the engine stopped serving, if it did.
+    pub fn failure(&self) -> Option<String> {
+        match self.failure.lock() {
+            Ok(f) => f.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn set_failure(&self, why: String) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(why);
         }
     }
 

@@ -34,20 +34,60 @@ impl Weight {
 }
 
 impl Weight {
-    /// Rows `start..start + len` along `dim`. A quantized weight is dequantized, sliced and
-    /// quantized again to its type (kept dense if the slice breaks the quantization blocks).
+    /// Rows `start..start + len` along `dim` (0 or 1 of a matrix), in storage of its own.
+    /// A quantized weight is sliced block-exactly when the cut falls on quantization blocks
+    /// (always for rows; for columns when `start` and `len` are multiples of the block size);
+    /// otherwise it is dequantized, sliced and quantized again.
     pub fn narrow(self, dim: usize, start: usize, len: usize) -> Result<Weight> {
         Ok(match self {
-            Weight::Dense(t) => Weight::Dense(t.narrow(dim, start, len)?.contiguous()?),
-            Weight::Quant(q) => {
-                let d = q.dequantize(&q.device())?.narrow(dim, start, len)?.contiguous()?;
-                match QTensor::quantize(&d, q.dtype()) {
-                    Ok(nq) => Weight::Quant(Arc::new(nq)),
-                    Err(_) => Weight::Dense(d),
+            // Own storage: the slice must not keep the whole tensor alive.
+            Weight::Dense(t) => Weight::Dense(t.narrow(dim, start, len)?.force_contiguous()?),
+            Weight::Quant(q) => match slice_blocks(&q, dim, start, len)? {
+                // candle's CPU dot products of the 32-element types want an even block count.
+                Some(exact) if dim == 1 && (len / q.dtype().block_size()) % 2 == 1 => {
+                    Weight::Dense(exact.dequantize(&q.device())?)
                 }
-            }
+                Some(exact) => Weight::Quant(Arc::new(exact)),
+                None => {
+                    let d = q.dequantize(&q.device())?.narrow(dim, start, len)?.force_contiguous()?;
+                    match QTensor::quantize(&d, q.dtype()) {
+                        Ok(nq) => Weight::Quant(Arc::new(nq)),
+                        Err(_) => Weight::Dense(d),
+                    }
+                }
+            },
         })
     }
+}
+
+/// Copy the quantization blocks of a row or column range of a 2-D quantized matrix, or `None`
+/// when the range does not fall on block boundaries.
+fn slice_blocks(q: &QTensor, dim: usize, start: usize, len: usize) -> Result<Option<QTensor>> {
+    let dims = q.shape().dims().to_vec();
+    let (dt, bs) = (q.dtype(), q.dtype().block_size());
+    if dims.len() != 2 || dim > 1 || !dims[1].is_multiple_of(bs) {
+        return Ok(None);
+    }
+    let (rows, cols) = (dims[0], dims[1]);
+    let row_bytes = cols / bs * dt.type_size();
+    let data = q.data()?;
+    if data.len() != rows * row_bytes {
+        return Ok(None);
+    }
+    let (bytes, new_dims) = if dim == 0 {
+        (data[start * row_bytes..(start + len) * row_bytes].to_vec(), vec![len, cols])
+    } else {
+        if !start.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Ok(None);
+        }
+        let (a, b) = (start / bs * dt.type_size(), (start + len) / bs * dt.type_size());
+        let mut out = Vec::with_capacity(rows * (b - a));
+        for r in 0..rows {
+            out.extend_from_slice(&data[r * row_bytes + a..r * row_bytes + b]);
+        }
+        (out, vec![rows, len])
+    };
+    Ok(Some(candle_core::quantized::ggml_file::qtensor_from_ggml(dt, &bytes, new_dims, &q.device())?))
 }
 
 /// A source of named weights, named in Hugging Face layout (`model.layers.0.self_attn.q_proj.weight`).
@@ -76,5 +116,43 @@ pub trait WeightSource {
         }
         let (a, b) = shard.range(full[shard.dim]);
         w.narrow(shard.dim, a, b - a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::GgmlDType;
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::Linear;
+
+    #[test]
+    fn quantized_row_and_column_shards_reproduce_the_full_product() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (64, 128), &dev).unwrap();
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap());
+        let x = Tensor::randn(0f32, 1.0, (5, 128), &dev).unwrap();
+        let full = Linear::from_weight(Weight::Quant(q.clone()), None).unwrap().forward(&x).unwrap();
+        let mut sum = Tensor::zeros((5, 64), DType::F32, &dev).unwrap();
+        for i in 0..2 {
+            let part = Weight::Quant(q.clone()).narrow(1, i * 64, 64).unwrap();
+            assert!(matches!(part, Weight::Quant(_)), "block-aligned: stays quantized");
+            let xi = x.narrow(1, i * 64, 64).unwrap().contiguous().unwrap();
+            sum = (sum + Linear::from_weight(part, None).unwrap().forward(&xi).unwrap()).unwrap();
+        }
+        let diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&full, &sum) < 1e-4, "row-parallel: {}", diff(&full, &sum));
+        let rows: Vec<Tensor> = (0..2)
+            .map(|i| {
+                let part = Weight::Quant(q.clone()).narrow(0, i * 32, 32).unwrap();
+                Linear::from_weight(part, None).unwrap().forward(&x).unwrap()
+            })
+            .collect();
+        assert_eq!(diff(&full, &Tensor::cat(&rows, 1).unwrap()), 0.0, "column-parallel is exact");
+        // 3 blocks per shard: kept dense (candle's Q4_1 kernel needs an even count), same values.
+        let odd = Weight::Quant(q.clone()).narrow(1, 0, 96).unwrap();
+        assert!(matches!(odd, Weight::Dense(_)));
     }
 }

@@ -9,6 +9,9 @@ pub enum RunnerError {
     Candle(#[from] candle_core::Error),
     #[error("invalid step plan: {0}")]
     Plan(String),
+    /// A tensor-parallel rank failed or disconnected; the group cannot continue.
+    #[error("tensor-parallel rank failure: {0}")]
+    Rank(String),
 }
 
 /// Result alias for this crate.

@@ -7,17 +7,24 @@
 
 mod error;
 mod plan;
+mod ranks;
 mod sampler;
 mod worker;
 
 pub use error::{Result, RunnerError};
 pub use plan::{SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, TokenLogprobs};
+pub use ranks::{decode_plan, encode_plan, follow_plans, TensorParallelExecutor};
 pub use sampler::sample;
 pub use worker::Worker;
 
 /// Something that executes step plans: the local [`Worker`], or a fan-out to several ranks.
 pub trait Executor: Send {
     fn execute(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>>;
+
+    /// Why this executor can no longer run steps (a lost rank), if it cannot.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 impl Executor for Worker {

@@ -84,6 +84,16 @@ impl Worker {
         Ok(self.model.forward(&input, &self.cache)?)
     }
 
+    /// The forward of a step as a non-sampling rank runs it (same collectives as rank 0).
+    pub fn forward_logits_for_sampling(&mut self, plan: &StepPlan) -> Result<()> {
+        if plan.seqs.is_empty() {
+            return Ok(());
+        }
+        let input = self.batch(plan, false)?;
+        self.model.forward(&input, &self.cache)?;
+        Ok(())
+    }
+
     /// Run one step and sample a token for every sequence that asks for one.
     pub fn execute(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>> {
         if plan.seqs.is_empty() {

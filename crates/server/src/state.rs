@@ -107,7 +107,8 @@ impl AppState {
     }
 
     pub(crate) fn is_ready(&self) -> bool {
-        self.inner.model.get().is_some() && !self.inner.draining.load(Ordering::SeqCst)
+        self.inner.model.get().is_some_and(|m| m.engine.stats().failure().is_none())
+            && !self.inner.draining.load(Ordering::SeqCst)
     }
 
     pub(crate) fn loaded(&self) -> Option<&ServedModel> {

@@ -81,6 +81,12 @@ pub struct ServeArgs {
     /// Context length (prompt + output); defaults to the model's.
     #[arg(long, env = "TESSERA_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
+    /// Tensor-parallel ranks (`-tp`): attention heads and MLP split over this many ranks.
+    #[arg(long, default_value_t = 1, env = "TESSERA_TENSOR_PARALLEL_SIZE")]
+    pub tensor_parallel_size: usize,
+    /// Pipeline-parallel stages (`-pp`).
+    #[arg(long, default_value_t = 1, env = "TESSERA_PIPELINE_PARALLEL_SIZE")]
+    pub pipeline_parallel_size: usize,
     /// Maximum sequences in one batch.
     #[arg(long, default_value_t = 256, env = "TESSERA_MAX_NUM_SEQS")]
     pub max_num_seqs: usize,
@@ -160,6 +166,18 @@ impl ServeArgs {
     pub fn chunked_prefill(&self) -> bool {
         !self.no_enable_chunked_prefill
     }
+}
+
+/// vLLM's single-dash short forms (`-tp 2`, `-pp 2`) as their long flags, so that
+/// command lines written for `vllm serve` parse.
+pub fn normalize_argv(argv: impl IntoIterator<Item = String>) -> Vec<String> {
+    argv.into_iter()
+        .map(|a| match a.as_str() {
+            "-tp" => "--tensor-parallel-size".to_string(),
+            "-pp" => "--pipeline-parallel-size".to_string(),
+            _ => a,
+        })
+        .collect()
 }
 
 /// Parse a byte size such as `2147483648`, `512M`, `2GiB`, `1.5G`.

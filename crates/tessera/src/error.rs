@@ -12,6 +12,8 @@ pub enum ServeError {
     Model(#[from] tessera_models::ModelError),
     #[error(transparent)]
     Runner(#[from] tessera_runner::RunnerError),
+    #[error(transparent)]
+    Comm(#[from] tessera_parallel::CommError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }

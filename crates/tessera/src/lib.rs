@@ -7,6 +7,7 @@
 
 pub mod args;
 mod error;
+mod ranks;
 mod serve;
 pub mod tls;
 
@@ -17,7 +18,7 @@ pub use serve::{launch, load_model, Running};
 /// (Shared by `tessera` and the test harness's copy of it.)
 pub fn main_entry() -> std::process::ExitCode {
     use clap::Parser;
-    let cli = args::Cli::parse();
+    let cli = args::Cli::parse_from(args::normalize_argv(std::env::args()));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use tessera_engine::{EngineConfig, EngineError, Policy, SchedulerConfig};
-use tessera_models::{KvCache, Llama};
+use tessera_models::{HeadLayout, KvCache, Llama};
 use tessera_protocol::ModelDefaults;
-use tessera_runner::Worker;
+use tessera_runner::{Executor, Worker};
 use tessera_server::{AppState, ChatTemplate, ModelInfo, ServedModel};
 use tokio::sync::oneshot;
 
@@ -104,6 +104,15 @@ fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     if a.max_num_seqs == 0 {
         return bad("--max-num-seqs must be at least 1".into());
     }
+    if a.tensor_parallel_size == 0 {
+        return bad("--tensor-parallel-size must be at least 1".into());
+    }
+    if a.pipeline_parallel_size != 1 {
+        return bad(format!(
+            "--pipeline-parallel-size {} is not available yet (only 1); use --tensor-parallel-size",
+            a.pipeline_parallel_size
+        ));
+    }
     if a.max_num_batched_tokens == 0 {
         return bad("--max-num-batched-tokens must be at least 1".into());
     }
@@ -182,10 +191,10 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
             a.max_num_batched_tokens
         )));
     }
-    let model = Llama::load(&cfg, lm.weights.as_ref(), max_model_len, dtype, &device)?;
-    drop(lm.weights);
+    let tp = a.tensor_parallel_size;
+    let heads = HeadLayout::new(&cfg, 0, tp).map_err(|e| ServeError::Config(format!("--tensor-parallel-size: {e}")))?;
     let kv_bytes = parse_bytes(&a.kv_cache_memory).map_err(ServeError::Config)? as usize;
-    let per_block = KvCache::bytes_per_block(cfg.num_layers, a.block_size, cfg.num_kv_heads, cfg.head_dim, dtype);
+    let per_block = KvCache::bytes_per_block(cfg.num_layers, a.block_size, heads.kv_heads, cfg.head_dim, dtype);
     let num_blocks = kv_bytes / per_block;
     if num_blocks * a.block_size < max_model_len {
         return Err(ServeError::Config(format!(
@@ -196,14 +205,33 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
         )));
     }
     tracing::info!(
-        "KV cache: {num_blocks} blocks of {} tokens ({} tokens, {:.1} MiB, {:?}); maximum concurrency at max_model_len={max_model_len}: {:.2}x",
+        "KV cache: {num_blocks} blocks of {} tokens ({} tokens, {:.1} MiB per rank, {:?}); maximum concurrency at max_model_len={max_model_len}: {:.2}x",
         a.block_size,
         num_blocks * a.block_size,
         (num_blocks * per_block) as f64 / (1024.0 * 1024.0),
         dtype,
         (num_blocks * a.block_size) as f64 / max_model_len as f64
     );
-    let worker = Worker::new(model, num_blocks, a.block_size)?;
+    let executor: Box<dyn Executor> = if tp == 1 {
+        let model = Llama::load(&cfg, lm.weights.as_ref(), max_model_len, dtype, &device)?;
+        Box::new(Worker::new(model, num_blocks, a.block_size)?)
+    } else {
+        if matches!(lm.format, tessera_loader::ModelFormat::Gguf(_)) {
+            tracing::info!(
+                "tensor parallel over quantized GGUF weights: each rank dequantizes, slices and requantizes its shards"
+            );
+        }
+        let setup = crate::ranks::RankSetup {
+            model: Path::new(&a.model).to_path_buf(),
+            dtype,
+            device: device.clone(),
+            max_model_len,
+            num_blocks,
+            block_size: a.block_size,
+        };
+        crate::ranks::start(&setup, tp, &cfg, lm.weights.as_ref())?
+    };
+    drop(lm.weights);
     let template = chat_template(a.chat_template.as_deref(), &lm.tokenizer)?;
     let tok = lm.tokenizer;
     let engine = tessera_engine::spawn(
@@ -223,7 +251,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
             },
             max_queued_requests: a.max_queued_requests,
         },
-        Box::new(worker),
+        executor,
         tok.tokenizer.clone(),
         tok.eos_token_ids.clone(),
     );

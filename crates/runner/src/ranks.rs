@@ -1,0 +1,173 @@
+//! Tensor-parallel execution: rank 0 sends each step's plan to the other ranks (which only
+//! execute, never schedule), then every rank runs the same forward, meeting in the
+//! collectives; only rank 0 samples.
+//!
+//! The plan travels as a compact binary message; an empty message tells the ranks to stop.
+
+use std::sync::Arc;
+
+use tessera_models::Communicator;
+
+use crate::{Executor, Result, RunnerError, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, Worker};
+
+fn put_u32(out: &mut Vec<u8>, v: usize) {
+    out.extend_from_slice(&(v as u32).to_le_bytes());
+}
+
+/// The plan as the other ranks need it: tokens, positions, block tables, and which sequences
+/// want logits (sampling settings stay on rank 0).
+pub fn encode_plan(plan: &StepPlan) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + plan.num_tokens() * 4);
+    put_u32(&mut out, plan.seqs.len());
+    for s in &plan.seqs {
+        out.extend_from_slice(&s.seq_id.to_le_bytes());
+        put_u32(&mut out, s.start_pos);
+        out.push(u8::from(s.sample.is_some()));
+        put_u32(&mut out, s.tokens.len());
+        s.tokens.iter().for_each(|&t| put_u32(&mut out, t as usize));
+        put_u32(&mut out, s.block_table.len());
+        s.block_table.iter().for_each(|&b| put_u32(&mut out, b as usize));
+    }
+    out
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let s = self.b.get(self.at..self.at + n).ok_or_else(|| RunnerError::Plan("truncated plan message".into()))?;
+        self.at += n;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+
+    fn u32s(&mut self) -> Result<Vec<u32>> {
+        let n = self.u32()? as usize;
+        if n > self.b.len() / 4 {
+            return Err(RunnerError::Plan(format!("plan message claims {n} entries")));
+        }
+        (0..n).map(|_| self.u32()).collect()
+    }
+}
+
+pub fn decode_plan(b: &[u8]) -> Result<StepPlan> {
+    let mut r = Reader { b, at: 0 };
+    let n = r.u32()? as usize;
+    let mut seqs = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let id = u64::from_le_bytes(r.take(8)?.try_into().map_err(|_| RunnerError::Plan("seq id".into()))?);
+        let start_pos = r.u32()? as usize;
+        let sample = r.take(1)?[0] != 0;
+        let tokens = r.u32s()?;
+        let block_table = r.u32s()?;
+        seqs.push(SeqStep {
+            seq_id: id,
+            tokens,
+            start_pos,
+            block_table,
+            sample: sample.then(|| SampleSpec {
+                config: SamplingConfig::default(),
+                output_index: 0,
+                history: vec![],
+                prompt_len: 0,
+            }),
+        });
+    }
+    Ok(StepPlan { seqs })
+}
+
+/// Rank 0's executor: broadcast the plan, then execute and sample locally.
+pub struct TensorParallelExecutor {
+    worker: Worker,
+    comm: Arc<dyn Communicator>,
+    failed: Option<String>,
+}
+
+impl TensorParallelExecutor {
+    pub fn new(worker: Worker, comm: Arc<dyn Communicator>) -> Self {
+        Self { worker, comm, failed: None }
+    }
+}
+
+impl Executor for TensorParallelExecutor {
+    fn execute(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>> {
+        if let Some(e) = &self.failed {
+            return Err(RunnerError::Rank(e.clone()));
+        }
+        if plan.seqs.is_empty() {
+            return Ok(vec![]);
+        }
+        let r = self
+            .comm
+            .broadcast_bytes(&encode_plan(plan), 0)
+            .map_err(|e| RunnerError::Rank(e.to_string()))
+            .and_then(|_| self.worker.execute(plan));
+        if let Err(e) = &r {
+            // A rank that fails a collective leaves the group unusable.
+            self.failed = Some(e.to_string());
+            return Err(RunnerError::Rank(e.to_string()));
+        }
+        r
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed.clone()
+    }
+}
+
+impl Drop for TensorParallelExecutor {
+    fn drop(&mut self) {
+        if self.failed.is_none() {
+            let _ = self.comm.broadcast_bytes(&[], 0);
+        }
+    }
+}
+
+/// A non-zero rank: execute every plan rank 0 sends until told to stop. Returns the error
+/// that ended it, if any.
+pub fn follow_plans(mut worker: Worker, comm: Arc<dyn Communicator>) -> Result<()> {
+    loop {
+        let msg = comm.broadcast_bytes(&[], 0).map_err(|e| RunnerError::Rank(e.to_string()))?;
+        if msg.is_empty() {
+            return Ok(());
+        }
+        let plan = decode_plan(&msg)?;
+        worker.forward_logits_for_sampling(&plan)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_round_trip_without_sampling_settings() {
+        let plan = StepPlan {
+            seqs: vec![
+                SeqStep { seq_id: 7, tokens: vec![1, 2, 3], start_pos: 0, block_table: vec![4, 5], sample: None },
+                SeqStep {
+                    seq_id: u64::MAX,
+                    tokens: vec![9],
+                    start_pos: 40,
+                    block_table: vec![0, 1, 2],
+                    sample: Some(SampleSpec {
+                        config: SamplingConfig::default(),
+                        output_index: 0,
+                        history: vec![],
+                        prompt_len: 0,
+                    }),
+                },
+            ],
+        };
+        assert_eq!(decode_plan(&encode_plan(&plan)).unwrap(), plan);
+        assert!(decode_plan(&encode_plan(&plan)[..10]).is_err());
+        assert!(decode_plan(&[255, 255, 255, 255]).is_err());
+    }
+}
