@@ -71,6 +71,11 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Start `bin serve MODEL` on a free loopback port with `extra` flags and wait for `/health`.
     pub async fn start(bin: &str, model: &std::path::Path, extra: &[&str]) -> Self {
+        Self::start_with_env(bin, model, extra, &[]).await
+    }
+
+    /// [`WorkerProcess::start`] with extra environment variables.
+    pub async fn start_with_env(bin: &str, model: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
         let log = std::env::temp_dir().join(format!("tessera-worker-{}-{port}.log", std::process::id()));
         let stderr = std::fs::File::create(&log).expect("log file");
@@ -86,6 +91,7 @@ impl WorkerProcess {
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = std::process::Command::new(bin)
             .args(&args)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
             .spawn()

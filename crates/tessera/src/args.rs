@@ -87,6 +87,16 @@ pub struct ServeArgs {
     /// Pipeline-parallel stages (`-pp`).
     #[arg(long, default_value_t = 1, env = "TESSERA_PIPELINE_PARALLEL_SIZE")]
     pub pipeline_parallel_size: usize,
+    /// Port of rank 0's rendezvous on the leader (LeaderWorkerSet groups; a single pod picks a
+    /// free loopback port).
+    #[arg(long, default_value_t = 29500, env = "TESSERA_RENDEZVOUS_PORT")]
+    pub rendezvous_port: u16,
+    /// Seconds ranks wait for each other at start-up; past it start-up fails naming the missing ranks.
+    #[arg(long, default_value_t = 60.0, env = "TESSERA_RANK_JOIN_TIMEOUT")]
+    pub rank_join_timeout: f64,
+    /// Serve no HTTP: host this pod's ranks for the leader (LeaderWorkerSet worker pods).
+    #[arg(long, env = "TESSERA_HEADLESS")]
+    pub headless: bool,
     /// Maximum sequences in one batch.
     #[arg(long, default_value_t = 256, env = "TESSERA_MAX_NUM_SEQS")]
     pub max_num_seqs: usize,

@@ -7,12 +7,12 @@
 
 pub mod args;
 mod error;
-mod ranks;
+pub mod ranks;
 mod serve;
 pub mod tls;
 
 pub use error::ServeError;
-pub use serve::{launch, load_model, Running};
+pub use serve::{is_worker_pod, launch, load_model, run_worker_pod, Running};
 
 /// The whole binary: parse `std::env::args`, set up logging, run, map errors to the exit code.
 /// (Shared by `tessera` and the test harness's copy of it.)
@@ -43,6 +43,7 @@ pub fn run(cli: args::Cli) -> Result<(), ServeError> {
             tracing::info!("wrote a Hugging Face copy of {} to {}", gguf.display(), out_dir.display());
             Ok(())
         }
+        args::Command::Serve(a) if is_worker_pod(&a)? => run_worker_pod(&a),
         args::Command::Serve(a) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(ServeError::Io)?;
             rt.block_on(async move {

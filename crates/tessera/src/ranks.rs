@@ -1,8 +1,12 @@
-//! Local tensor-parallel ranks: rank 0 (the engine's executor) plus ranks 1.. on their own
-//! threads, talking over the CPU back-end on loopback — the same code path as ranks in
-//! separate processes. Threads, not processes, because on one CPU device the ranks share the
-//! process's memory-mapped weights and there is nothing to isolate; the communication is the
-//! same TCP mesh either way.
+//! Tensor-parallel ranks. Rank 0 is the engine's executor; the other ranks of this pod run on
+//! their own threads, and under a LeaderWorkerSet the ranks of worker pods join over the
+//! network — the same CPU TCP back-end either way. Threads rather than processes inside a
+//! pod because on one CPU device the ranks share the process's memory-mapped weights and
+//! there is nothing to isolate; the communication code path is identical.
+//!
+//! Topology: `LWS_GROUP_SIZE` pods, this one `LWS_WORKER_INDEX` (0 = leader, which serves
+//! HTTP), each hosting `tp / group` consecutive ranks; rank 0's rendezvous listens on the
+//! leader at `--rendezvous-port`.
 
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
@@ -15,6 +19,55 @@ use tessera_runner::{follow_plans, Executor, TensorParallelExecutor, Worker};
 
 use crate::ServeError;
 
+/// Where this process sits in the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// Pods in the group (1 without LeaderWorkerSet).
+    pub group_size: usize,
+    /// This pod's index; 0 serves HTTP.
+    pub index: usize,
+    /// `host:port` of rank 0's rendezvous.
+    pub leader: String,
+}
+
+impl Topology {
+    /// From the LeaderWorkerSet environment (`LWS_LEADER_ADDRESS`, `LWS_GROUP_SIZE`,
+    /// `LWS_WORKER_INDEX`), or a single pod whose ranks meet on loopback.
+    pub fn from_env(rendezvous_port: u16) -> Result<Self, ServeError> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let num =
+            |k: &str, v: String| v.parse::<usize>().map_err(|_| ServeError::Config(format!("{k}={v} is not a number")));
+        let group_size = var("LWS_GROUP_SIZE").map(|v| num("LWS_GROUP_SIZE", v)).transpose()?.unwrap_or(1);
+        if group_size <= 1 {
+            // One pod: the ranks meet on loopback at a free port (several workers may share a host).
+            let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())?.port();
+            let _ = rendezvous_port;
+            return Ok(Self { group_size: 1, index: 0, leader: format!("127.0.0.1:{port}") });
+        }
+        let index = var("LWS_WORKER_INDEX").map(|v| num("LWS_WORKER_INDEX", v)).transpose()?.unwrap_or(0);
+        if index >= group_size {
+            return Err(ServeError::Config(format!(
+                "LWS_WORKER_INDEX={index} is not below LWS_GROUP_SIZE={group_size}"
+            )));
+        }
+        let host = var("LWS_LEADER_ADDRESS")
+            .ok_or_else(|| ServeError::Config("LWS_GROUP_SIZE > 1 needs LWS_LEADER_ADDRESS".into()))?;
+        Ok(Self { group_size, index, leader: format!("{host}:{rendezvous_port}") })
+    }
+
+    /// The global ranks this pod hosts, or an error when `tp` does not spread evenly.
+    pub fn local_ranks(&self, tp: usize) -> Result<std::ops::Range<usize>, ServeError> {
+        if !tp.is_multiple_of(self.group_size) {
+            return Err(ServeError::Config(format!(
+                "--tensor-parallel-size {tp} does not spread evenly over LWS_GROUP_SIZE={} pods",
+                self.group_size
+            )));
+        }
+        let per = tp / self.group_size;
+        Ok(self.index * per..(self.index + 1) * per)
+    }
+}
+
 /// What every rank needs to build its share of the model.
 #[derive(Clone)]
 pub(crate) struct RankSetup {
@@ -24,10 +77,20 @@ pub(crate) struct RankSetup {
     pub max_model_len: usize,
     pub num_blocks: usize,
     pub block_size: usize,
+    pub tp: usize,
+    pub topology: Topology,
+    pub join_timeout: Duration,
 }
+
+/// (rank, outcome) reports of follower threads: first their load, then how they ended.
+type RankReports = mpsc::Receiver<(usize, Result<(), String>)>;
 
 /// How long the other ranks may take to load before start-up fails.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn join(s: &RankSetup, rank: usize) -> Result<Arc<dyn Communicator>, ServeError> {
+    Ok(Arc::new(TcpComm::join(rank, s.tp, &s.topology.leader, s.join_timeout, s.device.clone())?))
+}
 
 fn rank_worker(s: &RankSetup, comm: Arc<dyn Communicator>) -> Result<Worker, ServeError> {
     let lm = tessera_loader::open(&s.model, s.dtype, &s.device)?;
@@ -42,54 +105,86 @@ fn rank_worker(s: &RankSetup, comm: Arc<dyn Communicator>) -> Result<Worker, Ser
     Ok(Worker::new(model, s.num_blocks, s.block_size)?)
 }
 
-/// Start ranks `1..tp` and build rank 0 from `weights`; returns rank 0's executor once every
-/// rank has loaded, or an error naming the rank that could not.
-pub(crate) fn start(
-    s: &RankSetup,
-    tp: usize,
-    cfg: &tessera_models::ModelConfig,
-    weights: &dyn WeightSource,
-) -> Result<Box<dyn Executor>, ServeError> {
-    let mut comms = TcpComm::local_group(tp, s.device.clone())?.into_iter();
-    let c0: Arc<dyn Communicator> = match comms.next() {
-        Some(c) => Arc::new(c),
-        None => return Err(ServeError::Config("an empty rank group".into())),
-    };
+/// Start the follower ranks of this pod on threads; each reports (rank, load result) on the
+/// returned channel, then follows plans until the group ends.
+fn spawn_followers(s: &RankSetup, ranks: impl Iterator<Item = usize>) -> Result<RankReports, ServeError> {
     let (tx, rx) = mpsc::channel();
-    for (i, comm) in comms.enumerate() {
-        let (rank, s, tx) = (i + 1, s.clone(), tx.clone());
-        let comm: Arc<dyn Communicator> = Arc::new(comm);
+    for rank in ranks {
+        let (s, tx) = (s.clone(), tx.clone());
         std::thread::Builder::new()
             .name(format!("tessera-rank-{rank}"))
-            .spawn(move || match rank_worker(&s, comm.clone()) {
-                Ok(w) => {
-                    let _ = tx.send((rank, Ok(())));
-                    if let Err(e) = follow_plans(w, comm) {
-                        tracing::error!("tensor-parallel rank {rank} stopped: {e}");
+            .spawn(move || {
+                let built = join(&s, rank).and_then(|c| rank_worker(&s, c.clone()).map(|w| (w, c)));
+                match built {
+                    Ok((w, comm)) => {
+                        let _ = tx.send((rank, Ok(())));
+                        let end = follow_plans(w, comm);
+                        if let Err(e) = &end {
+                            tracing::error!("tensor-parallel rank {rank} stopped: {e}");
+                        }
+                        let _ = tx.send((rank, end.map_err(|e| e.to_string())));
                     }
-                }
-                Err(e) => {
-                    let _ = tx.send((rank, Err(e.to_string())));
+                    Err(e) => {
+                        let _ = tx.send((rank, Err(e.to_string())));
+                    }
                 }
             })
             .map_err(ServeError::Io)?;
     }
-    let model =
-        Llama::load_parallel(cfg, weights, s.max_model_len, s.dtype, &s.device, TensorParallel::new(c0.clone()))?;
-    let worker = Worker::new(model, s.num_blocks, s.block_size)?;
-    for _ in 1..tp {
+    Ok(rx)
+}
+
+fn wait_loaded(rx: &RankReports, n: usize) -> Result<(), ServeError> {
+    for _ in 0..n {
         match rx.recv_timeout(LOAD_TIMEOUT) {
             Ok((_, Ok(()))) => {}
-            Ok((rank, Err(e))) => {
-                return Err(ServeError::Config(format!("tensor-parallel rank {rank} failed to load: {e}")))
-            }
+            Ok((rank, Err(e))) => return Err(ServeError::Config(format!("tensor-parallel rank {rank} failed: {e}"))),
             Err(_) => {
-                return Err(ServeError::Config(format!(
-                    "tensor-parallel ranks did not finish loading within {LOAD_TIMEOUT:?}"
-                )))
+                return Err(ServeError::Config(format!("tensor-parallel ranks did not load within {LOAD_TIMEOUT:?}")))
             }
         }
     }
-    tracing::info!("tensor parallel: {tp} ranks loaded (threads, CPU TCP back-end on loopback)");
+    Ok(())
+}
+
+/// On the leader pod: start this pod's other ranks, build rank 0 from `weights`, and return
+/// rank 0's executor once every local rank has joined and loaded (remote ranks are waited
+/// for by the rendezvous, which names any that never arrive).
+pub(crate) fn start_leader(
+    s: &RankSetup,
+    cfg: &tessera_models::ModelConfig,
+    weights: &dyn WeightSource,
+) -> Result<Box<dyn Executor>, ServeError> {
+    let local = s.topology.local_ranks(s.tp)?;
+    let rx = spawn_followers(s, local.clone().skip(1))?;
+    let c0 = join(s, 0)?;
+    let model =
+        Llama::load_parallel(cfg, weights, s.max_model_len, s.dtype, &s.device, TensorParallel::new(c0.clone()))?;
+    let worker = Worker::new(model, s.num_blocks, s.block_size)?;
+    wait_loaded(&rx, local.len() - 1)?;
+    tracing::info!(
+        "tensor parallel: {} ranks over {} pod(s), rendezvous at {}",
+        s.tp,
+        s.topology.group_size,
+        s.topology.leader
+    );
     Ok(Box::new(TensorParallelExecutor::new(worker, c0)))
+}
+
+/// On a worker pod: run this pod's ranks until the group ends; an error names the rank.
+pub(crate) fn run_worker_pod(s: &RankSetup) -> Result<(), ServeError> {
+    let local = s.topology.local_ranks(s.tp)?;
+    let rx = spawn_followers(s, local.clone())?;
+    wait_loaded(&rx, local.len())?;
+    tracing::info!(
+        "worker pod {}: ranks {local:?} joined {} and follow its plans",
+        s.topology.index,
+        s.topology.leader
+    );
+    for _ in local.clone() {
+        if let Ok((rank, Err(e))) = rx.recv() {
+            return Err(ServeError::Config(format!("tensor-parallel rank {rank} stopped: {e}")));
+        }
+    }
+    Ok(())
 }

@@ -104,6 +104,9 @@ fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     if a.max_num_seqs == 0 {
         return bad("--max-num-seqs must be at least 1".into());
     }
+    if !(a.rank_join_timeout.is_finite() && a.rank_join_timeout > 0.0) {
+        return bad(format!("--rank-join-timeout must be a number of seconds > 0, got {}", a.rank_join_timeout));
+    }
     if a.tensor_parallel_size == 0 {
         return bad("--tensor-parallel-size must be at least 1".into());
     }
@@ -171,13 +174,14 @@ fn chat_template(
         .transpose()
 }
 
-/// Load the model, size the KV cache and start the engine. Blocking (run it off the runtime).
-pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
-    let t0 = std::time::Instant::now();
-    let device = pick_device(a.device)?;
-    let dtype = pick_dtype(a.dtype, &device);
-    let lm = tessera_loader::open(Path::new(&a.model), dtype, &device)?;
-    let cfg = lm.config.clone();
+/// Context length, KV blocks per rank and bytes per block, checked against the model.
+struct Sizing {
+    max_model_len: usize,
+    num_blocks: usize,
+    per_block: usize,
+}
+
+fn size_engine(a: &ServeArgs, cfg: &tessera_models::ModelConfig, dtype: DType) -> Result<Sizing, ServeError> {
     let max_model_len = a.max_model_len.unwrap_or(cfg.max_position_embeddings);
     if max_model_len == 0 || max_model_len > cfg.max_position_embeddings {
         return Err(ServeError::Config(format!(
@@ -191,8 +195,8 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
             a.max_num_batched_tokens
         )));
     }
-    let tp = a.tensor_parallel_size;
-    let heads = HeadLayout::new(&cfg, 0, tp).map_err(|e| ServeError::Config(format!("--tensor-parallel-size: {e}")))?;
+    let heads = HeadLayout::new(cfg, 0, a.tensor_parallel_size)
+        .map_err(|e| ServeError::Config(format!("--tensor-parallel-size: {e}")))?;
     let kv_bytes = parse_bytes(&a.kv_cache_memory).map_err(ServeError::Config)? as usize;
     let per_block = KvCache::bytes_per_block(cfg.num_layers, a.block_size, heads.kv_heads, cfg.head_dim, dtype);
     let num_blocks = kv_bytes / per_block;
@@ -204,6 +208,60 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
             num_blocks * a.block_size
         )));
     }
+    Ok(Sizing { max_model_len, num_blocks, per_block })
+}
+
+fn rank_setup(
+    a: &ServeArgs,
+    sz: &Sizing,
+    dtype: DType,
+    device: &Device,
+) -> Result<crate::ranks::RankSetup, ServeError> {
+    Ok(crate::ranks::RankSetup {
+        model: Path::new(&a.model).to_path_buf(),
+        dtype,
+        device: device.clone(),
+        max_model_len: sz.max_model_len,
+        num_blocks: sz.num_blocks,
+        block_size: a.block_size,
+        tp: a.tensor_parallel_size,
+        topology: crate::ranks::Topology::from_env(a.rendezvous_port)?,
+        join_timeout: Duration::from_secs_f64(a.rank_join_timeout),
+    })
+}
+
+/// A LeaderWorkerSet worker pod (or `--headless`): host this pod's ranks, serve no HTTP,
+/// return when the group ends.
+pub fn run_worker_pod(a: &ServeArgs) -> Result<(), ServeError> {
+    validate(a)?;
+    let device = pick_device(a.device)?;
+    let dtype = pick_dtype(a.dtype, &device);
+    let cfg = tessera_loader::open(Path::new(&a.model), dtype, &device)?.config;
+    let sz = size_engine(a, &cfg, dtype)?;
+    crate::ranks::run_worker_pod(&rank_setup(a, &sz, dtype, &device)?)
+}
+
+/// Whether this process is a worker pod of a multi-pod group (or asked to be headless).
+pub fn is_worker_pod(a: &ServeArgs) -> Result<bool, ServeError> {
+    let t = crate::ranks::Topology::from_env(a.rendezvous_port)?;
+    if a.headless && t.index == 0 {
+        return Err(ServeError::Config(
+            "--headless is for worker pods (LWS_WORKER_INDEX > 0); the leader serves HTTP".into(),
+        ));
+    }
+    Ok(t.index > 0)
+}
+
+/// Load the model, size the KV cache and start the engine. Blocking (run it off the runtime).
+pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
+    let t0 = std::time::Instant::now();
+    let device = pick_device(a.device)?;
+    let dtype = pick_dtype(a.dtype, &device);
+    let lm = tessera_loader::open(Path::new(&a.model), dtype, &device)?;
+    let cfg = lm.config.clone();
+    let sz = size_engine(a, &cfg, dtype)?;
+    let (max_model_len, num_blocks, per_block) = (sz.max_model_len, sz.num_blocks, sz.per_block);
+    let tp = a.tensor_parallel_size;
     tracing::info!(
         "KV cache: {num_blocks} blocks of {} tokens ({} tokens, {:.1} MiB per rank, {:?}); maximum concurrency at max_model_len={max_model_len}: {:.2}x",
         a.block_size,
@@ -221,15 +279,8 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
                 "tensor parallel over quantized GGUF weights: each rank dequantizes, slices and requantizes its shards"
             );
         }
-        let setup = crate::ranks::RankSetup {
-            model: Path::new(&a.model).to_path_buf(),
-            dtype,
-            device: device.clone(),
-            max_model_len,
-            num_blocks,
-            block_size: a.block_size,
-        };
-        crate::ranks::start(&setup, tp, &cfg, lm.weights.as_ref())?
+        let setup = rank_setup(a, &sz, dtype, &device)?;
+        crate::ranks::start_leader(&setup, &cfg, lm.weights.as_ref())?
     };
     drop(lm.weights);
     let template = chat_template(a.chat_template.as_deref(), &lm.tokenizer)?;
