@@ -41,14 +41,22 @@ pub(crate) fn f32s(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 pub(crate) fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    let mut out = vec![0u8; v.len() * 4];
+    for (o, x) in out.chunks_exact_mut(4).zip(v) {
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+    out
 }
 
 pub(crate) fn bytes_f32(b: &[u8], peer: usize) -> Result<Vec<f32>> {
     if !b.len().is_multiple_of(4) {
         return Err(CommError::Protocol { rank: peer, what: format!("{} bytes is not a list of f32", b.len()) });
     }
-    Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    let mut out = vec![0f32; b.len() / 4];
+    for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    Ok(out)
 }
 
 fn dtype_code(d: DType) -> Result<u8> {
