@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
-use tessera_models::{ModelConfig, ModelError, Weight, WeightSource};
+use tessera_models::{ModelConfig, ModelError, Shard, Weight, WeightSource};
 
 use crate::{LoadError, Result};
 
@@ -101,5 +101,45 @@ impl WeightSource for SafetensorsSource {
 
     fn contains(&self, name: &str) -> bool {
         self.st.get(name).is_ok()
+    }
+
+    /// Copies only the shard's bytes out of the memory map: whole rows for `dim` 0, a run of
+    /// each row for `dim` 1 — the rest of the file is never touched by this rank.
+    fn get_shard(&self, name: &str, full: &[usize], shard: Shard) -> tessera_models::Result<Weight> {
+        if shard.is_full() || shard.dim > 1 || full.len() > 2 || (shard.dim == 1 && full.len() != 2) {
+            return tessera_models::WeightSource::get_shard_by_narrowing(self, name, full, shard);
+        }
+        let where_ = || format!("{}: tensor {name}", self.dir.display());
+        let view =
+            self.st.get(name).map_err(|_| ModelError::MissingWeight(format!("{name} (in {})", self.dir.display())))?;
+        if view.shape() != full {
+            return Err(ModelError::Shape { name: name.into(), got: view.shape().to_vec(), expected: full.to_vec() });
+        }
+        let dtype = DType::try_from(view.dtype()).map_err(|e| ModelError::Source(format!("{}: {e}", where_())))?;
+        let elem = dtype.size_in_bytes();
+        let data = view.data();
+        let (a, b) = shard.range(full[shard.dim]);
+        let cols = if full.len() == 2 { full[1] } else { 1 };
+        let (bytes, shape) = if shard.dim == 0 {
+            let row = cols * elem;
+            let mut shape = full.to_vec();
+            shape[0] = b - a;
+            (data.get(a * row..b * row).map(<[u8]>::to_vec), shape)
+        } else {
+            let mut out = Vec::with_capacity(full[0] * (b - a) * elem);
+            for r in 0..full[0] {
+                match data.get((r * cols + a) * elem..(r * cols + b) * elem) {
+                    Some(run) => out.extend_from_slice(run),
+                    None => break,
+                }
+            }
+            let ok = out.len() == full[0] * (b - a) * elem;
+            (ok.then_some(out), vec![full[0], b - a])
+        };
+        let bytes = bytes.ok_or_else(|| ModelError::Source(format!("{}: data shorter than its shape", where_())))?;
+        let t = candle_core::Tensor::from_raw_buffer(&bytes, dtype, &shape, &self.device)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(|e| ModelError::Source(format!("{}: {e}", where_())))?;
+        Ok(Weight::Dense(t))
     }
 }

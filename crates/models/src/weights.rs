@@ -110,6 +110,11 @@ pub trait WeightSource {
     /// Fetch one rank's part of a weight whose full shape is `full`. The default fetches the
     /// whole weight and slices it; sources that can read only the part override this.
     fn get_shard(&self, name: &str, full: &[usize], shard: Shard) -> Result<Weight> {
+        self.get_shard_by_narrowing(name, full, shard)
+    }
+
+    /// [`WeightSource::get_shard`]'s default: the whole weight, then the slice.
+    fn get_shard_by_narrowing(&self, name: &str, full: &[usize], shard: Shard) -> Result<Weight> {
         let w = self.get_checked(name, full)?;
         if shard.is_full() {
             return Ok(w);
