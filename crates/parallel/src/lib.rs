@@ -7,10 +7,14 @@
 //! Must not touch: models, scheduling or HTTP — it moves tensors and bytes, nothing else.
 
 mod error;
+#[cfg(feature = "cuda")]
+mod nccl;
 mod tcp;
 mod wire;
 
 pub use error::{CommError, Result};
+#[cfg(feature = "cuda")]
+pub use nccl::NcclComm;
 pub use tcp::{TcpComm, DEFAULT_JOIN_TIMEOUT};
 
 use candle_core::Tensor;
