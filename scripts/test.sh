@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command (README, and .ci/run): formatting, lints, then every test
-# of the workspace on the real SmolLM2 weights.
+# The project's test command (README, and .ci/run): formatting, lints, every test
+# of the workspace on the real SmolLM2 weights, then the `cuda` feature compile check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -10,3 +10,5 @@ scripts/fetch-models.sh >/dev/null
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast 2>&1
+# The CUDA build (candle's CUDA back-end and kernels, NCCL) must compile: nvcc from PyPI wheels.
+scripts/cuda-check.sh
