@@ -8,17 +8,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tessera_tests::{assert_openai_error, metric, serve_args, smollm2_gguf, wait_idle, WorkerProcess};
-
-async fn start(extra: &[&str]) -> (tessera::Running, String) {
-    let running = tessera::launch(serve_args(&smollm2_gguf(), extra)).await.expect("worker starts");
-    let base = format!("http://{}", running.addr);
-    (running, base)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(300)).build().expect("client")
-}
+use tessera_tests::{
+    assert_openai_error, client, metric, smollm2_gguf, start_smollm2 as start, wait_idle, WorkerProcess,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn malformed_and_adversarial_bodies_get_openai_4xx() {

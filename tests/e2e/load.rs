@@ -8,17 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tessera_tests::{assert_openai_error, metric, peak_rss_kib, serve_args, smollm2_gguf, wait_idle};
-
-async fn start(extra: &[&str]) -> (tessera::Running, String) {
-    let running = tessera::launch(serve_args(&smollm2_gguf(), extra)).await.expect("worker starts");
-    let base = format!("http://{}", running.addr);
-    (running, base)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(300)).build().expect("client")
-}
+use tessera_tests::{assert_openai_error, client, metric, peak_rss_kib, start_smollm2 as start, wait_idle};
 
 #[derive(Debug, Default)]
 struct Tally {

@@ -4,13 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tessera_tests::{metric, serve_args, smollm2_gguf, wait_idle};
-
-async fn start(extra: &[&str]) -> (tessera::Running, String) {
-    let running = tessera::launch(serve_args(&smollm2_gguf(), extra)).await.expect("worker starts");
-    let base = format!("http://{}", running.addr);
-    (running, base)
-}
+use tessera_tests::{metric, start_smollm2 as start, wait_idle};
 
 struct Api {
     c: reqwest::Client,

@@ -5,17 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tessera_tests::{serve_args, smollm2_gguf, sse_events};
-
-async fn start(extra: &[&str]) -> (tessera::Running, String) {
-    let running = tessera::launch(serve_args(&smollm2_gguf(), extra)).await.expect("worker starts");
-    let base = format!("http://{}", running.addr);
-    (running, base)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(300)).build().expect("client")
-}
+use tessera_tests::{client, sse_events, start_smollm2 as start};
 
 fn chat_body(content: &str, stream: bool) -> Value {
     json!({

@@ -52,6 +52,19 @@ pub fn serve_args(model: &std::path::Path, extra: &[&str]) -> tessera::args::Ser
     }
 }
 
+/// An in-process worker on the SmolLM2 GGUF (port 0, [`serve_args`] defaults plus `extra`)
+/// and its base URL.
+pub async fn start_smollm2(extra: &[&str]) -> (tessera::Running, String) {
+    let running = tessera::launch(serve_args(&smollm2_gguf(), extra)).await.expect("worker starts");
+    let base = format!("http://{}", running.addr);
+    (running, base)
+}
+
+/// An HTTP client with a timeout long enough for CPU generation.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(std::time::Duration::from_secs(300)).build().expect("client")
+}
+
 /// Read an SSE body into its `data:` payloads.
 pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
     let text = resp.text().await.expect("sse body");
