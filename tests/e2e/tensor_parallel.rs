@@ -1,15 +1,16 @@
-//! Tensor parallelism on tiny random llamas: the logits of TP = 2 and 4 (ranks as threads,
-//! talking over the CPU TCP back-end) equal TP = 1's within 1e-4, for a prefill of 4
-//! sequences of different lengths and 20 decode steps; KV heads replicated when fewer than
-//! ranks; a degree that does not divide the heads is refused naming the numbers.
+//! Tensor and pipeline parallelism on tiny random llamas: the logits of TP = 2 and 4, PP = 2
+//! and TP = 2 × PP = 2 (ranks as threads, talking over the CPU TCP back-end) equal TP = 1's
+//! within 1e-4, for a prefill of 4 sequences of different lengths and 20 decode steps; KV
+//! heads replicated when fewer than ranks; a degree that does not divide the heads is refused
+//! naming the numbers.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use tessera_loader::SafetensorsSource;
-use tessera_models::{Llama, ModelConfig, TensorParallel};
-use tessera_parallel::TcpComm;
+use tessera_models::{Communicator, Llama, ModelConfig, PipelineParallel, TensorParallel};
+use tessera_parallel::{SubGroup, TcpComm};
 use tessera_runner::{SampleSpec, SamplingConfig, SeqStep, StepPlan, Worker};
 use tessera_tests::tiny::{tiny_weights, write_hf, TinyShape};
 
@@ -25,9 +26,14 @@ fn model_dir(name: &str, s: TinyShape) -> PathBuf {
 }
 
 fn worker(dir: &Path, tp: TensorParallel) -> Worker {
+    staged_worker(dir, tp, PipelineParallel::single())
+}
+
+fn staged_worker(dir: &Path, tp: TensorParallel, pp: PipelineParallel) -> Worker {
     let cfg = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let src = SafetensorsSource::open(dir, DType::F32, &Device::Cpu).unwrap();
-    let model = Llama::load_parallel(&cfg, &src, 256, DType::F32, &Device::Cpu, tp).expect("load the rank's shard");
+    let model =
+        Llama::load_pipelined(&cfg, &src, 256, DType::F32, &Device::Cpu, tp, pp).expect("load the rank's shard");
     Worker::new(model, PROMPTS.len() * BLOCKS_PER_SEQ, BLOCK).unwrap()
 }
 
@@ -74,20 +80,38 @@ fn reference(dir: &Path, vocab: usize) -> (Vec<StepPlan>, Vec<Vec<Vec<f32>>>) {
 
 /// Every rank runs every plan (as the serving ranks would); rank 0's logits are returned.
 fn run_tp(dir: &Path, world: usize, plans: &[StepPlan]) -> Vec<Vec<Vec<f32>>> {
-    let group = TcpComm::local_group(world, Device::Cpu).expect("rank group");
+    run_parallel(dir, world, 1, plans)
+}
+
+/// `tp × pp` ranks: stage `s` holds world ranks `s*tp..(s+1)*tp`, each stage a TP subgroup.
+fn run_parallel(dir: &Path, tp: usize, pp: usize, plans: &[StepPlan]) -> Vec<Vec<Vec<f32>>> {
+    let group = TcpComm::local_group(tp * pp, Device::Cpu).expect("rank group");
     let handles: Vec<_> = group
         .into_iter()
         .map(|comm| {
             let (dir, plans) = (dir.to_path_buf(), plans.to_vec());
             std::thread::spawn(move || {
-                let mut w = worker(&dir, TensorParallel::new(Arc::new(comm)));
+                let world: Arc<dyn Communicator> = Arc::new(comm);
+                let stage = world.rank() / tp;
+                let (tpc, ppc) = if pp == 1 {
+                    (TensorParallel::new(world), PipelineParallel::single())
+                } else {
+                    let members: Vec<usize> = (stage * tp..(stage + 1) * tp).collect();
+                    let sub = SubGroup::new(world.clone(), members, Device::Cpu).expect("subgroup");
+                    (TensorParallel::new(Arc::new(sub)), PipelineParallel::new(world, stage, pp, tp))
+                };
+                let mut w = staged_worker(&dir, tpc, ppc);
                 plans.iter().map(|p| w.forward_logits(p).unwrap().to_vec2::<f32>().unwrap()).collect::<Vec<_>>()
             })
         })
         .collect();
     let mut outs: Vec<Vec<Vec<Vec<f32>>>> = handles.into_iter().map(|h| h.join().expect("rank thread")).collect();
     for (r, o) in outs.iter().enumerate().skip(1) {
-        assert_eq!(o, &outs[0], "rank {r} sees the same gathered logits as rank 0");
+        if pp == 1 {
+            assert_eq!(o, &outs[0], "rank {r} sees the same gathered logits as rank 0");
+        } else {
+            assert!(o.iter().all(Vec::is_empty), "under a pipeline only rank 0 gets logits (rank {r})");
+        }
     }
     outs.swap_remove(0)
 }
@@ -115,6 +139,37 @@ fn tp_2_and_4_equal_tp_1() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn pp_2_and_tp_2_by_pp_2_equal_tp_1() {
+    let shape = TinyShape { layers: 5, ..TinyShape::default() }; // 5 layers: stages of 3 and 2
+    let dir = model_dir("pp", shape);
+    let (plans, want) = reference(&dir, shape.vocab);
+    for (tp, pp) in [(1, 2), (2, 2), (1, 5)] {
+        let got = run_parallel(&dir, tp, pp, &plans);
+        let d = max_diff(&got, &want);
+        println!("TP={tp} x PP={pp} vs TP=1 over {} steps: max |Δlogit| = {d:e}", plans.len());
+        assert!(d < 1e-4, "TP={tp} PP={pp} differs by {d}");
+        assert_eq!(got.iter().map(Vec::len).sum::<usize>(), want.iter().map(Vec::len).sum::<usize>());
+    }
+    let group = TcpComm::local_group(1, Device::Cpu).unwrap();
+    let world: Arc<dyn Communicator> = Arc::new(group.into_iter().next().unwrap());
+    let cfg = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let src = SafetensorsSource::open(&dir, DType::F32, &Device::Cpu).unwrap();
+    let e = Llama::load_pipelined(
+        &cfg,
+        &src,
+        64,
+        DType::F32,
+        &Device::Cpu,
+        TensorParallel::single(),
+        PipelineParallel::new(world, 0, 6, 1),
+    )
+    .expect_err("6 stages for 5 layers")
+    .to_string();
+    assert!(e.contains("pipeline parallel size 6") && e.contains("5 layers"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

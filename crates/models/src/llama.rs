@@ -11,8 +11,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::attention::{paged_attention, write_cache};
 use crate::layers::{Embedding, GatedMlp};
 use crate::{
-    BatchInput, HeadLayout, KvCache, Linear, ModelConfig, ModelError, Result, RmsNorm, Rotary, TensorParallel,
-    WeightSource,
+    BatchInput, HeadLayout, KvCache, Linear, ModelConfig, ModelError, PipelineParallel, Result, RmsNorm, Rotary,
+    TensorParallel, WeightSource,
 };
 
 #[derive(Debug, Clone)]
@@ -35,14 +35,18 @@ struct Block {
 #[derive(Debug, Clone)]
 pub struct Llama {
     cfg: ModelConfig,
-    embed: Embedding,
+    /// First pipeline stage only.
+    embed: Option<Embedding>,
+    /// This stage's layers (a contiguous range of the model's).
     blocks: Vec<Block>,
-    norm: RmsNorm,
-    lm_head: Linear,
+    /// Last pipeline stage only.
+    norm: Option<RmsNorm>,
+    lm_head: Option<Linear>,
     rotary: Rotary,
     dtype: DType,
     device: Device,
     tp: TensorParallel,
+    pp: PipelineParallel,
     heads: HeadLayout,
 }
 
@@ -67,25 +71,50 @@ impl Llama {
         device: &Device,
         tp: TensorParallel,
     ) -> Result<Self> {
+        Self::load_pipelined(cfg, src, max_positions, dtype, device, tp, PipelineParallel::single())
+    }
+
+    /// Build this rank's share: its pipeline stage's layers, sliced for its tensor rank.
+    pub fn load_pipelined(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+        tp: TensorParallel,
+        pp: PipelineParallel,
+    ) -> Result<Self> {
         cfg.validate()?;
+        let layers = pp.layers(cfg.num_layers)?;
         let (rank, world) = (tp.rank(), tp.world());
         let heads = HeadLayout::new(cfg, rank, world)?;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let vocab = tp.shard(0);
-        let embed_w = src.get_shard("model.embed_tokens.weight", &[cfg.vocab_size, h], vocab)?;
-        let embed = if world == 1 {
-            Embedding::new(embed_w.dense(dtype)?)
+        let untied = !cfg.tie_word_embeddings && src.contains("lm_head.weight");
+        let embed_w = if pp.is_first() || (pp.is_last() && !untied) {
+            Some(src.get_shard("model.embed_tokens.weight", &[cfg.vocab_size, h], vocab)?)
         } else {
-            Embedding::shard(embed_w.dense(dtype)?, vocab.range(cfg.vocab_size).0)
+            None
         };
-        let lm_head = if !cfg.tie_word_embeddings && src.contains("lm_head.weight") {
-            Linear::load_shard(src, "lm_head", cfg.vocab_size, h, false, dtype, vocab)?
+        let embed = match (&embed_w, pp.is_first()) {
+            (Some(w), true) if world == 1 => Some(Embedding::new(w.dense(dtype)?)),
+            (Some(w), true) => Some(Embedding::shard(w.dense(dtype)?, vocab.range(cfg.vocab_size).0)),
+            _ => None,
+        };
+        let lm_head = match (pp.is_last(), untied, embed_w) {
+            (false, _, _) => None,
+            (true, true, _) => Some(Linear::load_shard(src, "lm_head", cfg.vocab_size, h, false, dtype, vocab)?),
+            (true, false, Some(w)) => Some(Linear::from_weight(w, None)?),
+            (true, false, None) => return Err(ModelError::MissingWeight("model.embed_tokens.weight".into())),
+        };
+        let norm = if pp.is_last() {
+            Some(RmsNorm::load(src, "model.norm.weight", h, cfg.rms_norm_eps, dtype)?)
         } else {
-            Linear::from_weight(embed_w, None)?
+            None
         };
         let (col, row) = (tp.shard(0), tp.shard(1));
-        let mut blocks = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
+        let mut blocks = Vec::with_capacity(layers.len());
+        for i in layers.clone() {
             let p = format!("model.layers.{i}");
             let b = cfg.attention_bias;
             let (nq, nkv, kv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd, heads.kv_shard);
@@ -112,14 +141,20 @@ impl Llama {
             cfg: cfg.clone(),
             embed,
             blocks,
-            norm: RmsNorm::load(src, "model.norm.weight", h, cfg.rms_norm_eps, dtype)?,
+            norm,
             lm_head,
             rotary: Rotary::new(cfg, max_positions, dtype, device)?,
             dtype,
             device: device.clone(),
             tp,
+            pp,
             heads,
         })
+    }
+
+    /// Layers held (and cached) by this rank's pipeline stage.
+    pub fn num_local_layers(&self) -> usize {
+        self.blocks.len()
     }
 
     /// Key/value heads held by this rank (its KV cache is sized for these).
@@ -154,7 +189,10 @@ impl Llama {
         let (hd, nh, nkv) = (cfg.head_dim, self.heads.heads, self.heads.kv_heads);
         let (cos, sin) = self.rotary.tables_for(&input.positions)?;
         let write_index = input.attn.slot_mapping.reshape((t, 1, 1))?.broadcast_as((t, nkv, hd))?.contiguous()?;
-        let mut x = self.tp.all_reduce(&self.embed.forward(&input.tokens)?)?;
+        let mut x = match &self.embed {
+            Some(e) => self.tp.all_reduce(&e.forward(&input.tokens)?)?,
+            None => self.pp.recv_activations()?,
+        };
         for (i, b) in self.blocks.iter().enumerate() {
             let h = b.attn_norm.forward(&x)?;
             let q = b.attn.q.forward(&h)?.reshape((t, nh, hd))?;
@@ -169,9 +207,20 @@ impl Llama {
             let h = b.mlp_norm.forward(&x)?;
             x = (x + self.tp.all_reduce(&b.mlp.forward(&h)?)?)?;
         }
-        let x = x.index_select(&input.logits_indices, 0)?;
-        let x = self.norm.forward(&x)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        self.tp.all_gather(&logits, 1)
+        let logits = match (&self.norm, &self.lm_head) {
+            (Some(norm), Some(head)) => {
+                let x = norm.forward(&x.index_select(&input.logits_indices, 0)?)?;
+                Some(self.tp.all_gather(&head.forward(&x)?.to_dtype(DType::F32)?, 1)?)
+            }
+            _ => {
+                self.pp.send_activations(&x)?;
+                None
+            }
+        };
+        // Only world rank 0 (which samples) gets logits under a pipeline; others get none.
+        match self.pp.route_logits(logits)? {
+            Some(l) => Ok(l),
+            None => Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, &self.device)?),
+        }
     }
 }

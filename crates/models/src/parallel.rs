@@ -133,3 +133,103 @@ impl HeadLayout {
         )))
     }
 }
+
+/// A rank's place in the pipeline: its stage's contiguous layer range, and the ranks it
+/// passes activations to. Stage `s`, tensor rank `t` is world rank `s * tp + t`; activations
+/// go from `(s, t)` to `(s + 1, t)`, and the last stage's tensor rank 0 sends the logits to
+/// world rank 0, which samples.
+#[derive(Clone)]
+pub struct PipelineParallel {
+    comm: Option<Arc<dyn Communicator>>,
+    pub stage: usize,
+    pub stages: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+    /// World rank of the last stage's tensor rank 0.
+    source: usize,
+}
+
+impl std::fmt::Debug for PipelineParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PipelineParallel(stage {} of {})", self.stage, self.stages)
+    }
+}
+
+impl Default for PipelineParallel {
+    fn default() -> Self {
+        Self::single()
+    }
+}
+
+impl PipelineParallel {
+    /// No pipeline: one stage with every layer.
+    pub fn single() -> Self {
+        Self { comm: None, stage: 0, stages: 1, prev: None, next: None, source: 0 }
+    }
+
+    /// Stage `stage` of `stages` in a world of `stages * tp` ranks (`world` is that group).
+    pub fn new(world: Arc<dyn Communicator>, stage: usize, stages: usize, tp: usize) -> Self {
+        let t = world.rank() % tp;
+        Self {
+            prev: (stage > 0).then(|| (stage - 1) * tp + t),
+            next: (stage + 1 < stages).then(|| (stage + 1) * tp + t),
+            source: (stages - 1) * tp,
+            comm: Some(world),
+            stage,
+            stages,
+        }
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.stage == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.stage + 1 == self.stages
+    }
+
+    /// The layers this stage runs, or an error when there are more stages than layers.
+    pub fn layers(&self, num_layers: usize) -> Result<std::ops::Range<usize>> {
+        if self.stages > num_layers {
+            return Err(ModelError::Config(format!(
+                "pipeline parallel size {} exceeds the model's {num_layers} layers",
+                self.stages
+            )));
+        }
+        let (a, b) = part(num_layers, self.stages, self.stage);
+        Ok(a..b)
+    }
+
+    fn world(&self) -> Result<&Arc<dyn Communicator>> {
+        self.comm.as_ref().ok_or_else(|| ModelError::Config("no pipeline group".into()))
+    }
+
+    /// The previous stage's activations (not on the first stage).
+    pub fn recv_activations(&self) -> Result<Tensor> {
+        let prev = self.prev.ok_or_else(|| ModelError::Config("the first stage has no previous stage".into()))?;
+        Ok(self.world()?.recv(prev)?)
+    }
+
+    /// Hand activations to the next stage (not on the last stage).
+    pub fn send_activations(&self, x: &Tensor) -> Result<()> {
+        let next = self.next.ok_or_else(|| ModelError::Config("the last stage has no next stage".into()))?;
+        Ok(self.world()?.send(next, x)?)
+    }
+
+    /// On the last stage: deliver the logits to world rank 0. On world rank 0 (first
+    /// stage): receive them. Other ranks get `None`.
+    pub fn route_logits(&self, logits: Option<Tensor>) -> Result<Option<Tensor>> {
+        let Some(world) = &self.comm else { return Ok(logits) };
+        let me = world.rank();
+        match logits {
+            Some(l) if me == self.source && me != 0 => {
+                world.send(0, &l)?;
+                Ok(None)
+            }
+            Some(l) if me == 0 => Ok(Some(l)),
+            Some(_) => Ok(None),
+            None if me == 0 => Ok(Some(world.recv(self.source)?)),
+            None => Ok(None),
+        }
+    }
+}

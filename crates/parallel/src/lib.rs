@@ -9,12 +9,14 @@
 mod error;
 #[cfg(feature = "cuda")]
 mod nccl;
+mod subgroup;
 mod tcp;
 mod wire;
 
 pub use error::{CommError, Result};
 #[cfg(feature = "cuda")]
 pub use nccl::NcclComm;
+pub use subgroup::SubGroup;
 pub use tcp::{TcpComm, DEFAULT_JOIN_TIMEOUT};
 
 use candle_core::Tensor;

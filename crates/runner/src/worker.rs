@@ -18,7 +18,7 @@ impl Worker {
         let cfg = model.config();
         let device = model.device().clone();
         let cache = KvCache::new(
-            cfg.num_layers,
+            model.num_local_layers(),
             num_blocks,
             block_size,
             model.local_kv_heads(),
