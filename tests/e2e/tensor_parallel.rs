@@ -187,8 +187,26 @@ fn a_degree_that_does_not_divide_the_heads_is_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Threads of this process named like follower ranks (`tessera-rank-N`).
+fn rank_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("tessera-rank-"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 async fn greedy_texts(model: &Path, extra: &[&str]) -> Vec<String> {
+    let before = rank_threads();
     let running = tessera::launch(tessera_tests::serve_args(model, extra)).await.expect("worker");
+    let ranks = tessera::args::normalize_argv(extra.iter().map(|s| s.to_string()));
+    let degree = |flag: &str| ranks.iter().position(|a| a == flag).map_or(1, |i| ranks[i + 1].parse().unwrap_or(1));
+    let want = degree("--tensor-parallel-size") * degree("--pipeline-parallel-size") - 1;
+    assert_eq!(rank_threads() - before, want, "{extra:?} runs {want} follower rank threads");
     let c = reqwest::Client::new();
     let mut out = Vec::new();
     for p in [
@@ -211,6 +229,12 @@ async fn greedy_texts(model: &Path, extra: &[&str]) -> Vec<String> {
         out.push(v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("{v}")).to_string());
     }
     running.stop().await.expect("stop");
+    // Stopping the worker ends its rank threads too.
+    let t = std::time::Instant::now();
+    while rank_threads() > before {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "rank threads outlive the worker");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     out
 }
 
@@ -224,6 +248,8 @@ async fn smollm2_tp3_serves_the_same_greedy_text_and_tp2_is_refused() {
         println!("TP=1 {a:?}\nTP=3 {b:?}");
     }
     assert_eq!(tp3, single, "TP=3 greedy text equals TP=1's");
+    let pp2 = greedy_texts(&hf, &["--pipeline-parallel-size", "2"]).await;
+    assert_eq!(pp2, single, "PP=2 greedy text equals TP=1's");
     // The Q4_1 GGUF shards block-exactly and serves; its CPU kernels re-quantize activations
     // per 32 values, so reordered sums can flip a rounding and texts may part late.
     let gguf = tessera_tests::smollm2_gguf();

@@ -13,8 +13,8 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use tessera_models::{Communicator, Llama, TensorParallel, WeightSource};
-use tessera_parallel::TcpComm;
+use tessera_models::{Communicator, Llama, PipelineParallel, TensorParallel, WeightSource};
+use tessera_parallel::{SubGroup, TcpComm};
 use tessera_runner::{follow_plans, Executor, TensorParallelExecutor, Worker};
 
 use crate::ServeError;
@@ -59,7 +59,7 @@ impl Topology {
     pub fn local_ranks(&self, tp: usize) -> Result<std::ops::Range<usize>, ServeError> {
         if !tp.is_multiple_of(self.group_size) {
             return Err(ServeError::Config(format!(
-                "--tensor-parallel-size {tp} does not spread evenly over LWS_GROUP_SIZE={} pods",
+                "{tp} ranks (tensor x pipeline parallel size) do not spread evenly over LWS_GROUP_SIZE={} pods",
                 self.group_size
             )));
         }
@@ -78,6 +78,7 @@ pub(crate) struct RankSetup {
     pub num_blocks: usize,
     pub block_size: usize,
     pub tp: usize,
+    pub pp: usize,
     pub topology: Topology,
     pub join_timeout: Duration,
 }
@@ -89,20 +90,34 @@ type RankReports = mpsc::Receiver<(usize, Result<(), String>)>;
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn join(s: &RankSetup, rank: usize) -> Result<Arc<dyn Communicator>, ServeError> {
-    Ok(Arc::new(TcpComm::join(rank, s.tp, &s.topology.leader, s.join_timeout, s.device.clone())?))
+    Ok(Arc::new(TcpComm::join(rank, s.tp * s.pp, &s.topology.leader, s.join_timeout, s.device.clone())?))
+}
+
+/// A world rank's tensor group (its pipeline stage's ranks) and pipeline position.
+fn groups(s: &RankSetup, world: Arc<dyn Communicator>) -> Result<(TensorParallel, PipelineParallel), ServeError> {
+    if s.pp == 1 {
+        return Ok((TensorParallel::new(world), PipelineParallel::single()));
+    }
+    let stage = world.rank() / s.tp;
+    let members: Vec<usize> = (stage * s.tp..(stage + 1) * s.tp).collect();
+    let sub = SubGroup::new(world.clone(), members, s.device.clone())?;
+    Ok((TensorParallel::new(Arc::new(sub)), PipelineParallel::new(world, stage, s.pp, s.tp)))
+}
+
+fn build(
+    s: &RankSetup,
+    cfg: &tessera_models::ModelConfig,
+    weights: &dyn WeightSource,
+    world: Arc<dyn Communicator>,
+) -> Result<Worker, ServeError> {
+    let (tp, pp) = groups(s, world)?;
+    let model = Llama::load_pipelined(cfg, weights, s.max_model_len, s.dtype, &s.device, tp, pp)?;
+    Ok(Worker::new(model, s.num_blocks, s.block_size)?)
 }
 
 fn rank_worker(s: &RankSetup, comm: Arc<dyn Communicator>) -> Result<Worker, ServeError> {
     let lm = tessera_loader::open(&s.model, s.dtype, &s.device)?;
-    let model = Llama::load_parallel(
-        &lm.config,
-        lm.weights.as_ref(),
-        s.max_model_len,
-        s.dtype,
-        &s.device,
-        TensorParallel::new(comm),
-    )?;
-    Ok(Worker::new(model, s.num_blocks, s.block_size)?)
+    build(s, &lm.config, lm.weights.as_ref(), comm)
 }
 
 /// Start the follower ranks of this pod on threads; each reports (rank, load result) on the
@@ -155,16 +170,15 @@ pub(crate) fn start_leader(
     cfg: &tessera_models::ModelConfig,
     weights: &dyn WeightSource,
 ) -> Result<Box<dyn Executor>, ServeError> {
-    let local = s.topology.local_ranks(s.tp)?;
+    let local = s.topology.local_ranks(s.tp * s.pp)?;
     let rx = spawn_followers(s, local.clone().skip(1))?;
     let c0 = join(s, 0)?;
-    let model =
-        Llama::load_parallel(cfg, weights, s.max_model_len, s.dtype, &s.device, TensorParallel::new(c0.clone()))?;
-    let worker = Worker::new(model, s.num_blocks, s.block_size)?;
+    let worker = build(s, cfg, weights, c0.clone())?;
     wait_loaded(&rx, local.len() - 1)?;
     tracing::info!(
-        "tensor parallel: {} ranks over {} pod(s), rendezvous at {}",
+        "parallel: tensor {} x pipeline {} ranks over {} pod(s), rendezvous at {}",
         s.tp,
+        s.pp,
         s.topology.group_size,
         s.topology.leader
     );
@@ -173,7 +187,7 @@ pub(crate) fn start_leader(
 
 /// On a worker pod: run this pod's ranks until the group ends; an error names the rank.
 pub(crate) fn run_worker_pod(s: &RankSetup) -> Result<(), ServeError> {
-    let local = s.topology.local_ranks(s.tp)?;
+    let local = s.topology.local_ranks(s.tp * s.pp)?;
     let rx = spawn_followers(s, local.clone())?;
     wait_loaded(&rx, local.len())?;
     tracing::info!(

@@ -110,11 +110,8 @@ fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     if a.tensor_parallel_size == 0 {
         return bad("--tensor-parallel-size must be at least 1".into());
     }
-    if a.pipeline_parallel_size != 1 {
-        return bad(format!(
-            "--pipeline-parallel-size {} is not available yet (only 1); use --tensor-parallel-size",
-            a.pipeline_parallel_size
-        ));
+    if a.pipeline_parallel_size == 0 {
+        return bad("--pipeline-parallel-size must be at least 1".into());
     }
     if a.max_num_batched_tokens == 0 {
         return bad("--max-num-batched-tokens must be at least 1".into());
@@ -197,8 +194,17 @@ fn size_engine(a: &ServeArgs, cfg: &tessera_models::ModelConfig, dtype: DType) -
     }
     let heads = HeadLayout::new(cfg, 0, a.tensor_parallel_size)
         .map_err(|e| ServeError::Config(format!("--tensor-parallel-size: {e}")))?;
+    let pp = a.pipeline_parallel_size;
+    if pp > cfg.num_layers {
+        return Err(ServeError::Config(format!(
+            "--pipeline-parallel-size {pp} exceeds the model's {} layers",
+            cfg.num_layers
+        )));
+    }
     let kv_bytes = parse_bytes(&a.kv_cache_memory).map_err(ServeError::Config)? as usize;
-    let per_block = KvCache::bytes_per_block(cfg.num_layers, a.block_size, heads.kv_heads, cfg.head_dim, dtype);
+    // Every rank has the same block count; a stage holds at most ceil(layers / pp) layers.
+    let stage_layers = cfg.num_layers.div_ceil(pp);
+    let per_block = KvCache::bytes_per_block(stage_layers, a.block_size, heads.kv_heads, cfg.head_dim, dtype);
     let num_blocks = kv_bytes / per_block;
     if num_blocks * a.block_size < max_model_len {
         return Err(ServeError::Config(format!(
@@ -225,6 +231,7 @@ fn rank_setup(
         num_blocks: sz.num_blocks,
         block_size: a.block_size,
         tp: a.tensor_parallel_size,
+        pp: a.pipeline_parallel_size,
         topology: crate::ranks::Topology::from_env(a.rendezvous_port)?,
         join_timeout: Duration::from_secs_f64(a.rank_join_timeout),
     })
@@ -270,7 +277,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
         dtype,
         (num_blocks * a.block_size) as f64 / max_model_len as f64
     );
-    let executor: Box<dyn Executor> = if tp == 1 {
+    let executor: Box<dyn Executor> = if tp * a.pipeline_parallel_size == 1 {
         let model = Llama::load(&cfg, lm.weights.as_ref(), max_model_len, dtype, &device)?;
         Box::new(Worker::new(model, num_blocks, a.block_size)?)
     } else {
