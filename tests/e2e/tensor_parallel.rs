@@ -172,6 +172,45 @@ fn pp_2_and_tp_2_by_pp_2_equal_tp_1() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Ranks of one group with expert parallelism on (experts split whole over the ranks).
+fn run_ep(dir: &Path, world: usize, plans: &[StepPlan]) -> Vec<Vec<Vec<f32>>> {
+    let group = TcpComm::local_group(world, Device::Cpu).expect("rank group");
+    let handles: Vec<_> = group
+        .into_iter()
+        .map(|comm| {
+            let (dir, plans) = (dir.to_path_buf(), plans.to_vec());
+            std::thread::spawn(move || {
+                let tp = TensorParallel::new(Arc::new(comm)).with_expert_parallel(true);
+                let mut w = worker(&dir, tp);
+                plans.iter().map(|p| w.forward_logits(p).unwrap().to_vec2::<f32>().unwrap()).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut outs: Vec<Vec<Vec<Vec<f32>>>> = handles.into_iter().map(|h| h.join().expect("rank thread")).collect();
+    for (r, o) in outs.iter().enumerate().skip(1) {
+        assert_eq!(o, &outs[0], "rank {r} sees the same logits as rank 0");
+    }
+    outs.swap_remove(0)
+}
+
+#[test]
+fn moe_ep_2_and_4_and_sliced_experts_equal_one_rank() {
+    let shape = TinyShape { experts: 8, top_k: 2, ..TinyShape::default() };
+    let dir = model_dir("moe", shape);
+    let (plans, want) = reference(&dir, shape.vocab);
+    for world in [2, 4] {
+        let got = run_ep(&dir, world, &plans);
+        let d = max_diff(&got, &want);
+        println!("MoE EP={world} vs 1 rank over {} steps: max |Δlogit| = {d:e}", plans.len());
+        assert!(d < 1e-4, "EP={world} differs by {d}");
+    }
+    let got = run_tp(&dir, 2, &plans);
+    let d = max_diff(&got, &want);
+    println!("MoE TP=2 (experts sliced) vs 1 rank: max |Δlogit| = {d:e}");
+    assert!(d < 1e-4, "TP=2 MoE differs by {d}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_degree_that_does_not_divide_the_heads_is_refused() {
     let shape = TinyShape::default();

@@ -14,11 +14,14 @@ pub struct TinyShape {
     pub layers: usize,
     pub heads: usize,
     pub kv_heads: usize,
+    /// Mixtral-layout experts per layer (0: a dense MLP) and experts per token.
+    pub experts: usize,
+    pub top_k: usize,
 }
 
 impl Default for TinyShape {
     fn default() -> Self {
-        Self { vocab: 128, hidden: 64, inter: 96, layers: 4, heads: 8, kv_heads: 4 }
+        Self { vocab: 128, hidden: 64, inter: 96, layers: 4, heads: 8, kv_heads: 4, experts: 0, top_k: 0 }
     }
 }
 
@@ -40,23 +43,41 @@ pub fn tiny_weights(s: TinyShape) -> HashMap<String, Tensor> {
         w.insert(format!("{p}.self_attn.k_proj.weight"), r(&[s.kv_heads * hd, s.hidden]));
         w.insert(format!("{p}.self_attn.v_proj.weight"), r(&[s.kv_heads * hd, s.hidden]));
         w.insert(format!("{p}.self_attn.o_proj.weight"), r(&[s.hidden, s.heads * hd]));
-        w.insert(format!("{p}.mlp.gate_proj.weight"), r(&[s.inter, s.hidden]));
-        w.insert(format!("{p}.mlp.up_proj.weight"), r(&[s.inter, s.hidden]));
-        w.insert(format!("{p}.mlp.down_proj.weight"), r(&[s.hidden, s.inter]));
+        if s.experts == 0 {
+            w.insert(format!("{p}.mlp.gate_proj.weight"), r(&[s.inter, s.hidden]));
+            w.insert(format!("{p}.mlp.up_proj.weight"), r(&[s.inter, s.hidden]));
+            w.insert(format!("{p}.mlp.down_proj.weight"), r(&[s.hidden, s.inter]));
+            continue;
+        }
+        let m = format!("{p}.block_sparse_moe");
+        // A sharper router than the experts' noise, so that routing is not decided by a tie.
+        w.insert(format!("{m}.gate.weight"), (r(&[s.experts, s.hidden]) * 5.0).expect("scale"));
+        // Experts at half the dense scale: two of them add up per token.
+        let half = |shape: &[usize]| (r(shape) * 0.5).expect("scale");
+        for e in 0..s.experts {
+            w.insert(format!("{m}.experts.{e}.w1.weight"), half(&[s.inter, s.hidden]));
+            w.insert(format!("{m}.experts.{e}.w3.weight"), half(&[s.inter, s.hidden]));
+            w.insert(format!("{m}.experts.{e}.w2.weight"), half(&[s.hidden, s.inter]));
+        }
     }
     w
 }
 
 /// `config.json` text for a tiny shape.
 pub fn tiny_config(s: TinyShape) -> String {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": s.vocab, "hidden_size": s.hidden, "intermediate_size": s.inter,
         "num_hidden_layers": s.layers, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
         "tie_word_embeddings": false,
-    })
-    .to_string()
+    });
+    if s.experts > 0 {
+        v["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+        v["num_local_experts"] = s.experts.into();
+        v["num_experts_per_tok"] = s.top_k.into();
+    }
+    v.to_string()
 }
 
 /// Write `weights` into `dir` as `shards` safetensors files (with an index when > 1).

@@ -156,6 +156,7 @@ impl GgufSource {
                 .ok()
                 .map(|x| vec![x as u32])
                 .unwrap_or_default(),
+            moe: None,
         };
         config.validate().map_err(|e| LoadError::Format(format!("{}: {e}", path.display())))?;
         Ok(Self { path: path.to_path_buf(), content, config, arch, dtype, device: device.clone(), hf_order: false })

@@ -39,6 +39,16 @@ pub struct ModelConfig {
     pub rope_interleaved: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Mixture of experts (Mixtral layout): every layer's MLP is `experts` gated MLPs of
+    /// `intermediate_size`, `top_k` chosen per token by a router.
+    pub moe: Option<MoeConfig>,
+}
+
+/// Experts per layer and experts per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub top_k: usize,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +82,8 @@ struct RawConfig {
     attention_bias: Option<bool>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
 }
 
 fn default_eps() -> f64 {
@@ -85,7 +97,8 @@ fn default_max_pos() -> usize {
 }
 
 /// Architectures (from `config.json`'s `architectures`) this crate can run.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM"];
 
 impl ModelConfig {
     /// Parse a Hugging Face `config.json`.
@@ -138,6 +151,11 @@ impl ModelConfig {
                 Some(OneOrMany::One(x)) => vec![x],
                 Some(OneOrMany::Many(v)) => v,
             },
+            moe: match (raw.num_local_experts, raw.num_experts_per_tok) {
+                (Some(experts), Some(top_k)) => Some(MoeConfig { experts, top_k }),
+                (Some(experts), None) => Some(MoeConfig { experts, top_k: 2 }),
+                _ => None,
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -157,6 +175,14 @@ impl ModelConfig {
         }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim ({}) must be even and > 0", self.head_dim));
+        }
+        if let Some(m) = self.moe {
+            if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts {
+                return bad(format!(
+                    "num_experts_per_tok ({}) must be in 1..=num_local_experts ({})",
+                    m.top_k, m.experts
+                ));
+            }
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
             return bad("vocab_size, hidden_size and intermediate_size must be > 0".into());

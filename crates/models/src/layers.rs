@@ -143,11 +143,26 @@ impl GatedMlp {
         index: usize,
         count: usize,
     ) -> Result<Self> {
+        Self::load_named(src, prefix, ["gate_proj", "up_proj", "down_proj"], hidden, inter, dtype, index, count)
+    }
+
+    /// [`GatedMlp::load`] with the projections' names (`w1`, `w3`, `w2` for Mixtral experts).
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_named(
+        src: &dyn WeightSource,
+        prefix: &str,
+        [gate, up, down]: [&str; 3],
+        hidden: usize,
+        inter: usize,
+        dtype: DType,
+        index: usize,
+        count: usize,
+    ) -> Result<Self> {
         let (col, row) = (Shard::new(0, index, count), Shard::new(1, index, count));
         Ok(Self {
-            gate: Linear::load_shard(src, &format!("{prefix}.gate_proj"), inter, hidden, false, dtype, col)?,
-            up: Linear::load_shard(src, &format!("{prefix}.up_proj"), inter, hidden, false, dtype, col)?,
-            down: Linear::load_shard(src, &format!("{prefix}.down_proj"), hidden, inter, false, dtype, row)?,
+            gate: Linear::load_shard(src, &format!("{prefix}.{gate}"), inter, hidden, false, dtype, col)?,
+            up: Linear::load_shard(src, &format!("{prefix}.{up}"), inter, hidden, false, dtype, col)?,
+            down: Linear::load_shard(src, &format!("{prefix}.{down}"), hidden, inter, false, dtype, row)?,
         })
     }
 

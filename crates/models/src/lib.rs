@@ -14,12 +14,13 @@ mod error;
 mod kv;
 mod layers;
 mod llama;
+mod moe;
 mod parallel;
 mod rotary;
 mod weights;
 
 pub use attention::{AttentionMetadata, SeqAttention};
-pub use config::{ModelConfig, RopeScaling};
+pub use config::{ModelConfig, MoeConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv::KvCache;
 pub use layers::{Linear, RmsNorm};

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{paged_attention, write_cache};
 use crate::layers::{Embedding, GatedMlp};
+use crate::moe::Moe;
 use crate::{
     BatchInput, HeadLayout, KvCache, Linear, ModelConfig, ModelError, PipelineParallel, Result, RmsNorm, Rotary,
     TensorParallel, WeightSource,
@@ -28,7 +29,15 @@ struct Block {
     attn_norm: RmsNorm,
     attn: Attention,
     mlp_norm: RmsNorm,
-    mlp: GatedMlp,
+    mlp: Mlp,
+}
+
+/// A dense MLP (its partial sums all-reduced by the caller) or a mixture of experts (which
+/// completes its own output).
+#[derive(Debug, Clone)]
+enum Mlp {
+    Dense(GatedMlp),
+    Moe(Moe),
 }
 
 /// A llama-family decoder.
@@ -134,7 +143,26 @@ impl Llama {
                     cfg.rms_norm_eps,
                     dtype,
                 )?,
-                mlp: GatedMlp::load(src, &format!("{p}.mlp"), h, cfg.intermediate_size, dtype, rank, world)?,
+                mlp: match cfg.moe {
+                    None => Mlp::Dense(GatedMlp::load(
+                        src,
+                        &format!("{p}.mlp"),
+                        h,
+                        cfg.intermediate_size,
+                        dtype,
+                        rank,
+                        world,
+                    )?),
+                    Some(m) => Mlp::Moe(Moe::load(
+                        src,
+                        &format!("{p}.block_sparse_moe"),
+                        h,
+                        cfg.intermediate_size,
+                        m,
+                        dtype,
+                        &tp,
+                    )?),
+                },
             });
         }
         Ok(Self {
@@ -205,7 +233,11 @@ impl Llama {
             let a = paged_attention(&q, kc, vc, &input.attn, nkv)?;
             x = (x + self.tp.all_reduce(&b.attn.o.forward(&a)?)?)?;
             let h = b.mlp_norm.forward(&x)?;
-            x = (x + self.tp.all_reduce(&b.mlp.forward(&h)?)?)?;
+            let m = match &b.mlp {
+                Mlp::Dense(d) => self.tp.all_reduce(&d.forward(&h)?)?,
+                Mlp::Moe(moe) => moe.forward(&h, &self.tp)?,
+            };
+            x = (x + m)?;
         }
         let logits = match (&self.norm, &self.lm_head) {
             (Some(norm), Some(head)) => {

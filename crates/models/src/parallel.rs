@@ -46,6 +46,7 @@ impl Shard {
 #[derive(Clone)]
 pub struct TensorParallel {
     comm: Arc<dyn Communicator>,
+    expert_parallel: bool,
 }
 
 impl std::fmt::Debug for TensorParallel {
@@ -63,11 +64,27 @@ impl Default for TensorParallel {
 impl TensorParallel {
     /// No parallelism.
     pub fn single() -> Self {
-        Self { comm: Arc::new(SingleRank) }
+        Self { comm: Arc::new(SingleRank), expert_parallel: false }
     }
 
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
-        Self { comm }
+        Self { comm, expert_parallel: false }
+    }
+
+    /// Split MoE experts whole over the group (`--enable-expert-parallel`) instead of
+    /// slicing every expert's intermediate dimension.
+    pub fn with_expert_parallel(mut self, on: bool) -> Self {
+        self.expert_parallel = on;
+        self
+    }
+
+    pub fn expert_parallel(&self) -> bool {
+        self.expert_parallel && self.world() > 1
+    }
+
+    /// The group's communicator (token exchange of expert parallelism).
+    pub fn comm(&self) -> &Arc<dyn Communicator> {
+        &self.comm
     }
 
     pub fn rank(&self) -> usize {

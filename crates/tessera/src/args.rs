@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// Pipeline-parallel stages (`-pp`).
     #[arg(long, default_value_t = 1, env = "TESSERA_PIPELINE_PARALLEL_SIZE")]
     pub pipeline_parallel_size: usize,
+    /// Split MoE experts whole over the tensor-parallel ranks (tokens travel to their experts)
+    /// instead of slicing every expert.
+    #[arg(long, env = "TESSERA_ENABLE_EXPERT_PARALLEL")]
+    pub enable_expert_parallel: bool,
     /// Port of rank 0's rendezvous on the leader (LeaderWorkerSet groups; a single pod picks a
     /// free loopback port).
     #[arg(long, default_value_t = 29500, env = "TESSERA_RENDEZVOUS_PORT")]

@@ -79,6 +79,8 @@ pub(crate) struct RankSetup {
     pub block_size: usize,
     pub tp: usize,
     pub pp: usize,
+    /// `--enable-expert-parallel`: MoE experts split whole over each stage's tensor group.
+    pub expert_parallel: bool,
     pub topology: Topology,
     pub join_timeout: Duration,
 }
@@ -95,13 +97,15 @@ fn join(s: &RankSetup, rank: usize) -> Result<Arc<dyn Communicator>, ServeError>
 
 /// A world rank's tensor group (its pipeline stage's ranks) and pipeline position.
 fn groups(s: &RankSetup, world: Arc<dyn Communicator>) -> Result<(TensorParallel, PipelineParallel), ServeError> {
+    let ep = s.expert_parallel;
     if s.pp == 1 {
-        return Ok((TensorParallel::new(world), PipelineParallel::single()));
+        return Ok((TensorParallel::new(world).with_expert_parallel(ep), PipelineParallel::single()));
     }
     let stage = world.rank() / s.tp;
     let members: Vec<usize> = (stage * s.tp..(stage + 1) * s.tp).collect();
     let sub = SubGroup::new(world.clone(), members, s.device.clone())?;
-    Ok((TensorParallel::new(Arc::new(sub)), PipelineParallel::new(world, stage, s.pp, s.tp)))
+    let tp = TensorParallel::new(Arc::new(sub)).with_expert_parallel(ep);
+    Ok((tp, PipelineParallel::new(world, stage, s.pp, s.tp)))
 }
 
 fn build(

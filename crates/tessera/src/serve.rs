@@ -232,6 +232,7 @@ fn rank_setup(
         block_size: a.block_size,
         tp: a.tensor_parallel_size,
         pp: a.pipeline_parallel_size,
+        expert_parallel: a.enable_expert_parallel,
         topology: crate::ranks::Topology::from_env(a.rendezvous_port)?,
         join_timeout: Duration::from_secs_f64(a.rank_join_timeout),
     })
