@@ -306,3 +306,38 @@ async fn smollm2_tp3_serves_the_same_greedy_text_and_tp2_is_refused() {
             .unwrap_or_default();
     assert!(e.contains("tensor parallel size 2") && e.contains("9 attention heads"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_parallel_replicas_share_the_load_behind_one_front() {
+    let (running, base) = tessera_tests::start_smollm2(&["--data-parallel-size", "2"]).await;
+    let c = tessera_tests::client();
+    let body =
+        serde_json::json!({"model": "smollm2", "prompt": "Tell me a story", "max_tokens": 8, "ignore_eos": true});
+    let reqs: Vec<_> = (0..8).map(|_| c.post(format!("{base}/v1/completions")).json(&body).send()).collect();
+    for r in futures::future::join_all(reqs).await {
+        assert_eq!(r.expect("response").status(), 200);
+    }
+    let m = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let per_engine: Vec<f64> = (0..2)
+        .map(|e| {
+            m.lines()
+                .find(|l| l.starts_with("vllm:generation_tokens_total") && l.contains(&format!("engine=\"{e}\"")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("engine {e} missing:\n{m}"))
+        })
+        .collect();
+    println!("data parallel: generation tokens per replica {per_engine:?}");
+    assert_eq!(per_engine.iter().sum::<f64>(), 64.0);
+    assert!(per_engine.iter().all(|&n| n > 0.0), "both replicas served: {per_engine:?}");
+    running.stop().await.expect("stop");
+    let e = tessera::launch(tessera_tests::serve_args(
+        &tessera_tests::smollm2_gguf(),
+        &["--data-parallel-size", "4", "--data-parallel-size-local", "2"],
+    ))
+    .await
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(e.contains("--data-parallel-size-local 2"), "{e}");
+}

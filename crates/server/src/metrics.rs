@@ -1,5 +1,6 @@
-//! `/metrics`: the vLLM metric names the llm-d endpoint picker scrapes, read live from the
-//! engine's [`EngineStats`] at scrape time.
+//! `/metrics`: the vLLM metric names the llm-d endpoint picker scrapes, read live from each
+//! engine's [`EngineStats`] at scrape time. Every sample carries `model_name` and `engine`
+//! (the data-parallel replica, as vLLM labels them).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,120 +15,139 @@ use tessera_engine::{EngineStats, Histogram};
 
 #[derive(Debug)]
 struct EngineCollector {
-    stats: Arc<EngineStats>,
+    engines: Vec<Arc<EngineStats>>,
     model_name: String,
 }
 
+type Labels = Vec<(&'static str, String)>;
+
 impl EngineCollector {
-    fn labels(&self) -> [(&'static str, String); 1] {
-        [("model_name", self.model_name.clone())]
+    fn labels(&self, engine: usize) -> Labels {
+        vec![("model_name", self.model_name.clone()), ("engine", engine.to_string())]
     }
 
-    fn gauge(&self, enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    fn gauge(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        v: impl Fn(&EngineStats) -> f64,
+    ) -> std::fmt::Result {
         let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-        ConstGauge::new(v).encode(m.encode_family(&self.labels())?)
+        for (i, s) in self.engines.iter().enumerate() {
+            ConstGauge::new(v(s)).encode(m.encode_family(&self.labels(i))?)?;
+        }
+        Ok(())
     }
 
-    fn histogram(&self, enc: &mut DescriptorEncoder, name: &str, help: &str, h: &Histogram) -> std::fmt::Result {
-        let (buckets, sum, count) = h.snapshot();
-        let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
-        m.encode_family(&self.labels())?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
-    }
-
-    fn counter(&self, enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    fn counter(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        v: impl Fn(&EngineStats) -> u64,
+    ) -> std::fmt::Result {
         let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-        ConstCounter::new(v).encode(m.encode_family(&self.labels())?)
+        for (i, s) in self.engines.iter().enumerate() {
+            ConstCounter::new(v(s)).encode(m.encode_family(&self.labels(i))?)?;
+        }
+        Ok(())
     }
+
+    fn histogram(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        h: impl Fn(&EngineStats) -> &Histogram,
+    ) -> std::fmt::Result {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (i, s) in self.engines.iter().enumerate() {
+            let (buckets, sum, count) = h(s).snapshot();
+            m.encode_family(&self.labels(i))?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        Ok(())
+    }
+
+    /// A gauge of value 1 whose labels carry the information.
+    fn info(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        labels: impl Fn(&EngineStats) -> Labels,
+    ) -> std::fmt::Result {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (i, s) in self.engines.iter().enumerate() {
+            let mut l = labels(s);
+            l.push(("engine", i.to_string()));
+            ConstGauge::new(1.0).encode(m.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn load(a: &std::sync::atomic::AtomicUsize) -> f64 {
+    a.load(Ordering::Relaxed) as f64
+}
+
+fn count(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
 }
 
 impl Collector for EngineCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        let s = &self.stats;
-        let usage = s.kv_usage();
-        self.gauge(
-            &mut enc,
-            "vllm:num_requests_running",
-            "Requests in the running batch.",
-            s.running.load(Ordering::Relaxed) as f64,
-        )?;
-        self.gauge(
-            &mut enc,
-            "vllm:num_requests_waiting",
-            "Requests waiting to be scheduled.",
-            s.waiting.load(Ordering::Relaxed) as f64,
-        )?;
-        self.gauge(&mut enc, "vllm:kv_cache_usage_perc", "KV cache usage, 0..1.", usage)?;
-        self.gauge(&mut enc, "vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (legacy name).", usage)?;
-        {
-            let mut m =
-                enc.encode_descriptor("vllm:cache_config_info", "KV cache configuration.", None, MetricType::Gauge)?;
-            let labels = [("block_size", s.block_size.to_string()), ("num_gpu_blocks", s.num_blocks.to_string())];
-            ConstGauge::new(1.0).encode(m.encode_family(&labels)?)?;
-        }
-        {
-            let mut m = enc.encode_descriptor(
-                "vllm:lora_requests_info",
-                "LoRA adapters in use (none are loaded).",
-                None,
-                MetricType::Gauge,
-            )?;
-            let labels = [
+        let e = &mut enc;
+        self.gauge(e, "vllm:num_requests_running", "Requests in the running batch.", |s| load(&s.running))?;
+        self.gauge(e, "vllm:num_requests_waiting", "Requests waiting to be scheduled.", |s| load(&s.waiting))?;
+        self.gauge(e, "vllm:kv_cache_usage_perc", "KV cache usage, 0..1.", |s| s.kv_usage())?;
+        self.gauge(e, "vllm:gpu_cache_usage_perc", "KV cache usage, 0..1 (legacy name).", |s| s.kv_usage())?;
+        self.info(e, "vllm:cache_config_info", "KV cache configuration.", |s| {
+            vec![("block_size", s.block_size.to_string()), ("num_gpu_blocks", s.num_blocks.to_string())]
+        })?;
+        self.info(e, "vllm:lora_requests_info", "LoRA adapters in use (none are loaded).", |_| {
+            vec![
                 ("max_lora", "0".to_string()),
                 ("running_lora_adapters", String::new()),
                 ("waiting_lora_adapters", String::new()),
-            ];
-            ConstGauge::new(1.0).encode(m.encode_family(&labels)?)?;
-        }
-        self.histogram(&mut enc, "vllm:time_to_first_token_seconds", "Time to first token.", &s.ttft)?;
-        self.histogram(&mut enc, "vllm:inter_token_latency_seconds", "Time between tokens of a choice.", &s.itl)?;
-        self.histogram(&mut enc, "vllm:e2e_request_latency_seconds", "Arrival to end of a choice.", &s.e2e)?;
-        self.histogram(&mut enc, "vllm:request_queue_time_seconds", "Arrival to first scheduling.", &s.queue_time)?;
-        self.counter(
-            &mut enc,
-            "vllm:prompt_tokens",
-            "Prompt tokens received.",
-            s.prompt_tokens.load(Ordering::Relaxed),
-        )?;
-        self.counter(
-            &mut enc,
-            "vllm:generation_tokens",
-            "Tokens generated.",
-            s.generation_tokens.load(Ordering::Relaxed),
-        )?;
-        self.counter(
-            &mut enc,
-            "vllm:prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache.",
-            s.prefix_queries.load(Ordering::Relaxed),
-        )?;
-        self.counter(
-            &mut enc,
-            "vllm:prefix_cache_hits",
-            "Prompt tokens found in the prefix cache.",
-            s.prefix_hits.load(Ordering::Relaxed),
-        )?;
-        self.counter(&mut enc, "vllm:num_preemptions", "Sequences preempted.", s.preemptions.load(Ordering::Relaxed))?;
-        self.counter(&mut enc, "tessera:engine_steps", "Engine steps run.", s.steps.load(Ordering::Relaxed))?;
-        self.counter(
-            &mut enc,
-            "tessera:engine_batched_steps",
-            "Engine steps that ran more than one sequence.",
-            s.batched_steps.load(Ordering::Relaxed),
-        )?;
+            ]
+        })?;
+        self.histogram(e, "vllm:time_to_first_token_seconds", "Time to first token.", |s| &s.ttft)?;
+        self.histogram(e, "vllm:inter_token_latency_seconds", "Time between tokens of a choice.", |s| &s.itl)?;
+        self.histogram(e, "vllm:e2e_request_latency_seconds", "Arrival to end of a choice.", |s| &s.e2e)?;
+        self.histogram(e, "vllm:request_queue_time_seconds", "Arrival to first scheduling.", |s| &s.queue_time)?;
+        self.counter(e, "vllm:prompt_tokens", "Prompt tokens received.", |s| count(&s.prompt_tokens))?;
+        self.counter(e, "vllm:generation_tokens", "Tokens generated.", |s| count(&s.generation_tokens))?;
+        self.counter(e, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", |s| {
+            count(&s.prefix_queries)
+        })?;
+        self.counter(e, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", |s| {
+            count(&s.prefix_hits)
+        })?;
+        self.counter(e, "vllm:num_preemptions", "Sequences preempted.", |s| count(&s.preemptions))?;
+        self.counter(e, "tessera:engine_steps", "Engine steps run.", |s| count(&s.steps))?;
+        self.counter(e, "tessera:engine_batched_steps", "Engine steps that ran more than one sequence.", |s| {
+            count(&s.batched_steps)
+        })?;
         let mut m =
             enc.encode_descriptor("vllm:request_success", "Requests finished, by reason.", None, MetricType::Counter)?;
-        for (reason, c) in [("stop", &s.finished_stop), ("length", &s.finished_length), ("abort", &s.finished_abort)] {
-            let labels = [("model_name", self.model_name.clone()), ("finished_reason", reason.to_string())];
-            ConstCounter::new(c.load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+        for (i, s) in self.engines.iter().enumerate() {
+            for (reason, c) in
+                [("stop", &s.finished_stop), ("length", &s.finished_length), ("abort", &s.finished_abort)]
+            {
+                let mut labels = self.labels(i);
+                labels.push(("finished_reason", reason.to_string()));
+                ConstCounter::new(count(c)).encode(m.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }
 }
 
 /// Render the metrics text for one scrape.
-pub(crate) fn render(stats: &Arc<EngineStats>, model_name: &str) -> Result<String, std::fmt::Error> {
+pub(crate) fn render(engines: &[Arc<EngineStats>], model_name: &str) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::default();
-    reg.register_collector(Box::new(EngineCollector { stats: stats.clone(), model_name: model_name.to_string() }));
+    reg.register_collector(Box::new(EngineCollector { engines: engines.to_vec(), model_name: model_name.to_string() }));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
     Ok(out)

@@ -31,11 +31,29 @@ impl ModelInfo {
 
 /// A loaded model ready to serve.
 pub struct ServedModel {
+    /// Data-parallel replica 0 (its limits are every replica's).
     pub engine: EngineHandle,
+    /// Further data-parallel replicas.
+    pub replicas: Vec<EngineHandle>,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     pub defaults: ModelDefaults,
     pub vocab_size: usize,
+}
+
+impl ServedModel {
+    /// Every data-parallel replica, replica 0 first.
+    pub fn engines(&self) -> impl Iterator<Item = &EngineHandle> {
+        std::iter::once(&self.engine).chain(&self.replicas)
+    }
+
+    /// The replica with the least work (running + waiting), lowest index on ties.
+    pub fn least_loaded(&self) -> &EngineHandle {
+        use std::sync::atomic::Ordering::Relaxed;
+        let load =
+            |e: &EngineHandle| e.stats().running.load(Relaxed) + e.stats().waiting.load(Relaxed) + e.live_streams();
+        self.engines().min_by_key(|e| load(e)).unwrap_or(&self.engine)
+    }
 }
 
 struct Inner {
@@ -95,9 +113,9 @@ impl AppState {
         self.inner.draining.load(Ordering::SeqCst)
     }
 
-    /// The loaded model's engine, if any.
-    pub fn engine(&self) -> Option<&EngineHandle> {
-        self.inner.model.get().map(|m| &m.engine)
+    /// The loaded model's engines (data-parallel replicas), none while loading.
+    pub fn engines(&self) -> Vec<&EngineHandle> {
+        self.inner.model.get().map(|m| m.engines().collect()).unwrap_or_default()
     }
 
     /// The criticality of requests that name `model`.
@@ -107,7 +125,7 @@ impl AppState {
     }
 
     pub(crate) fn is_ready(&self) -> bool {
-        self.inner.model.get().is_some_and(|m| m.engine.stats().failure().is_none())
+        self.inner.model.get().is_some_and(|m| m.engines().all(|e| e.stats().failure().is_none()))
             && !self.inner.draining.load(Ordering::SeqCst)
     }
 

@@ -87,6 +87,22 @@ pub struct ServeArgs {
     /// Pipeline-parallel stages (`-pp`).
     #[arg(long, default_value_t = 1, env = "TESSERA_PIPELINE_PARALLEL_SIZE")]
     pub pipeline_parallel_size: usize,
+    /// Data-parallel replicas: engines (each with its own scheduler, KV cache and ranks) behind
+    /// one HTTP front that sends each request to the least loaded.
+    #[arg(long, default_value_t = 1, env = "TESSERA_DATA_PARALLEL_SIZE")]
+    pub data_parallel_size: usize,
+    /// Replicas in this pod (must equal --data-parallel-size for now).
+    #[arg(long, env = "TESSERA_DATA_PARALLEL_SIZE_LOCAL")]
+    pub data_parallel_size_local: Option<usize>,
+    /// Accepted for vLLM compatibility (the data-parallel leader's address).
+    #[arg(long, env = "TESSERA_DATA_PARALLEL_ADDRESS")]
+    pub data_parallel_address: Option<String>,
+    /// Accepted for vLLM compatibility.
+    #[arg(long, default_value_t = 5555, env = "TESSERA_DATA_PARALLEL_RPC_PORT")]
+    pub data_parallel_rpc_port: u16,
+    /// First data-parallel rank of this pod (0 while every replica runs in this pod).
+    #[arg(long, default_value_t = 0, env = "TESSERA_DATA_PARALLEL_START_RANK")]
+    pub data_parallel_start_rank: usize,
     /// Split MoE experts whole over the tensor-parallel ranks (tokens travel to their experts)
     /// instead of slicing every expert.
     #[arg(long, env = "TESSERA_ENABLE_EXPERT_PARALLEL")]

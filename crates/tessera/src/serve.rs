@@ -39,15 +39,17 @@ impl Running {
     /// past it, end the rest with an error event. Then close the listener and return.
     pub async fn stop(mut self) -> Result<(), ServeError> {
         self.state.set_draining();
-        if let Some(engine) = self.state.engine() {
-            let deadline = Instant::now() + self.shutdown_timeout;
-            while engine.live_streams() > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let left = engine.live_streams();
-            if left > 0 {
-                tracing::warn!("shutdown timeout: ending {left} unfinished request(s) with an error");
-                engine.abort_all(EngineError::Shutdown(
+        let engines = self.state.engines();
+        let live = || engines.iter().map(|e| e.live_streams()).sum::<usize>();
+        let deadline = Instant::now() + self.shutdown_timeout;
+        while live() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = live();
+        if left > 0 {
+            tracing::warn!("shutdown timeout: ending {left} unfinished request(s) with an error");
+            for e in &engines {
+                e.abort_all(EngineError::Shutdown(
                     "the server shut down before this request finished (--shutdown-timeout elapsed)".into(),
                 ));
             }
@@ -109,6 +111,19 @@ fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     }
     if a.tensor_parallel_size == 0 {
         return bad("--tensor-parallel-size must be at least 1".into());
+    }
+    if a.data_parallel_size == 0 {
+        return bad("--data-parallel-size must be at least 1".into());
+    }
+    if let Some(local) = a.data_parallel_size_local.filter(|&l| l != a.data_parallel_size) {
+        return bad(format!(
+            "--data-parallel-size-local {local} < --data-parallel-size {}: data-parallel replicas on other pods \
+             are not available yet (run every replica in this pod)",
+            a.data_parallel_size
+        ));
+    }
+    if a.data_parallel_start_rank != 0 {
+        return bad("--data-parallel-start-rank must be 0 while every replica runs in this pod".into());
     }
     if a.pipeline_parallel_size == 0 {
         return bad("--pipeline-parallel-size must be at least 1".into());
@@ -278,42 +293,51 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
         dtype,
         (num_blocks * a.block_size) as f64 / max_model_len as f64
     );
-    let executor: Box<dyn Executor> = if tp * a.pipeline_parallel_size == 1 {
-        let model = Llama::load(&cfg, lm.weights.as_ref(), max_model_len, dtype, &device)?;
-        Box::new(Worker::new(model, num_blocks, a.block_size)?)
-    } else {
-        if matches!(lm.format, tessera_loader::ModelFormat::Gguf(_)) {
-            tracing::info!(
-                "tensor parallel over quantized GGUF weights: each rank dequantizes, slices and requantizes its shards"
-            );
-        }
-        let setup = rank_setup(a, &sz, dtype, &device)?;
-        crate::ranks::start_leader(&setup, &cfg, lm.weights.as_ref())?
+    let make_executor = || -> Result<Box<dyn Executor>, ServeError> {
+        Ok(if tp * a.pipeline_parallel_size == 1 {
+            let model = Llama::load(&cfg, lm.weights.as_ref(), max_model_len, dtype, &device)?;
+            Box::new(Worker::new(model, num_blocks, a.block_size)?)
+        } else {
+            if matches!(lm.format, tessera_loader::ModelFormat::Gguf(_)) {
+                tracing::info!(
+                    "parallel ranks over quantized GGUF weights: shards are cut block-exactly from the quantized \
+                     tensors (dequantized only where a cut splits quantization blocks)"
+                );
+            }
+            let setup = rank_setup(a, &sz, dtype, &device)?;
+            crate::ranks::start_leader(&setup, &cfg, lm.weights.as_ref())?
+        })
     };
+    let dp = a.data_parallel_size;
+    let executors: Vec<Box<dyn Executor>> = (0..dp).map(|_| make_executor()).collect::<Result<_, _>>()?;
     drop(lm.weights);
     let template = chat_template(a.chat_template.as_deref(), &lm.tokenizer)?;
     let tok = lm.tokenizer;
-    let engine = tessera_engine::spawn(
-        EngineConfig {
-            max_model_len,
-            num_blocks,
-            block_size: a.block_size,
-            enable_prefix_caching: a.prefix_caching(),
-            scheduler: SchedulerConfig {
-                max_num_seqs: a.max_num_seqs,
-                max_num_batched_tokens: a.max_num_batched_tokens,
-                enable_chunked_prefill: a.chunked_prefill(),
-                policy: match a.scheduling_policy {
-                    PolicyArg::Fcfs => Policy::Fcfs,
-                    PolicyArg::Priority => Policy::Priority,
-                },
+    let engine_cfg = EngineConfig {
+        max_model_len,
+        num_blocks,
+        block_size: a.block_size,
+        enable_prefix_caching: a.prefix_caching(),
+        scheduler: SchedulerConfig {
+            max_num_seqs: a.max_num_seqs,
+            max_num_batched_tokens: a.max_num_batched_tokens,
+            enable_chunked_prefill: a.chunked_prefill(),
+            policy: match a.scheduling_policy {
+                PolicyArg::Fcfs => Policy::Fcfs,
+                PolicyArg::Priority => Policy::Priority,
             },
-            max_queued_requests: a.max_queued_requests,
         },
-        executor,
-        tok.tokenizer.clone(),
-        tok.eos_token_ids.clone(),
-    );
+        max_queued_requests: a.max_queued_requests,
+    };
+    // One engine (scheduler + KV cache + ranks) per data-parallel replica.
+    let mut engines: Vec<_> = executors
+        .into_iter()
+        .map(|ex| tessera_engine::spawn(engine_cfg.clone(), ex, tok.tokenizer.clone(), tok.eos_token_ids.clone()))
+        .collect();
+    if dp > 1 {
+        tracing::info!("data parallel: {dp} engine replicas behind one HTTP front (least-loaded first)");
+    }
+    let engine = engines.remove(0);
     tracing::info!(
         "model {} ({}, {} layers) ready in {:.1}s on {:?}",
         a.model,
@@ -324,6 +348,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
     );
     Ok(ServedModel {
         engine,
+        replicas: engines,
         tokenizer: tok.tokenizer,
         chat_template: template,
         defaults: ModelDefaults {

@@ -53,7 +53,7 @@ pub(crate) fn submit(
         });
     }
     let criticality = st.criticality(model_name);
-    Ok(m.engine.submit(EngineRequest { prompt, params, criticality })?)
+    Ok(m.least_loaded().submit(EngineRequest { prompt, params, criticality })?)
 }
 
 /// One choice's whole answer.

@@ -89,7 +89,8 @@ async fn metrics(State(st): State<AppState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "model loading\n").into_response();
     };
     let name = st.info().served_names.first().cloned().unwrap_or_default();
-    match crate::metrics::render(m.engine.stats(), &name) {
+    let stats: Vec<_> = m.engines().map(|e| e.stats().clone()).collect();
+    match crate::metrics::render(&stats, &name) {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
         Err(_) => ApiError::Internal("metrics encoding failed".into()).into_response(),
     }
