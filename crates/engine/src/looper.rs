@@ -250,6 +250,7 @@ impl Core {
             }
         }
         self.stats.record_step(&out.plan, out.preempted.len());
+        self.stats.record_prefix(self.sched.kv().stats());
         let results = match self.executor.execute(&out.plan) {
             Ok(r) => r,
             Err(e) => {

@@ -155,6 +155,13 @@ impl EngineStats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Prefix-cache counters, updated as soon as a step is scheduled (before any of its output
+    /// reaches a client, so a scrape after a response always includes that request).
+    pub(crate) fn record_prefix(&self, prefix: PrefixStats) {
+        self.prefix_queries.store(prefix.queries, Ordering::Relaxed);
+        self.prefix_hits.store(prefix.hits, Ordering::Relaxed);
+    }
+
     pub(crate) fn publish(&self, running: usize, waiting: usize, usage: f64, free: usize, prefix: PrefixStats) {
         self.running.store(running, Ordering::Relaxed);
         self.waiting.store(waiting, Ordering::Relaxed);

@@ -180,6 +180,11 @@ impl Llama {
         })
     }
 
+    /// Pipeline stages of the model (1 without pipeline parallelism).
+    pub fn pipeline_stages(&self) -> usize {
+        self.pp.stages
+    }
+
     /// Layers held (and cached) by this rank's pipeline stage.
     pub fn num_local_layers(&self) -> usize {
         self.blocks.len()

@@ -78,10 +78,29 @@ impl Worker {
         })
     }
 
+    /// The model forward over `plan`, as pipeline micro-batches: with `P` stages the
+    /// sequences are split into up to `P` groups run one after another, so that stage `s`
+    /// computes group `m + 1` while stage `s + 1` computes group `m`. Every rank splits the
+    /// same plan the same way. Logits (on the rank that gets them) are concatenated in order.
+    fn forward_micro_batched(&mut self, plan: &StepPlan, all_rows: bool) -> Result<Tensor> {
+        let stages = self.model.pipeline_stages();
+        if stages == 1 || plan.seqs.len() < 2 {
+            let input = self.batch(plan, all_rows)?;
+            return Ok(self.model.forward(&input, &self.cache)?);
+        }
+        let per = plan.seqs.len().div_ceil(stages);
+        let mut parts = Vec::with_capacity(stages);
+        for seqs in plan.seqs.chunks(per) {
+            let sub = StepPlan { seqs: seqs.to_vec() };
+            let input = self.batch(&sub, all_rows)?;
+            parts.push(self.model.forward(&input, &self.cache)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
     /// Logits `[num_seqs, vocab]` of the last token of every sequence in the plan.
     pub fn forward_logits(&mut self, plan: &StepPlan) -> Result<Tensor> {
-        let input = self.batch(plan, true)?;
-        Ok(self.model.forward(&input, &self.cache)?)
+        self.forward_micro_batched(plan, true)
     }
 
     /// The forward of a step as a non-sampling rank runs it (same collectives as rank 0).
@@ -89,8 +108,7 @@ impl Worker {
         if plan.seqs.is_empty() {
             return Ok(());
         }
-        let input = self.batch(plan, false)?;
-        self.model.forward(&input, &self.cache)?;
+        self.forward_micro_batched(plan, false)?;
         Ok(())
     }
 
@@ -99,8 +117,7 @@ impl Worker {
         if plan.seqs.is_empty() {
             return Ok(vec![]);
         }
-        let input = self.batch(plan, false)?;
-        let logits = self.model.forward(&input, &self.cache)?;
+        let logits = self.forward_micro_batched(plan, false)?;
         let sampling: Vec<_> = plan.seqs.iter().filter(|s| s.sample.is_some()).collect();
         if sampling.is_empty() {
             return Ok(vec![]);
