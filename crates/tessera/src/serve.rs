@@ -309,6 +309,13 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
         })
     };
     let dp = a.data_parallel_size;
+    if dp > 1 && crate::ranks::Topology::from_env(a.rendezvous_port)?.group_size > 1 {
+        return Err(ServeError::Config(
+            "--data-parallel-size > 1 under a LeaderWorkerSet group is not available yet \
+             (replicas would share one rendezvous); run data-parallel replicas in one pod"
+                .into(),
+        ));
+    }
     let executors: Vec<Box<dyn Executor>> = (0..dp).map(|_| make_executor()).collect::<Result<_, _>>()?;
     drop(lm.weights);
     let template = chat_template(a.chat_template.as_deref(), &lm.tokenizer)?;
