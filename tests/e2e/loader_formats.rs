@@ -76,3 +76,31 @@ fn sharded_and_single_file_give_the_same_model() {
     assert!(e.contains("single"), "{e}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// GGUF shards read straight from the file equal the whole tensor sliced, for row and
+/// column cuts, in the file's q/k order and in Hugging Face order.
+#[test]
+fn gguf_shards_read_from_the_file_equal_sliced_tensors() {
+    use tessera_loader::GgufSource;
+    use tessera_models::{Shard, Weight, WeightSource};
+    let path = tessera_tests::smollm2_gguf();
+    let dense = |w: Weight| w.dense(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for hf in [false, true] {
+        let src = GgufSource::open(&path, DType::F32, &Device::Cpu).unwrap();
+        let src = if hf { src.into_hf_order() } else { src };
+        let cases = [
+            ("model.layers.3.self_attn.q_proj.weight", [576, 576], Shard::new(0, 1, 3)),
+            ("model.layers.3.self_attn.k_proj.weight", [192, 576], Shard::new(0, 2, 3)),
+            ("model.layers.3.self_attn.o_proj.weight", [576, 576], Shard::new(1, 2, 3)),
+            ("model.layers.5.mlp.down_proj.weight", [576, 1536], Shard::new(1, 1, 3)),
+            ("model.embed_tokens.weight", [49152, 576], Shard::new(0, 2, 3)),
+        ];
+        for (name, full, shard) in cases {
+            let direct = src.get_shard(name, &full, shard).unwrap();
+            assert!(matches!(direct, Weight::Quant(_)), "{name}: stays quantized");
+            let sliced = src.get_shard_by_narrowing(name, &full, shard).unwrap();
+            assert_eq!(direct.dims(), sliced.dims(), "{name}");
+            assert_eq!(dense(direct), dense(sliced), "{name} (hf order {hf})");
+        }
+    }
+}
