@@ -204,6 +204,13 @@ fn moe_ep_2_and_4_and_sliced_experts_equal_one_rank() {
         println!("MoE EP={world} vs 1 rank over {} steps: max |Δlogit| = {d:e}", plans.len());
         assert!(d < 1e-4, "EP={world} differs by {d}");
     }
+    // One sequence: a single decode token, so some ranks get no tokens to route.
+    let single: Vec<StepPlan> = plans.iter().map(|p| StepPlan { seqs: vec![p.seqs[0].clone()] }).collect();
+    let mut w1 = worker(&dir, TensorParallel::single());
+    let want1: Vec<Vec<Vec<f32>>> =
+        single.iter().map(|p| w1.forward_logits(p).unwrap().to_vec2::<f32>().unwrap()).collect();
+    let d = max_diff(&run_ep(&dir, 4, &single), &want1);
+    assert!(d < 1e-4, "EP=4 on one sequence differs by {d}");
     let got = run_tp(&dir, 2, &plans);
     let d = max_diff(&got, &want);
     println!("MoE TP=2 (experts sliced) vs 1 rank: max |Δlogit| = {d:e}");
