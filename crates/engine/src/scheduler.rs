@@ -47,11 +47,23 @@ pub struct Sequence {
     /// Criticality class (0 = most critical) and request priority (lower = sooner).
     pub class: u8,
     pub priority: i64,
+    /// Another choice of the same request whose computed prompt blocks this one may share
+    /// when it is admitted (a waiting sequence never holds blocks).
+    pub fork_of: Option<u64>,
 }
 
 impl Sequence {
     pub fn new(id: u64, prompt: Vec<u32>, sampling: SamplingConfig) -> Self {
-        Self { id, prompt_len: prompt.len(), tokens: prompt, num_computed: 0, sampling, class: 1, priority: 0 }
+        Self {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            num_computed: 0,
+            sampling,
+            class: 1,
+            priority: 0,
+            fork_of: None,
+        }
     }
 
     pub fn with_priority(mut self, class: u8, priority: i64) -> Self {
@@ -117,13 +129,29 @@ impl Scheduler {
         self.waiting.insert(at, seq);
     }
 
-    /// Add `seq`, a further choice of `parent`'s prompt, sharing the parent's full prompt blocks
-    /// (the tail of the prompt is recomputed, so at least one token is left to compute).
+    /// Add `seq`, a further choice of `parent`'s prompt. When admitted it shares the parent's
+    /// full prompt blocks if the parent still holds them (the tail of the prompt is
+    /// recomputed, so at least one token is left to compute).
     pub fn add_fork(&mut self, mut seq: Sequence, parent: u64) {
-        let shareable = seq.prompt_len.saturating_sub(1) / self.kv.block_size();
-        let shared = self.kv.fork(parent, seq.id, shareable);
-        seq.num_computed = shared * self.kv.block_size();
+        seq.fork_of = Some(parent);
         self.add(seq);
+    }
+
+    /// Blocks a sequence about to be admitted can start from: its fork parent's prompt blocks
+    /// or the prefix cache, whichever covers more. The flag says whether they came from the cache.
+    fn starting_blocks(&self, seq: &Sequence) -> (CachedPrefix, bool) {
+        if seq.num_computed > 0 {
+            return (CachedPrefix::default(), false);
+        }
+        let cached = self.kv.cached_prefix(&seq.tokens);
+        let bs = self.kv.block_size();
+        // Only blocks the parent has computed (it may be re-running after a preemption).
+        let parent = seq.fork_of.and_then(|p| self.get(p)).map(|p| (p.id, p.num_computed / bs));
+        let shareable = (seq.prompt_len.saturating_sub(1) / bs).min(parent.map_or(0, |p| p.1));
+        match parent.map(|(p, _)| self.kv.prefix_of(p, shareable)) {
+            Some(f) if f.blocks.len() > cached.blocks.len() => (f, false),
+            _ => (cached, true),
+        }
     }
 
     /// Read access to a live sequence.
@@ -194,6 +222,11 @@ impl Scheduler {
 
     /// Decide the next step.
     pub fn schedule(&mut self) -> Scheduled {
+        // Best key first, so that the running phase only ever preempts sequences (at or after
+        // the one that needs room) that are no better than every sequence already scheduled.
+        let mut running = std::mem::take(&mut self.running);
+        running.sort_by_key(|s| self.key(s));
+        self.running = running;
         let mut out = Scheduled::default();
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut scheduled: Vec<(u64, usize)> = Vec::new();
@@ -246,8 +279,7 @@ impl Scheduler {
                 let Some(seq) = self.waiting.front() else {
                     break;
                 };
-                let prefix =
-                    if seq.num_computed == 0 { self.kv.cached_prefix(&seq.tokens) } else { CachedPrefix::default() };
+                let (prefix, from_cache) = self.starting_blocks(seq);
                 let cached = prefix.blocks.len() * self.kv.block_size();
                 let start = seq.num_computed.max(cached);
                 let remaining = seq.tokens.len() - start;
@@ -262,9 +294,11 @@ impl Scheduler {
                     }
                     break;
                 }
-                self.kv.record_prefix(query, cached);
-                if cached > 0 {
-                    out.prefix_hits.push((id, cached));
+                if from_cache {
+                    self.kv.record_prefix(query, cached);
+                    if cached > 0 {
+                        out.prefix_hits.push((id, cached));
+                    }
                 }
                 let Some(mut seq) = self.waiting.pop_front() else {
                     break;

@@ -214,6 +214,14 @@ impl Llama {
     /// Run one batch: writes this step's keys/values into `cache` and returns the logits
     /// of the rows in `input.logits_indices`, `[S, vocab]` (f32).
     pub fn forward(&self, input: &BatchInput, cache: &KvCache) -> Result<Tensor> {
+        let logits = self.forward_stage(input, cache)?;
+        self.route_logits(vec![logits])
+    }
+
+    /// This pipeline stage's part of the forward: the last stage returns its logits, the
+    /// others hand their activations on and return `None` (no logits travel yet, so that
+    /// stage 0 can go on with the next micro-batch).
+    pub fn forward_stage(&self, input: &BatchInput, cache: &KvCache) -> Result<Option<Tensor>> {
         let cfg = &self.cfg;
         let t = input.tokens.dim(0)?;
         if t == 0 {
@@ -254,10 +262,22 @@ impl Llama {
                 None
             }
         };
-        // Only world rank 0 (which samples) gets logits under a pipeline; others get none.
-        match self.pp.route_logits(logits)? {
-            Some(l) => Ok(l),
-            None => Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, &self.device)?),
+        Ok(logits)
+    }
+
+    /// Deliver the logits of `parts` (micro-batches in order, as [`Llama::forward_stage`]
+    /// returned them) to world rank 0, which samples: rank 0 gets them concatenated, every
+    /// other rank an empty `[0, vocab]`. Without a pipeline the logits stay where they are.
+    pub fn route_logits(&self, parts: Vec<Option<Tensor>>) -> Result<Tensor> {
+        let mut got = Vec::with_capacity(parts.len());
+        for p in parts {
+            if let Some(l) = self.pp.route_logits(p)? {
+                got.push(l);
+            }
         }
+        if got.is_empty() {
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
+        }
+        Ok(Tensor::cat(&got, 0)?)
     }
 }

@@ -41,6 +41,10 @@ pub trait Communicator: Send + Sync {
     /// `parts[i]` goes to rank `i`; returns what every rank sent to this one, by source rank.
     /// (The MoE token exchange; built from paired send/recv.)
     fn all_to_all(&self, parts: Vec<Tensor>) -> Result<Vec<Tensor>>;
+
+    /// Close this rank's links so that peers blocked on it fail at once instead of waiting
+    /// (used when this rank can no longer take part). A no-op where there is nothing to close.
+    fn shutdown(&self) {}
 }
 
 /// The trivial group of one rank: every collective is the identity.

@@ -168,6 +168,10 @@ impl Communicator for NcclComm {
         Ok(self.ctrl.recv(from)?.to_device(&Device::Cuda(self.device.clone()))?)
     }
 
+    fn shutdown(&self) {
+        self.ctrl.shutdown();
+    }
+
     fn all_to_all(&self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let out = self.ctrl.all_to_all(parts)?;
         out.into_iter().map(|t| Ok(t.to_device(&Device::Cuda(self.device.clone()))?)).collect()

@@ -126,6 +126,10 @@ impl Communicator for SubGroup {
         self.parent.recv(self.members[from])
     }
 
+    fn shutdown(&self) {
+        self.parent.shutdown();
+    }
+
     fn all_to_all(&self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
         if parts.len() != self.members.len() {
             return Err(CommError::Usage(format!("all_to_all needs {} parts", self.members.len())));

@@ -7,7 +7,7 @@
 //! later shows up as [`CommError::PeerGone`] on the next operation that touches it.
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -96,7 +96,11 @@ impl TcpComm {
         if world == 1 {
             return Ok(Self { rank, world, peers: vec![None], device });
         }
-        let mesh = TcpListener::bind((if rank == 0 { leader_addr.ip() } else { [0u8; 4].into() }, 0))
+        // Followers listen on every address of the leader's family (the leader records the
+        // address it sees them connect from).
+        let any: IpAddr =
+            if leader_addr.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let mesh = TcpListener::bind((if rank == 0 { leader_addr.ip() } else { any }, 0))
             .map_err(io(rank, "bind the mesh listener"))?;
         let mesh_port = mesh.local_addr().map_err(io(rank, "mesh listener"))?.port();
         let table = if rank == 0 {
@@ -121,7 +125,9 @@ impl TcpComm {
                     missing(&streams)
                 )));
             };
+            s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io(rank, "timeout"))?;
             let j = read_u32(&mut s).map_err(io(rank, "mesh hello"))? as usize;
+            s.set_read_timeout(None).map_err(io(rank, "timeout"))?;
             if j <= rank || j >= world || streams[j].is_some() {
                 return Err(CommError::Rendezvous(format!("rank {rank} got an unexpected mesh hello from rank {j}")));
             }
@@ -163,17 +169,19 @@ impl TcpComm {
                 )));
             };
             s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io(0, "timeout"))?;
-            let mut magic = [0u8; 4];
-            s.read_exact(&mut magic).map_err(io(0, "hello"))?;
-            let (r, w, port) = (
-                read_u32(&mut s).map_err(io(0, "hello"))? as usize,
-                read_u32(&mut s).map_err(io(0, "hello"))? as usize,
-                read_u32(&mut s).map_err(io(0, "hello"))? as u16,
-            );
-            if &magic != MAGIC || w != world || r == 0 || r >= world || table[r].is_some() {
-                return Err(CommError::Rendezvous(format!(
-                    "bad hello at the leader: rank {r} of world {w} (expected a new rank in 1..{world} of world {world})"
-                )));
+            let mut hello = [0u8; 16];
+            if let Err(e) = s.read_exact(&mut hello) {
+                // A probe or an abandoned attempt: the real rank retries.
+                tracing::debug!("rendezvous: ignoring a connection without a hello: {e}");
+                continue;
+            }
+            let field = |i: usize| u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]]) as usize;
+            let (r, w, port) = (field(4), field(8), field(12) as u16);
+            if &hello[..4] != MAGIC || w != world || r == 0 || r >= world || table[r].is_some() {
+                tracing::warn!(
+                    "rendezvous: ignoring a hello from rank {r} of world {w} (expected a new rank in 1..{world} of world {world})"
+                );
+                continue;
             }
             let ip = s.peer_addr().map_err(io(r, "peer address"))?.ip();
             table[r] = Some(SocketAddr::new(ip, port));
@@ -389,6 +397,14 @@ impl Communicator for TcpComm {
 
     fn recv(&self, from: usize) -> Result<Tensor> {
         decode_tensor(&self.recv_bytes(from)?, &self.device, from)
+    }
+
+    fn shutdown(&self) {
+        for p in self.peers.iter().flatten() {
+            if let Ok(w) = p.writer.lock() {
+                let _ = w.get_ref().shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 
     fn all_to_all(&self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {

@@ -110,8 +110,10 @@ impl Executor for TensorParallelExecutor {
             .map_err(|e| RunnerError::Rank(e.to_string()))
             .and_then(|_| self.worker.execute(plan));
         if let Err(e) = &r {
-            // A rank that fails a collective leaves the group unusable.
+            // A failed step leaves the group out of step: close our links so that the other
+            // ranks stop waiting on us and end (their pods restart) instead of hanging.
             self.failed = Some(e.to_string());
+            self.comm.shutdown();
             return Err(RunnerError::Rank(e.to_string()));
         }
         r

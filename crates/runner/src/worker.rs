@@ -93,9 +93,12 @@ impl Worker {
         for seqs in plan.seqs.chunks(per) {
             let sub = StepPlan { seqs: seqs.to_vec() };
             let input = self.batch(&sub, all_rows)?;
-            parts.push(self.model.forward(&input, &self.cache)?);
+            parts.push(self.model.forward_stage(&input, &self.cache)?);
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        // Logits travel only after every micro-batch went through this stage: stage 0 never
+        // waits on the last stage between micro-batches, and no link carries activations and
+        // logits in opposite directions at once.
+        Ok(self.model.route_logits(parts)?)
     }
 
     /// Logits `[num_seqs, vocab]` of the last token of every sequence in the plan.

@@ -150,20 +150,14 @@ impl KvCacheManager {
         }
     }
 
-    /// Give `child` references to the first `max_blocks` blocks of `parent` (which must be
-    /// computed). Returns how many blocks are shared.
-    pub fn fork(&mut self, parent: u64, child: u64, max_blocks: usize) -> usize {
-        let Some(p) = self.seqs.get(&parent) else {
-            return 0;
+    /// The first `max_blocks` blocks of `seq` (which must be computed) as a prefix another
+    /// sequence can start from with [`Self::allocate`]; empty if `seq` holds no blocks.
+    pub fn prefix_of(&self, seq: u64, max_blocks: usize) -> CachedPrefix {
+        let Some(p) = self.seqs.get(&seq) else {
+            return CachedPrefix::default();
         };
         let k = max_blocks.min(p.blocks.len());
-        let blocks = p.blocks[..k].to_vec();
-        let hashes = p.hashes[..k.min(p.hashes.len())].to_vec();
-        for &b in &blocks {
-            self.pool.touch(b);
-        }
-        self.seqs.insert(child, SeqBlocks { blocks, hashes });
-        k
+        CachedPrefix { blocks: p.blocks[..k].to_vec(), hashes: p.hashes[..k.min(p.hashes.len())].to_vec() }
     }
 
     /// The block table of a sequence.

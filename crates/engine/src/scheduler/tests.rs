@@ -148,6 +148,7 @@ fn a_fork_shares_the_parents_prompt_blocks() {
     run(&mut s);
     let used_by_parent = 16 - s.kv().num_free();
     s.add_fork(Sequence::new(2, seq(1, 10).tokens, SamplingConfig::default()), 1);
+    assert_eq!(16 - s.kv().num_free(), used_by_parent, "a waiting fork holds no blocks");
     let out = run(&mut s);
     // The child computes only the last partial block's 2 tokens.
     assert_eq!(shape(&out), vec![(1, 1, true), (2, 2, true)]);
