@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tessera_tests::tiny::{tiny_weights, write_hf, TinyShape};
-use tessera_tests::{smollm2_hf, WorkerProcess};
+use tessera_tests::{free_port, smollm2_hf, WorkerProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera-worker");
 
@@ -20,10 +20,6 @@ fn tiny_servable(name: &str) -> PathBuf {
         std::fs::copy(smollm2_hf().join(f), dir.join(f)).expect("tokenizer files");
     }
     dir
-}
-
-fn free_port() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string()
 }
 
 fn lws_env(port: &str, index: &str) -> Vec<(String, String)> {
@@ -49,7 +45,7 @@ fn start_worker_pod(model: &Path, port: &str, log: &Path) -> std::process::Child
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pod_group_serves_and_a_killed_rank_fails_fast() {
     let model = tiny_servable("group");
-    let port = free_port();
+    let port = free_port().to_string();
     let wlog = std::env::temp_dir().join(format!("tessera-lws-worker-{port}.log"));
     let mut worker = start_worker_pod(&model, &port, &wlog);
     let env = lws_env(&port, "0");
@@ -84,10 +80,10 @@ async fn two_pod_group_serves_and_a_killed_rank_fails_fast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_that_never_joins_fails_start_up_naming_it() {
     let model = tiny_servable("alone");
-    let port = free_port();
+    let port = free_port().to_string();
     let t = Instant::now();
     let out = Command::new(BIN)
-        .args(["serve", model.to_str().unwrap(), "--tensor-parallel-size", "2", "--port", &free_port()])
+        .args(["serve", model.to_str().unwrap(), "--tensor-parallel-size", "2", "--port", &free_port().to_string()])
         .args(["--max-model-len", "256", "--rank-join-timeout", "2"])
         .envs(lws_env(&port, "0"))
         .output()

@@ -12,7 +12,7 @@ use tessera_operator::api::LLMInferenceService;
 use tessera_operator::combine::{combine, config_names};
 use tessera_operator::template::GlobalConfig;
 use tessera_operator::{presets, render};
-use tessera_tests::smollm2_hf;
+use tessera_tests::{free_port, smollm2_hf};
 
 fn rendered_main_container() -> Container {
     let path = concat!(
@@ -28,10 +28,6 @@ fn rendered_main_container() -> Container {
     let spec = combine(&svc, &configs, &GlobalConfig::default()).unwrap();
     let d = render::main_deployment(&svc, &spec).unwrap();
     d.spec.template.spec.unwrap().containers.into_iter().find(|c| c.name == "main").unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,6 +65,11 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(std::time::Duration::from_secs(300)).build().expect("client")
 }
 
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port()
+}
+
 /// Read an SSE body into its `data:` payloads.
 pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
     let text = resp.text().await.expect("sse body");
@@ -89,7 +94,7 @@ impl WorkerProcess {
 
     /// [`WorkerProcess::start`] with extra environment variables.
     pub async fn start_with_env(bin: &str, model: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let port = free_port();
         let log = std::env::temp_dir().join(format!("tessera-worker-{}-{port}.log", std::process::id()));
         let stderr = std::fs::File::create(&log).expect("log file");
         let mut args: Vec<String> = vec!["serve".into(), model.display().to_string()];

@@ -336,7 +336,6 @@ impl Core {
             self.sched.num_waiting() + self.forks.values().map(Vec::len).sum::<usize>(),
             self.sched.kv().usage(),
             self.sched.kv().num_free(),
-            self.sched.kv().stats(),
         );
     }
 }

@@ -41,10 +41,6 @@ impl Histogram {
         let bounds = self.bounds.iter().copied().chain([f64::INFINITY]);
         (bounds.zip(d.0).collect(), d.1, d.2)
     }
-
-    pub fn count(&self) -> u64 {
-        self.snapshot().2
-    }
 }
 
 /// vLLM's bucket bounds.
@@ -162,13 +158,11 @@ impl EngineStats {
         self.prefix_hits.store(prefix.hits, Ordering::Relaxed);
     }
 
-    pub(crate) fn publish(&self, running: usize, waiting: usize, usage: f64, free: usize, prefix: PrefixStats) {
+    pub(crate) fn publish(&self, running: usize, waiting: usize, usage: f64, free: usize) {
         self.running.store(running, Ordering::Relaxed);
         self.waiting.store(waiting, Ordering::Relaxed);
         self.kv_usage_bits.store(usage.to_bits(), Ordering::Relaxed);
         self.free_blocks.store(free, Ordering::Relaxed);
-        self.prefix_queries.store(prefix.queries, Ordering::Relaxed);
-        self.prefix_hits.store(prefix.hits, Ordering::Relaxed);
     }
 }
 

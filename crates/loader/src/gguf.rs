@@ -14,7 +14,7 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device};
-use tessera_models::{ModelConfig, ModelError, Shard, Weight, WeightSource};
+use tessera_models::{shard_byte_runs, ModelConfig, ModelError, Shard, Weight, WeightSource};
 
 use crate::{LoadError, Result};
 
@@ -228,7 +228,7 @@ impl WeightSource for GgufSource {
     /// inside a block) takes the whole tensor and slices it.
     fn get_shard(&self, name: &str, full: &[usize], shard: Shard) -> tessera_models::Result<Weight> {
         match self.read_shard(name, full, shard) {
-            Ok(Some(q)) => Ok(Weight::Quant(Arc::new(q))),
+            Ok(Some(w)) => Ok(w),
             Ok(None) => self.get_shard_by_narrowing(name, full, shard),
             Err(e) => Err(ModelError::Source(e.to_string())),
         }
@@ -236,44 +236,33 @@ impl WeightSource for GgufSource {
 }
 
 impl GgufSource {
-    fn read_shard(&self, name: &str, full: &[usize], shard: Shard) -> Result<Option<QTensor>> {
+    fn read_shard(&self, name: &str, full: &[usize], shard: Shard) -> Result<Option<Weight>> {
         let Some(g) = gguf_name(name) else { return Ok(None) };
         let Some(info) = self.content.tensor_infos.get(&g) else { return Ok(None) };
         let (dt, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
         let float = matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        if shard.is_full() || float || dims.len() != 2 || dims != full || shard.dim > 1 {
+        let [rows, cols] = dims[..] else { return Ok(None) };
+        if shard.is_full() || float || dims != full {
             return Ok(None);
         }
-        let (rows, cols, bs) = (dims[0], dims[1], dt.block_size());
-        if !cols.is_multiple_of(bs) {
-            return Ok(None);
-        }
-        let row_bytes = cols / bs * dt.type_size();
         let (a, b) = shard.range(full[shard.dim]);
+        let Some((runs, shape)) = shard_byte_runs([rows, cols], (dt.block_size(), dt.type_size()), shard.dim, (a, b))
+        else {
+            return Ok(None);
+        };
         let base = self.content.tensor_data_offset + info.offset;
         let f = File::open(&self.path).map_err(|e| LoadError::io(&self.path, e))?;
-        let read = |at: u64, buf: &mut [u8]| {
+        let mut bytes = vec![0u8; runs.iter().map(|r| r.len()).sum()];
+        let mut at = 0;
+        for r in runs {
             use std::os::unix::fs::FileExt;
-            f.read_exact_at(buf, at).map_err(|e| LoadError::io(&self.path, e))
-        };
-        let (bytes, new_dims) = if shard.dim == 0 {
-            let mut buf = vec![0u8; (b - a) * row_bytes];
-            read(base + (a * row_bytes) as u64, &mut buf)?;
-            (buf, vec![b - a, cols])
-        } else {
-            // candle's dot products of 32-element types want an even block count per row.
-            if !a.is_multiple_of(bs) || !(b - a).is_multiple_of(2 * bs) {
-                return Ok(None);
-            }
-            let (from, len) = (a / bs * dt.type_size(), (b - a) / bs * dt.type_size());
-            let mut buf = vec![0u8; rows * len];
-            for (r, run) in buf.chunks_exact_mut(len).enumerate() {
-                read(base + (r * row_bytes + from) as u64, run)?;
-            }
-            (buf, vec![rows, b - a])
-        };
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dt, &bytes, new_dims, &self.device)
-            .map_err(|e| LoadError::candle(format!("{}: tensor {g}", self.path.display()), e))?;
+            f.read_exact_at(&mut bytes[at..at + r.len()], base + r.start as u64)
+                .map_err(|e| LoadError::io(&self.path, e))?;
+            at += r.len();
+        }
+        let fail = |e| LoadError::candle(format!("{}: tensor {g}", self.path.display()), e);
+        let mut q = candle_core::quantized::ggml_file::qtensor_from_ggml(dt, &bytes, shape.to_vec(), &self.device)
+            .map_err(fail)?;
         // Shards of whole heads: llama's q/k permutation stays within each head.
         let heads = if g.ends_with("attn_q.weight") {
             self.config.num_heads
@@ -287,11 +276,9 @@ impl GgufSource {
             if !a.is_multiple_of(per_head) || !(b - a).is_multiple_of(per_head) {
                 return Ok(None);
             }
-            let q = unpermute_rows(&q, (b - a) / per_head)
-                .map_err(|e| LoadError::candle(format!("{}: tensor {g}", self.path.display()), e))?;
-            return Ok(Some(q));
+            q = unpermute_rows(&q, (b - a) / per_head).map_err(fail)?;
         }
-        Ok(Some(q))
+        Ok(Some(Weight::from_quant_shard(q, shard.dim).map_err(|e| LoadError::Format(e.to_string()))?))
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
-use tessera_models::{ModelConfig, ModelError, Shard, Weight, WeightSource};
+use tessera_models::{shard_byte_runs, ModelConfig, ModelError, Shard, Weight, WeightSource};
 
 use crate::{LoadError, Result};
 
@@ -116,28 +116,18 @@ impl WeightSource for SafetensorsSource {
             return Err(ModelError::Shape { name: name.into(), got: view.shape().to_vec(), expected: full.to_vec() });
         }
         let dtype = DType::try_from(view.dtype()).map_err(|e| ModelError::Source(format!("{}: {e}", where_())))?;
-        let elem = dtype.size_in_bytes();
         let data = view.data();
-        let (a, b) = shard.range(full[shard.dim]);
-        let cols = if full.len() == 2 { full[1] } else { 1 };
-        let (bytes, shape) = if shard.dim == 0 {
-            let row = cols * elem;
-            let mut shape = full.to_vec();
-            shape[0] = b - a;
-            (data.get(a * row..b * row).map(<[u8]>::to_vec), shape)
-        } else {
-            let mut out = Vec::with_capacity(full[0] * (b - a) * elem);
-            for r in 0..full[0] {
-                match data.get((r * cols + a) * elem..(r * cols + b) * elem) {
-                    Some(run) => out.extend_from_slice(run),
-                    None => break,
-                }
-            }
-            let ok = out.len() == full[0] * (b - a) * elem;
-            (ok.then_some(out), vec![full[0], b - a])
-        };
-        let bytes = bytes.ok_or_else(|| ModelError::Source(format!("{}: data shorter than its shape", where_())))?;
-        let t = candle_core::Tensor::from_raw_buffer(&bytes, dtype, &shape, &self.device)
+        let matrix = [full[0], full.get(1).copied().unwrap_or(1)];
+        let runs = shard_byte_runs(matrix, (1, dtype.size_in_bytes()), shard.dim, shard.range(full[shard.dim]));
+        let (runs, shape) = runs.ok_or_else(|| ModelError::Source(format!("{}: cannot cut {shard:?}", where_())))?;
+        let shape = &shape[..full.len()];
+        let mut bytes = Vec::with_capacity(runs.iter().map(|r| r.len()).sum());
+        for r in runs {
+            let run =
+                data.get(r).ok_or_else(|| ModelError::Source(format!("{}: data shorter than its shape", where_())))?;
+            bytes.extend_from_slice(run);
+        }
+        let t = candle_core::Tensor::from_raw_buffer(&bytes, dtype, shape, &self.device)
             .and_then(|t| t.to_dtype(self.dtype))
             .map_err(|e| ModelError::Source(format!("{}: {e}", where_())))?;
         Ok(Weight::Dense(t))

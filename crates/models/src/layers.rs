@@ -31,9 +31,7 @@ impl Linear {
         bias: bool,
         dtype: DType,
     ) -> Result<Self> {
-        let w = src.get_checked(&format!("{prefix}.weight"), &[out, inp])?;
-        let b = if bias { Some(src.get_checked(&format!("{prefix}.bias"), &[out])?.dense(dtype)?) } else { None };
-        Self::from_weight(w, b)
+        Self::load_shard(src, prefix, out, inp, bias, dtype, Shard::FULL)
     }
 
     /// Load one rank's part of `{prefix}.weight` (full shape `[out, in]`): `shard.dim` 0 is

@@ -25,7 +25,7 @@ pub use error::{ModelError, Result};
 pub use kv::KvCache;
 pub use layers::{Linear, RmsNorm};
 pub use llama::Llama;
-pub use parallel::{part, HeadLayout, PipelineParallel, Shard, TensorParallel};
+pub use parallel::{part, shard_byte_runs, HeadLayout, PipelineParallel, Shard, TensorParallel};
 pub use rotary::Rotary;
 pub use tessera_parallel::Communicator;
 pub use weights::{Weight, WeightSource};

@@ -95,16 +95,17 @@ impl Moe {
         let (a, b) = part(x.dim(0)?, world, rank);
         let mine = x.narrow(0, a, b - a)?.contiguous()?;
         let routes = self.route(&mine)?;
-        let owner = |e: usize| {
-            (0..world)
-                .find(|&d| (part(self.cfg.experts, world, d).0..part(self.cfg.experts, world, d).1).contains(&e))
-                .unwrap_or(0)
-        };
+        // Expert → the rank holding it (the split `load` used).
+        let mut owner = vec![0; self.cfg.experts];
+        for d in 0..world {
+            let (lo, hi) = part(self.cfg.experts, world, d);
+            owner[lo..hi].fill(d);
+        }
         // Per destination rank: (my token row, expert, weight).
         let mut sends: Vec<Vec<(u32, usize, f32)>> = vec![Vec::new(); world];
         for (t, r) in routes.iter().enumerate() {
             for &(e, w) in r {
-                sends[owner(e)].push((t as u32, e, w));
+                sends[owner[e]].push((t as u32, e, w));
             }
         }
         let dev = x.device();

@@ -4,16 +4,34 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
+pub use tessera_parallel::part;
 use tessera_parallel::{Communicator, SingleRank};
 
 use crate::{ModelConfig, ModelError, Result};
 
-/// `[start, end)` of part `i` of `n` items split into `parts` near-equal parts (the same
-/// split the communicator uses).
-pub fn part(n: usize, parts: usize, i: usize) -> (usize, usize) {
-    let (base, extra) = (n / parts, n % parts);
-    let start = i * base + i.min(extra);
-    (start, start + base + usize::from(i < extra))
+/// The byte ranges of a shard of a row-major `[rows, cols]` matrix stored in units of
+/// `unit_elems` elements taking `unit_bytes` bytes each (1 and the element size for dense
+/// data, the block size and block bytes for quantized data), with the shard's shape. `dim`
+/// 0 is rows `a..b` (one range), 1 is columns `a..b` (one range per row). `None` when a
+/// column cut falls inside a unit.
+pub fn shard_byte_runs(
+    [rows, cols]: [usize; 2],
+    (unit_elems, unit_bytes): (usize, usize),
+    dim: usize,
+    (a, b): (usize, usize),
+) -> Option<(Vec<std::ops::Range<usize>>, [usize; 2])> {
+    if !cols.is_multiple_of(unit_elems) {
+        return None;
+    }
+    let row_bytes = cols / unit_elems * unit_bytes;
+    match dim {
+        0 => Some((std::iter::once(a * row_bytes..b * row_bytes).collect(), [b - a, cols])),
+        1 if a.is_multiple_of(unit_elems) && b.is_multiple_of(unit_elems) => {
+            let (from, to) = (a / unit_elems * unit_bytes, b / unit_elems * unit_bytes);
+            Some(((0..rows).map(|r| r * row_bytes + from..r * row_bytes + to).collect(), [rows, b - a]))
+        }
+        _ => None,
+    }
 }
 
 /// Which part of a weight a rank loads: part `index` of `count` along `dim`.

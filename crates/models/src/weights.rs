@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::Tensor;
 
-use crate::{Result, Shard};
+use crate::{shard_byte_runs, Result, Shard};
 
 /// One weight as stored by its source: dense (already on the target device and dtype) or
 /// quantized (kept quantized, used through `QMatMul`).
@@ -34,6 +34,17 @@ impl Weight {
 }
 
 impl Weight {
+    /// A block-exact quantized shard cut along `dim`. candle's CPU dot products of the
+    /// 32-element types want an even block count per row, so a column shard with an odd
+    /// count is kept dense (same values).
+    pub fn from_quant_shard(q: QTensor, dim: usize) -> Result<Weight> {
+        let blocks = q.shape().dims().last().copied().unwrap_or(0) / q.dtype().block_size();
+        if dim == 1 && blocks % 2 == 1 {
+            return Ok(Weight::Dense(q.dequantize(&q.device())?));
+        }
+        Ok(Weight::Quant(Arc::new(q)))
+    }
+
     /// Rows `start..start + len` along `dim` (0 or 1 of a matrix), in storage of its own.
     /// A quantized weight is sliced block-exactly when the cut falls on quantization blocks
     /// (always for rows; for columns when `start` and `len` are multiples of the block size);
@@ -43,11 +54,7 @@ impl Weight {
             // Own storage: the slice must not keep the whole tensor alive.
             Weight::Dense(t) => Weight::Dense(t.narrow(dim, start, len)?.force_contiguous()?),
             Weight::Quant(q) => match slice_blocks(&q, dim, start, len)? {
-                // candle's CPU dot products of the 32-element types want an even block count.
-                Some(exact) if dim == 1 && (len / q.dtype().block_size()) % 2 == 1 => {
-                    Weight::Dense(exact.dequantize(&q.device())?)
-                }
-                Some(exact) => Weight::Quant(Arc::new(exact)),
+                Some(exact) => Weight::from_quant_shard(exact, dim)?,
                 None => {
                     let d = q.dequantize(&q.device())?.narrow(dim, start, len)?.force_contiguous()?;
                     match QTensor::quantize(&d, q.dtype()) {
@@ -64,30 +71,19 @@ impl Weight {
 /// when the range does not fall on block boundaries.
 fn slice_blocks(q: &QTensor, dim: usize, start: usize, len: usize) -> Result<Option<QTensor>> {
     let dims = q.shape().dims().to_vec();
-    let (dt, bs) = (q.dtype(), q.dtype().block_size());
-    if dims.len() != 2 || dim > 1 || !dims[1].is_multiple_of(bs) {
+    let dt = q.dtype();
+    let [rows, cols] = dims[..] else { return Ok(None) };
+    let Some((runs, shape)) =
+        shard_byte_runs([rows, cols], (dt.block_size(), dt.type_size()), dim, (start, start + len))
+    else {
         return Ok(None);
-    }
-    let (rows, cols) = (dims[0], dims[1]);
-    let row_bytes = cols / bs * dt.type_size();
-    let data = q.data()?;
-    if data.len() != rows * row_bytes {
-        return Ok(None);
-    }
-    let (bytes, new_dims) = if dim == 0 {
-        (data[start * row_bytes..(start + len) * row_bytes].to_vec(), vec![len, cols])
-    } else {
-        if !start.is_multiple_of(bs) || !len.is_multiple_of(bs) {
-            return Ok(None);
-        }
-        let (a, b) = (start / bs * dt.type_size(), (start + len) / bs * dt.type_size());
-        let mut out = Vec::with_capacity(rows * (b - a));
-        for r in 0..rows {
-            out.extend_from_slice(&data[r * row_bytes + a..r * row_bytes + b]);
-        }
-        (out, vec![rows, len])
     };
-    Ok(Some(candle_core::quantized::ggml_file::qtensor_from_ggml(dt, &bytes, new_dims, &q.device())?))
+    let data = q.data()?;
+    if runs.last().is_some_and(|r| r.end > data.len()) {
+        return Ok(None);
+    }
+    let bytes: Vec<u8> = runs.into_iter().flat_map(|r| data[r].iter().copied()).collect();
+    Ok(Some(candle_core::quantized::ggml_file::qtensor_from_ggml(dt, &bytes, shape.to_vec(), &q.device())?))
 }
 
 /// A source of named weights, named in Hugging Face layout (`model.layers.0.self_attn.q_proj.weight`).

@@ -21,6 +21,15 @@ pub use tcp::{TcpComm, DEFAULT_JOIN_TIMEOUT};
 
 use candle_core::Tensor;
 
+/// `[start, end)` of part `i` of `n` items split into `parts` near-equal parts (the first
+/// `n % parts` parts one longer). Every split of the project uses this one: reduce-scatter
+/// parts, weight shards, token shares, layer ranges.
+pub fn part(n: usize, parts: usize, i: usize) -> (usize, usize) {
+    let (base, extra) = (n / parts, n % parts);
+    let start = i * base + i.min(extra);
+    (start, start + base + usize::from(i < extra))
+}
+
 /// Collective and point-to-point operations of one rank in a group of `world_size` ranks.
 /// Every rank of the group must call the same collectives in the same order.
 pub trait Communicator: Send + Sync {

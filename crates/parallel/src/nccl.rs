@@ -140,9 +140,7 @@ impl Communicator for NcclComm {
 
     fn reduce_scatter_sum(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
         let sum = self.all_reduce_sum(t)?;
-        let n = t.dim(dim)?;
-        let (w, r) = (self.world_size(), self.rank());
-        let (start, end) = (r * n / w, (r + 1) * n / w);
+        let (start, end) = crate::part(t.dim(dim)?, self.world_size(), self.rank());
         Ok(sum.narrow(dim, start, end - start)?)
     }
 

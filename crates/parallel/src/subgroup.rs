@@ -91,8 +91,7 @@ impl Communicator for SubGroup {
 
     fn reduce_scatter_sum(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
         let sum = self.all_reduce_sum(t)?;
-        let (n, w, r) = (t.dim(dim)?, self.members.len(), self.me);
-        let (a, b) = (r * n / w, (r + 1) * n / w);
+        let (a, b) = crate::part(t.dim(dim)?, self.members.len(), self.me);
         Ok(sum.narrow(dim, a, b - a)?)
     }
 

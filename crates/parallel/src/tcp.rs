@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 
 use crate::wire::{bytes_f32, decode_tensor, encode_tensor, f32_bytes, f32s, gone_or_io, read_frame, write_frame};
-use crate::{CommError, Communicator, Result};
+use crate::{part, CommError, Communicator, Result};
 
 /// How long ranks wait for each other at start-up unless told otherwise.
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -286,13 +286,6 @@ impl TcpComm {
         })?;
         Ok(got)
     }
-}
-
-/// `[start, end)` of part `i` of `n` items split into `parts` near-equal parts.
-fn part(n: usize, parts: usize, i: usize) -> (usize, usize) {
-    let (base, extra) = (n / parts, n % parts);
-    let start = i * base + i.min(extra);
-    (start, start + base + usize::from(i < extra))
 }
 
 impl Communicator for TcpComm {

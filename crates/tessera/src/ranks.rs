@@ -31,18 +31,16 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// From the LeaderWorkerSet environment (`LWS_LEADER_ADDRESS`, `LWS_GROUP_SIZE`,
-    /// `LWS_WORKER_INDEX`), or a single pod whose ranks meet on loopback.
-    pub fn from_env(rendezvous_port: u16) -> Result<Self, ServeError> {
+    /// The LeaderWorkerSet placement (`LWS_GROUP_SIZE`, `LWS_WORKER_INDEX`,
+    /// `LWS_LEADER_ADDRESS`): (pods in the group, this pod's index, the leader's host). A
+    /// single pod is `(1, 0, None)`. Reads the environment only.
+    pub fn placement() -> Result<(usize, usize, Option<String>), ServeError> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let num =
             |k: &str, v: String| v.parse::<usize>().map_err(|_| ServeError::Config(format!("{k}={v} is not a number")));
         let group_size = var("LWS_GROUP_SIZE").map(|v| num("LWS_GROUP_SIZE", v)).transpose()?.unwrap_or(1);
         if group_size <= 1 {
-            // One pod: the ranks meet on loopback at a free port (several workers may share a host).
-            let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())?.port();
-            let _ = rendezvous_port;
-            return Ok(Self { group_size: 1, index: 0, leader: format!("127.0.0.1:{port}") });
+            return Ok((1, 0, None));
         }
         let index = var("LWS_WORKER_INDEX").map(|v| num("LWS_WORKER_INDEX", v)).transpose()?.unwrap_or(0);
         if index >= group_size {
@@ -52,7 +50,20 @@ impl Topology {
         }
         let host = var("LWS_LEADER_ADDRESS")
             .ok_or_else(|| ServeError::Config("LWS_GROUP_SIZE > 1 needs LWS_LEADER_ADDRESS".into()))?;
-        Ok(Self { group_size, index, leader: format!("{host}:{rendezvous_port}") })
+        Ok((group_size, index, Some(host)))
+    }
+
+    /// Where one replica's ranks meet: the leader at `rendezvous_port` under LeaderWorkerSet,
+    /// or a free loopback port for a single pod (several workers or replicas may share a host).
+    pub fn from_env(rendezvous_port: u16) -> Result<Self, ServeError> {
+        let (group_size, index, host) = Self::placement()?;
+        let leader = match host {
+            Some(h) => format!("{h}:{rendezvous_port}"),
+            None => {
+                format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())?.port())
+            }
+        };
+        Ok(Self { group_size, index, leader })
     }
 
     /// The global ranks this pod hosts, or an error when `tp` does not spread evenly.

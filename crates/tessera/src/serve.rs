@@ -266,13 +266,13 @@ pub fn run_worker_pod(a: &ServeArgs) -> Result<(), ServeError> {
 
 /// Whether this process is a worker pod of a multi-pod group (or asked to be headless).
 pub fn is_worker_pod(a: &ServeArgs) -> Result<bool, ServeError> {
-    let t = crate::ranks::Topology::from_env(a.rendezvous_port)?;
-    if a.headless && t.index == 0 {
+    let (_, index, _) = crate::ranks::Topology::placement()?;
+    if a.headless && index == 0 {
         return Err(ServeError::Config(
             "--headless is for worker pods (LWS_WORKER_INDEX > 0); the leader serves HTTP".into(),
         ));
     }
-    Ok(t.index > 0)
+    Ok(index > 0)
 }
 
 /// Load the model, size the KV cache and start the engine. Blocking (run it off the runtime).
@@ -309,7 +309,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
         })
     };
     let dp = a.data_parallel_size;
-    if dp > 1 && crate::ranks::Topology::from_env(a.rendezvous_port)?.group_size > 1 {
+    if dp > 1 && crate::ranks::Topology::placement()?.0 > 1 {
         return Err(ServeError::Config(
             "--data-parallel-size > 1 under a LeaderWorkerSet group is not available yet \
              (replicas would share one rendezvous); run data-parallel replicas in one pod"
