@@ -94,3 +94,116 @@ async fn a_rank_that_never_joins_fails_start_up_naming_it() {
     assert!(t.elapsed() < Duration::from_secs(30), "within the timeout, not a hang: {:?}", t.elapsed());
     let _ = std::fs::remove_dir_all(&model);
 }
+
+/// KServe's data-parallel preset: `--data-parallel-size 2 --data-parallel-size-local 1`, one
+/// replica per pod (each with tensor parallel 2 inside the pod), the second pod `--headless`.
+fn dp_flags(rpc: &str, start: &str) -> Vec<String> {
+    let f = ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-address", "127.0.0.1"];
+    let mut v: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+    v.extend(["--data-parallel-rpc-port", rpc, "--data-parallel-start-rank", start].map(String::from));
+    v.extend(["--tensor-parallel-size", "2", "--max-model-len", "512"].map(String::from));
+    v
+}
+
+fn dp_env(index: &str) -> Vec<(&'static str, String)> {
+    vec![("LWS_LEADER_ADDRESS", "127.0.0.1".into()), ("LWS_GROUP_SIZE", "2".into()), ("LWS_WORKER_INDEX", index.into())]
+}
+
+/// Sum of a counter's samples for one `engine` label.
+fn engine_sum(metrics: &str, name: &str, engine: &str) -> f64 {
+    let tag = format!("engine=\"{engine}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&tag))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_parallel_replicas_on_two_pods_share_the_load_and_a_lost_pod_fails_its_requests() {
+    let model = tiny_servable("dp");
+    let rpc = free_port().to_string();
+    let wlog = std::env::temp_dir().join(format!("tessera-dp-worker-{rpc}.log"));
+    let mut worker = Command::new(BIN)
+        .args(["serve", model.to_str().unwrap(), "--headless"])
+        .args(dp_flags(&rpc, "1"))
+        .envs(dp_env("1"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&wlog).unwrap())
+        .spawn()
+        .expect("start the worker pod");
+    let flags = dp_flags(&rpc, "0");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let env = dp_env("0");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let leader = WorkerProcess::start_with_env(BIN, &model, &flags, &env).await;
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let url = format!("{}/v1/completions", leader.base);
+
+    // Concurrent greedy requests spread over both replicas and agree.
+    let body =
+        json!({"model": "smollm2", "prompt": "Hello there", "max_tokens": 12, "ignore_eos": true, "temperature": 0});
+    let answers = futures::future::join_all((0..6).map(|_| {
+        let (c, url, body) = (c.clone(), url.clone(), body.clone());
+        async move {
+            let v: serde_json::Value = c.post(url).json(&body).send().await.expect("response").json().await.unwrap();
+            assert_eq!(v["usage"]["completion_tokens"], json!(12), "{v}");
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| a == &answers[0]), "replicas agree: {answers:?}");
+    // The remote replica's figures reach the leader's /metrics within a stats interval.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = c.get(format!("{}/metrics", leader.base)).send().await.unwrap().text().await.unwrap();
+    let served: Vec<f64> = ["0", "1"].iter().map(|e| engine_sum(&metrics, "vllm:request_success_total", e)).collect();
+    println!("requests served per data-parallel rank: {served:?}");
+    assert_eq!(served.iter().sum::<f64>(), 6.0, "{metrics}");
+    assert!(served.iter().all(|&n| n > 0.0), "both replicas served: {served:?}");
+
+    // Two long streams, one per replica (the second goes to the less loaded one); kill the
+    // worker pod once both have started: its stream ends with an error naming the rank.
+    let long = json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 480, "ignore_eos": true, "stream": true});
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut r = c.post(&url).json(&long).send().await.expect("stream");
+        let first = r.chunk().await.expect("first chunk").expect("a chunk");
+        streams.push((r, String::from_utf8_lossy(&first).to_string()));
+    }
+    worker.kill().expect("kill the worker pod");
+    let _ = worker.wait();
+    let t = Instant::now();
+    let mut ends = Vec::new();
+    for (mut r, mut text) in streams {
+        while let Ok(Some(b)) = r.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&b));
+        }
+        ends.push(text);
+    }
+    println!("after the kill both streams ended within {:?}", t.elapsed());
+    let failed: Vec<&String> = ends.iter().filter(|t| t.contains("\"error\"")).collect();
+    assert_eq!(failed.len(), 1, "exactly the remote replica's stream fails: {ends:?}");
+    assert!(failed[0].contains("data-parallel rank 1"), "the error names the rank: {}", failed[0]);
+    assert!(ends.iter().all(|t| t.trim_end().ends_with("data: [DONE]")), "every stream is closed properly");
+    let health = c.get(format!("{}/health", leader.base)).send().await.unwrap().status();
+    assert_eq!(health, 503, "a lost replica turns /health to 503");
+    assert!(leader.log_text().contains("data-parallel rank 1 disconnected"), "{}", leader.log_text());
+    let _ = std::fs::remove_dir_all(&model);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_parallel_pod_that_never_joins_fails_start_up_naming_its_rank() {
+    let model = tiny_servable("dp-alone");
+    let t = Instant::now();
+    let out = Command::new(BIN)
+        .args(["serve", model.to_str().unwrap(), "--port", &free_port().to_string(), "--rank-join-timeout", "2"])
+        .args(dp_flags(&free_port().to_string(), "0"))
+        .envs(dp_env("0"))
+        .output()
+        .expect("run the leader");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "start-up fails");
+    assert!(err.contains("data-parallel ranks [1] never connected"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(60), "bounded by the timeout: {:?}", t.elapsed());
+    let _ = std::fs::remove_dir_all(&model);
+}

@@ -17,7 +17,7 @@ use crate::stats::EngineStats;
 use crate::EngineError;
 
 /// Engine limits fixed at start-up.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EngineConfig {
     pub max_model_len: usize,
     pub num_blocks: usize,
@@ -30,7 +30,7 @@ pub struct EngineConfig {
 
 /// llm-d / KServe criticality of a model: under saturation Sheddable work is refused first,
 /// Critical work may preempt lower classes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Criticality {
     Critical,
     #[default]
@@ -61,7 +61,7 @@ impl FromStr for Criticality {
 pub const SATURATION_KV_USAGE: f64 = 0.8;
 
 /// A tokenised request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EngineRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
@@ -69,7 +69,7 @@ pub struct EngineRequest {
 }
 
 /// How a choice ended.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Finished {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
@@ -78,7 +78,7 @@ pub struct Finished {
 }
 
 /// One increment of a choice's output.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RequestOutput {
     pub text: String,
     pub token_ids: Vec<u32>,

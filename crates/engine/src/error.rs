@@ -1,7 +1,7 @@
 //! The engine's one error type.
 
 /// Why the engine refused or failed a request.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum EngineError {
     /// The request can never fit (prompt + max_tokens beyond max_model_len or the cache).
     #[error("{0}")]
@@ -21,4 +21,7 @@ pub enum EngineError {
     /// The server is shutting down and the request did not finish in time.
     #[error("{0}")]
     Shutdown(String),
+    /// The link to a data-parallel replica on another pod failed or was refused.
+    #[error("data-parallel RPC: {0}")]
+    Rpc(String),
 }

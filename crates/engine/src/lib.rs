@@ -3,7 +3,8 @@
 //! Owns: the engine thread ([`spawn`], [`EngineHandle`]), the [`scheduler`] (budget,
 //! chunked prefill, preemption), the [`kv`] block bookkeeping (block ids, prefix hashes —
 //! never tensors), output processing (incremental detokenisation, stop strings) and the
-//! live [`EngineStats`].
+//! live [`EngineStats`], and the link to data-parallel replicas on other pods ([`remote`]:
+//! a remote replica is an [`EngineHandle`] like a local one).
 //!
 //! Must not touch: tensors or devices (steps are executed through
 //! `tessera_runner::Executor`), HTTP, or request parsing.
@@ -13,6 +14,7 @@ mod detok;
 mod error;
 pub mod kv;
 mod looper;
+pub mod remote;
 pub mod scheduler;
 mod stats;
 

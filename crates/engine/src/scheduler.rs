@@ -13,7 +13,7 @@ use tessera_runner::{SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult};
 use crate::kv::{CachedPrefix, KvCacheManager};
 
 /// Scheduler limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
@@ -22,7 +22,7 @@ pub struct SchedulerConfig {
 }
 
 /// `--scheduling-policy`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Policy {
     /// First come, first served (within a criticality class).
     #[default]

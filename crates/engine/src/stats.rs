@@ -33,6 +33,23 @@ impl Histogram {
         }
     }
 
+    /// The raw state (per-bucket counts, sum, count), to copy into another histogram.
+    pub(crate) fn raw(&self) -> (Vec<u64>, f64, u64) {
+        match self.data.lock() {
+            Ok(d) => d.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replace the state with `raw` (from [`Histogram::raw`] of a histogram with the same bounds).
+    pub(crate) fn restore(&self, raw: (Vec<u64>, f64, u64)) {
+        if raw.0.len() == self.bounds.len() + 1 {
+            if let Ok(mut d) = self.data.lock() {
+                *d = raw;
+            }
+        }
+    }
+
     pub fn snapshot(&self) -> HistogramSnapshot {
         let d = match self.data.lock() {
             Ok(d) => d.clone(),
@@ -163,6 +180,64 @@ impl EngineStats {
         self.waiting.store(waiting, Ordering::Relaxed);
         self.kv_usage_bits.store(usage.to_bits(), Ordering::Relaxed);
         self.free_blocks.store(free, Ordering::Relaxed);
+    }
+}
+
+/// Every figure of an [`EngineStats`], as sent by a data-parallel replica on another pod.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct StatsWire {
+    gauges: [usize; 4],
+    kv_usage: f64,
+    counters: [u64; 10],
+    histograms: [(Vec<u64>, f64, u64); 4],
+    failure: Option<String>,
+}
+
+impl EngineStats {
+    /// Every counter, in wire order.
+    fn counters(&self) -> [&AtomicU64; 10] {
+        [
+            &self.steps,
+            &self.batched_steps,
+            &self.preemptions,
+            &self.prompt_tokens,
+            &self.generation_tokens,
+            &self.prefix_queries,
+            &self.prefix_hits,
+            &self.finished_stop,
+            &self.finished_length,
+            &self.finished_abort,
+        ]
+    }
+
+    pub(crate) fn to_wire(&self) -> StatsWire {
+        let r = Ordering::Relaxed;
+        StatsWire {
+            gauges: [self.running.load(r), self.waiting.load(r), self.free_blocks.load(r), self.max_batch.load(r)],
+            kv_usage: self.kv_usage(),
+            counters: self.counters().map(|c| c.load(r)),
+            histograms: [self.ttft.raw(), self.itl.raw(), self.e2e.raw(), self.queue_time.raw()],
+            failure: self.failure(),
+        }
+    }
+
+    /// Take over a remote replica's figures.
+    pub(crate) fn absorb(&self, w: StatsWire) {
+        let r = Ordering::Relaxed;
+        let [running, waiting, free, max_batch] = w.gauges;
+        self.publish(running, waiting, w.kv_usage, free);
+        self.max_batch.store(max_batch, r);
+        for (c, v) in self.counters().into_iter().zip(w.counters) {
+            c.store(v, r);
+        }
+        let [ttft, itl, e2e, queue] = w.histograms;
+        self.ttft.restore(ttft);
+        self.itl.restore(itl);
+        self.e2e.restore(e2e);
+        self.queue_time.restore(queue);
+        if let Some(why) = w.failure {
+            self.set_failure(why);
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use crate::requests::CommonParams;
 use crate::ProtocolError;
 
 /// Why a choice ended (`finish_reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
     Stop,
     Length,
@@ -22,7 +22,7 @@ impl FinishReason {
 }
 
 /// Validated sampling settings of one request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     pub temperature: f32,
     pub top_p: f32,

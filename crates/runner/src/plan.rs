@@ -94,7 +94,7 @@ impl StepPlan {
 }
 
 /// Log-probabilities (of the model's distribution, before sampling filters) of one sampled token.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenLogprobs {
     pub logprob: f32,
     /// The most likely tokens, most likely first.

@@ -78,7 +78,9 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::TooLong(m) => Self::BadRequest { message: m, param: Some("messages".into()) },
-            EngineError::Stopped | EngineError::Shutdown(_) | EngineError::Failed(_) => Self::NotReady(e.to_string()),
+            EngineError::Stopped | EngineError::Shutdown(_) | EngineError::Failed(_) | EngineError::Rpc(_) => {
+                Self::NotReady(e.to_string())
+            }
             EngineError::Overloaded(m) => Self::Overloaded(m),
             EngineError::Step(m) => Self::Internal(m),
         }

@@ -91,16 +91,18 @@ pub struct ServeArgs {
     /// one HTTP front that sends each request to the least loaded.
     #[arg(long, default_value_t = 1, env = "TESSERA_DATA_PARALLEL_SIZE")]
     pub data_parallel_size: usize,
-    /// Replicas in this pod (must equal --data-parallel-size for now).
+    /// Replicas in this pod (default: all). Fewer than --data-parallel-size spreads the replicas
+    /// over pods: the pod of --data-parallel-start-rank 0 serves HTTP, the others run `--headless`
+    /// and join it at --data-parallel-address:--data-parallel-rpc-port.
     #[arg(long, env = "TESSERA_DATA_PARALLEL_SIZE_LOCAL")]
     pub data_parallel_size_local: Option<usize>,
-    /// Accepted for vLLM compatibility (the data-parallel leader's address).
+    /// Host of the data-parallel leader (the pod of start rank 0), for worker pods.
     #[arg(long, env = "TESSERA_DATA_PARALLEL_ADDRESS")]
     pub data_parallel_address: Option<String>,
-    /// Accepted for vLLM compatibility.
+    /// Port on which the data-parallel leader takes its remote replicas.
     #[arg(long, default_value_t = 5555, env = "TESSERA_DATA_PARALLEL_RPC_PORT")]
     pub data_parallel_rpc_port: u16,
-    /// First data-parallel rank of this pod (0 while every replica runs in this pod).
+    /// First data-parallel rank of this pod (a multiple of --data-parallel-size-local).
     #[arg(long, default_value_t = 0, env = "TESSERA_DATA_PARALLEL_START_RANK")]
     pub data_parallel_start_rank: usize,
     /// Split MoE experts whole over the tensor-parallel ranks (tokens travel to their experts)
@@ -183,6 +185,10 @@ pub struct ServeArgs {
     /// Accepted for vLLM compatibility.
     #[arg(long, num_args = 0..)]
     pub disable_access_log_for_endpoints: Vec<String>,
+    /// Accepted for vLLM compatibility: one asynchronous front serves every connection, so
+    /// there are no extra API server processes to start.
+    #[arg(long, env = "TESSERA_API_SERVER_COUNT")]
+    pub api_server_count: Option<usize>,
     /// Accepted for vLLM compatibility (nothing remote is ever executed).
     #[arg(long)]
     pub trust_remote_code: bool,

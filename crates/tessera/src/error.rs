@@ -14,6 +14,8 @@ pub enum ServeError {
     Runner(#[from] tessera_runner::RunnerError),
     #[error(transparent)]
     Comm(#[from] tessera_parallel::CommError),
+    #[error(transparent)]
+    Engine(#[from] tessera_engine::EngineError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }

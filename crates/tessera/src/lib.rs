@@ -6,11 +6,13 @@
 //! Must not touch: model math, scheduling or request handling (those crates own them).
 
 pub mod args;
+mod dp;
 mod error;
 pub mod ranks;
 mod serve;
 pub mod tls;
 
+pub use dp::{is_replica_pod, run_replica_pod};
 pub use error::ServeError;
 pub use serve::{is_worker_pod, launch, load_model, run_worker_pod, Running};
 
@@ -43,6 +45,7 @@ pub fn run(cli: args::Cli) -> Result<(), ServeError> {
             tracing::info!("wrote a Hugging Face copy of {} to {}", gguf.display(), out_dir.display());
             Ok(())
         }
+        args::Command::Serve(a) if is_replica_pod(&a) => run_replica_pod(&a),
         args::Command::Serve(a) if is_worker_pod(&a)? => run_worker_pod(&a),
         args::Command::Serve(a) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(ServeError::Io)?;

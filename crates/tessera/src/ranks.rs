@@ -56,14 +56,16 @@ impl Topology {
     /// Where one replica's ranks meet: the leader at `rendezvous_port` under LeaderWorkerSet,
     /// or a free loopback port for a single pod (several workers or replicas may share a host).
     pub fn from_env(rendezvous_port: u16) -> Result<Self, ServeError> {
-        let (group_size, index, host) = Self::placement()?;
-        let leader = match host {
-            Some(h) => format!("{h}:{rendezvous_port}"),
-            None => {
-                format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())?.port())
-            }
-        };
-        Ok(Self { group_size, index, leader })
+        match Self::placement()? {
+            (group_size, index, Some(h)) => Ok(Self { group_size, index, leader: format!("{h}:{rendezvous_port}") }),
+            _ => Self::single_pod(),
+        }
+    }
+
+    /// Every rank in this process, meeting on a free loopback port.
+    pub fn single_pod() -> Result<Self, ServeError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())?.port();
+        Ok(Self { group_size: 1, index: 0, leader: format!("127.0.0.1:{port}") })
     }
 
     /// The global ranks this pod hosts, or an error when `tp` does not spread evenly.

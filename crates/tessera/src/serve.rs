@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use tessera_engine::{EngineConfig, EngineError, Policy, SchedulerConfig};
+use tessera_engine::{EngineConfig, EngineError, EngineHandle, Policy, SchedulerConfig};
 use tessera_models::{HeadLayout, KvCache, Llama};
 use tessera_protocol::ModelDefaults;
 use tessera_runner::{Executor, Worker};
@@ -98,7 +98,7 @@ fn served_names(a: &ServeArgs) -> Vec<String> {
     }
 }
 
-fn validate(a: &ServeArgs) -> Result<(), ServeError> {
+pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     let bad = |m: String| Err(ServeError::Config(m));
     if a.block_size == 0 {
         return bad("--block-size must be at least 1".into());
@@ -115,16 +115,7 @@ fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     if a.data_parallel_size == 0 {
         return bad("--data-parallel-size must be at least 1".into());
     }
-    if let Some(local) = a.data_parallel_size_local.filter(|&l| l != a.data_parallel_size) {
-        return bad(format!(
-            "--data-parallel-size-local {local} < --data-parallel-size {}: data-parallel replicas on other pods \
-             are not available yet (run every replica in this pod)",
-            a.data_parallel_size
-        ));
-    }
-    if a.data_parallel_start_rank != 0 {
-        return bad("--data-parallel-start-rank must be 0 while every replica runs in this pod".into());
-    }
+    crate::dp::validate(a)?;
     if a.pipeline_parallel_size == 0 {
         return bad("--pipeline-parallel-size must be at least 1".into());
     }
@@ -248,7 +239,12 @@ fn rank_setup(
         tp: a.tensor_parallel_size,
         pp: a.pipeline_parallel_size,
         expert_parallel: a.enable_expert_parallel,
-        topology: crate::ranks::Topology::from_env(a.rendezvous_port)?,
+        // Data-parallel pods hold whole replicas: their ranks meet inside the pod.
+        topology: if crate::dp::multi_pod(a) {
+            crate::ranks::Topology::single_pod()?
+        } else {
+            crate::ranks::Topology::from_env(a.rendezvous_port)?
+        },
         join_timeout: Duration::from_secs_f64(a.rank_join_timeout),
     })
 }
@@ -275,8 +271,16 @@ pub fn is_worker_pod(a: &ServeArgs) -> Result<bool, ServeError> {
     Ok(index > 0)
 }
 
-/// Load the model, size the KV cache and start the engine. Blocking (run it off the runtime).
-pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
+/// This pod's engines (data-parallel replicas) and what the HTTP front needs of the model.
+pub(crate) struct LocalEngines {
+    pub engines: Vec<EngineHandle>,
+    pub tok: tessera_loader::TokenizerBundle,
+    pub cfg: tessera_models::ModelConfig,
+}
+
+/// Load the model, size the KV cache and start `count` engines, each with its own scheduler,
+/// KV cache and ranks. Blocking.
+pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines, ServeError> {
     let t0 = std::time::Instant::now();
     let device = pick_device(a.device)?;
     let dtype = pick_dtype(a.dtype, &device);
@@ -308,17 +312,15 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
             crate::ranks::start_leader(&setup, &cfg, lm.weights.as_ref())?
         })
     };
-    let dp = a.data_parallel_size;
-    if dp > 1 && crate::ranks::Topology::placement()?.0 > 1 {
+    if a.data_parallel_size > 1 && !crate::dp::multi_pod(a) && crate::ranks::Topology::placement()?.0 > 1 {
         return Err(ServeError::Config(
-            "--data-parallel-size > 1 under a LeaderWorkerSet group is not available yet \
-             (replicas would share one rendezvous); run data-parallel replicas in one pod"
+            "--data-parallel-size > 1 with every replica in this pod cannot run under a LeaderWorkerSet group \
+             (replicas would share one rendezvous); set --data-parallel-size-local to spread replicas over the pods"
                 .into(),
         ));
     }
-    let executors: Vec<Box<dyn Executor>> = (0..dp).map(|_| make_executor()).collect::<Result<_, _>>()?;
+    let executors: Vec<Box<dyn Executor>> = (0..count).map(|_| make_executor()).collect::<Result<_, _>>()?;
     drop(lm.weights);
-    let template = chat_template(a.chat_template.as_deref(), &lm.tokenizer)?;
     let tok = lm.tokenizer;
     let engine_cfg = EngineConfig {
         max_model_len,
@@ -336,23 +338,35 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
         },
         max_queued_requests: a.max_queued_requests,
     };
-    // One engine (scheduler + KV cache + ranks) per data-parallel replica.
-    let mut engines: Vec<_> = executors
+    let engines = executors
         .into_iter()
         .map(|ex| tessera_engine::spawn(engine_cfg.clone(), ex, tok.tokenizer.clone(), tok.eos_token_ids.clone()))
         .collect();
-    if dp > 1 {
-        tracing::info!("data parallel: {dp} engine replicas behind one HTTP front (least-loaded first)");
-    }
-    let engine = engines.remove(0);
     tracing::info!(
-        "model {} ({}, {} layers) ready in {:.1}s on {:?}",
+        "model {} ({}, {} layers) loaded in {:.1}s on {:?}: {count} engine(s)",
         a.model,
         cfg.architecture,
         cfg.num_layers,
         t0.elapsed().as_secs_f64(),
         device
     );
+    Ok(LocalEngines { engines, tok, cfg })
+}
+
+/// Load the model and start its engines: every data-parallel replica of this pod, plus the
+/// replicas of other pods once they have joined. Blocking (run it off the runtime).
+pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
+    // Bound first, so worker pods can join while this pod loads.
+    let remote = crate::dp::listen(a)?;
+    let LocalEngines { mut engines, tok, cfg } = start_engines(a, crate::dp::local_replicas(a))?;
+    if let Some(listener) = remote {
+        engines.extend(crate::dp::accept(a, &listener)?);
+    }
+    if engines.len() > 1 {
+        tracing::info!("data parallel: {} engine replicas behind one HTTP front (least-loaded first)", engines.len());
+    }
+    let template = chat_template(a.chat_template.as_deref(), &tok)?;
+    let engine = engines.remove(0);
     Ok(ServedModel {
         engine,
         replicas: engines,
