@@ -13,8 +13,11 @@ use tessera_tests::{free_port, smollm2_hf, WorkerProcess};
 const BIN: &str = env!("CARGO_BIN_EXE_tessera-worker");
 
 fn tiny_servable(name: &str) -> PathBuf {
+    tiny_servable_shaped(name, TinyShape { vocab: 49152, ..TinyShape::default() })
+}
+
+fn tiny_servable_shaped(name: &str, s: TinyShape) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tessera-lws-{}-{name}", std::process::id()));
-    let s = TinyShape { vocab: 49152, ..TinyShape::default() };
     write_hf(&dir, s, &tiny_weights(s), 1);
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(smollm2_hf().join(f), dir.join(f)).expect("tokenizer files");
@@ -205,5 +208,61 @@ async fn a_data_parallel_pod_that_never_joins_fails_start_up_naming_its_rank() {
     assert!(!out.status.success(), "start-up fails");
     assert!(err.contains("data-parallel ranks [1] never connected"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(60), "bounded by the timeout: {:?}", t.elapsed());
+    let _ = std::fs::remove_dir_all(&model);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_parallel_expert_parallel_over_two_pods_serves_the_single_rank_text() {
+    let model = tiny_servable_shaped("dp-ep", TinyShape { vocab: 49152, experts: 8, top_k: 2, ..TinyShape::default() });
+    let (rpc, rdv) = (free_port().to_string(), free_port().to_string());
+    let with_ep = |start: &str| {
+        let mut f = dp_flags(&rpc, start);
+        f.extend(["--enable-expert-parallel", "--rendezvous-port", &rdv].map(String::from));
+        f
+    };
+    let wlog = std::env::temp_dir().join(format!("tessera-dp-ep-worker-{rpc}.log"));
+    let mut worker = Command::new(BIN)
+        .args(["serve", model.to_str().unwrap(), "--headless"])
+        .args(with_ep("1"))
+        .envs(dp_env("1"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&wlog).unwrap())
+        .spawn()
+        .expect("start the worker pod");
+    let flags = with_ep("0");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let env = dp_env("0");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let leader = WorkerProcess::start_with_env(BIN, &model, &flags, &env).await;
+    let single = WorkerProcess::start(BIN, &model, &["--max-model-len", "512"]).await;
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let ask = |base: String, p: usize| {
+        let c = c.clone();
+        async move {
+            let body = json!({"model": "smollm2", "prompt": format!("Prompt {p}:"), "max_tokens": 10,
+                "ignore_eos": true, "temperature": 0});
+            let v: serde_json::Value = c
+                .post(format!("{base}/v1/completions"))
+                .json(&body)
+                .send()
+                .await
+                .expect("answer")
+                .json()
+                .await
+                .unwrap();
+            v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("{v}")).to_string()
+        }
+    };
+    let got = futures::future::join_all((0..4).map(|p| ask(leader.base.clone(), p))).await;
+    let want = futures::future::join_all((0..4).map(|p| ask(single.base.clone(), p))).await;
+    assert_eq!(got, want, "experts over 4 ranks in 2 pods give the single-rank greedy text");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = c.get(format!("{}/metrics", leader.base)).send().await.unwrap().text().await.unwrap();
+    let served: Vec<f64> = ["0", "1"].iter().map(|e| engine_sum(&metrics, "vllm:generation_tokens_total", e)).collect();
+    println!("DP=2 over pods, experts over 4 ranks: generation tokens per replica {served:?}");
+    assert!(served.iter().all(|&n| n > 0.0), "both replicas generated: {served:?}");
+    assert!(leader.log_text().contains("experts split over 4 ranks"), "{}", leader.log_text());
+    let _ = worker.kill();
+    let _ = worker.wait();
     let _ = std::fs::remove_dir_all(&model);
 }

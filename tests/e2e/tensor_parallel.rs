@@ -218,6 +218,64 @@ fn moe_ep_2_and_4_and_sliced_experts_equal_one_rank() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Data-parallel expert parallelism: `dp` replicas of `tp` ranks, experts split over all
+/// `dp × tp`. Replica `r` idles for `r * lag` steps (serving its experts to the others with
+/// idle passes), runs every plan, then idles until all are done: busy/idle, busy/busy on
+/// different plans and idle/busy all occur. Returns each replica's rank-0 logits per plan.
+fn run_dp_ep(dir: &Path, dp: usize, tp: usize, lag: usize, plans: &[StepPlan]) -> Vec<Vec<Vec<Vec<f32>>>> {
+    let ticks = plans.len() + (dp - 1) * lag;
+    let mut experts = TcpComm::local_group(dp * tp, Device::Cpu).expect("expert group").into_iter();
+    let mut handles = Vec::new();
+    for r in 0..dp {
+        for (t, tp_comm) in TcpComm::local_group(tp, Device::Cpu).expect("tensor group").into_iter().enumerate() {
+            let exp = experts.next().expect("an expert rank per tensor rank");
+            let (dir, plans) = (dir.to_path_buf(), plans.to_vec());
+            handles.push((
+                (r, t),
+                std::thread::spawn(move || {
+                    let group = TensorParallel::new(Arc::new(tp_comm)).with_expert_group(Arc::new(exp));
+                    let mut w = worker(&dir, group);
+                    let mut out = Vec::new();
+                    for tick in 0..ticks {
+                        match tick.checked_sub(r * lag).and_then(|i| plans.get(i)) {
+                            Some(p) => out.push(w.forward_logits(p).unwrap().to_vec2::<f32>().unwrap()),
+                            None => w.idle_pass().expect("idle pass"),
+                        }
+                    }
+                    out
+                }),
+            ));
+        }
+    }
+    let mut per_replica = vec![Vec::new(); dp];
+    for ((r, t), h) in handles {
+        let out = h.join().expect("rank thread");
+        if t == 0 {
+            per_replica[r] = out;
+        } else {
+            assert_eq!(out, per_replica[r], "tensor rank {t} of replica {r} sees rank 0's logits");
+        }
+    }
+    per_replica
+}
+
+#[test]
+fn moe_data_parallel_expert_groups_equal_one_rank_with_idle_replicas() {
+    let shape = TinyShape { experts: 8, top_k: 2, ..TinyShape::default() };
+    let dir = model_dir("dp-ep", shape);
+    let (plans, want) = reference(&dir, shape.vocab);
+    for (dp, tp, lag) in [(2, 1, 5), (2, 2, 3), (4, 1, 2)] {
+        let got = run_dp_ep(&dir, dp, tp, lag, &plans);
+        for (r, g) in got.iter().enumerate() {
+            assert_eq!(g.len(), plans.len(), "replica {r} ran every plan");
+            let d = max_diff(g, &want);
+            println!("MoE DP={dp} x TP={tp} expert group of {}: replica {r} max |Δlogit| = {d:e}", dp * tp);
+            assert!(d < 1e-4, "DP={dp} TP={tp} replica {r} differs by {d}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_degree_that_does_not_divide_the_heads_is_refused() {
     let shape = TinyShape::default();
@@ -338,13 +396,90 @@ async fn data_parallel_replicas_share_the_load_behind_one_front() {
     assert_eq!(per_engine.iter().sum::<f64>(), 64.0);
     assert!(per_engine.iter().all(|&n| n > 0.0), "both replicas served: {per_engine:?}");
     running.stop().await.expect("stop");
-    let e = tessera::launch(tessera_tests::serve_args(
-        &tessera_tests::smollm2_gguf(),
-        &["--data-parallel-size", "4", "--data-parallel-size-local", "2"],
-    ))
-    .await
-    .err()
-    .map(|e| e.to_string())
-    .unwrap_or_default();
-    assert!(e.contains("--data-parallel-size-local 2"), "{e}");
+    for (flags, want) in [
+        (&["--data-parallel-size", "4", "--data-parallel-size-local", "3"][..], "must divide --data-parallel-size 4"),
+        (&["--data-parallel-size", "2", "--data-parallel-start-rank", "1"][..], "must be a multiple of"),
+        (
+            &["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1"][..],
+            "needs --data-parallel-address",
+        ),
+    ] {
+        let e = tessera::launch(tessera_tests::serve_args(&tessera_tests::smollm2_gguf(), flags))
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains(want), "{flags:?}: {e}");
+    }
+}
+
+/// A tiny random MoE carrying SmolLM2's tokenizer, so it serves HTTP.
+fn tiny_moe_servable() -> PathBuf {
+    let shape = TinyShape { vocab: 49152, experts: 8, top_k: 2, ..TinyShape::default() };
+    let dir = model_dir("moe-http", shape);
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tessera_tests::smollm2_hf().join(f), dir.join(f)).expect("tokenizer files");
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_parallel_expert_parallel_serves_the_single_rank_text_under_concurrency() {
+    let dir = tiny_moe_servable();
+    let prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "2 + 2 ="];
+    let texts = |extra: &'static [&'static str]| {
+        let dir = dir.clone();
+        async move {
+            let running = tessera::launch(tessera_tests::serve_args(&dir, extra)).await.expect("worker");
+            let c = tessera_tests::client();
+            // All at once (both replicas busy, then one idle while the other finishes).
+            let answers = futures::future::join_all(prompts.iter().enumerate().map(|(i, p)| {
+                let body = serde_json::json!({"model": "smollm2", "prompt": p, "max_tokens": 6 + 4 * i,
+                    "temperature": 0, "ignore_eos": true});
+                let req = c.post(format!("http://{}/v1/completions", running.addr)).json(&body).send();
+                async move {
+                    let v: serde_json::Value = req.await.expect("response").json().await.expect("json");
+                    v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("{v}")).to_string()
+                }
+            }))
+            .await;
+            // An idle pause (the replicas keep meeting), then one more request.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let body = serde_json::json!({"model": "smollm2", "prompt": prompts[0], "max_tokens": 6, "temperature": 0});
+            let v: serde_json::Value = c
+                .post(format!("http://{}/v1/completions", running.addr))
+                .json(&body)
+                .send()
+                .await
+                .expect("response")
+                .json()
+                .await
+                .expect("json");
+            let again = v["choices"][0]["text"].as_str().unwrap_or_default().to_string();
+            let m = c.get(format!("http://{}/metrics", running.addr)).send().await.unwrap().text().await.unwrap();
+            let busy = m
+                .lines()
+                .filter(|l| l.starts_with("vllm:generation_tokens_total{"))
+                .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|n| n > 0.0))
+                .count();
+            running.stop().await.expect("stop");
+            (answers, again, busy)
+        }
+    };
+    let (single, single_again, _) = texts(&["--max-model-len", "512"]).await;
+    let dp_ep_flags = &[
+        "--max-model-len",
+        "512",
+        "--data-parallel-size",
+        "2",
+        "--enable-expert-parallel",
+        "--tensor-parallel-size",
+        "2",
+    ];
+    let (dp_ep, dp_ep_again, busy) = texts(dp_ep_flags).await;
+    assert_eq!(busy, 2, "both replicas generated");
+    println!("one rank: {single:?}\nDP=2 x TP=2, experts over 4 ranks: {dp_ep:?}");
+    assert_eq!(dp_ep, single, "data-parallel expert parallelism serves the single-rank greedy text");
+    assert_eq!(dp_ep_again, single_again);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tessera_protocol::{FinishReason, SamplingParams};
 use tessera_runner::{Executor, SamplingConfig, StepResult};
@@ -18,6 +18,11 @@ use crate::kv::KvCacheManager;
 use crate::scheduler::{Scheduler, Sequence};
 use crate::stats::EngineStats;
 use crate::EngineError;
+
+/// Longest wait of an idle lockstep engine before it meets the other replicas again: the
+/// most a busy replica's step can wait for an idle one (the poll shrinks to zero while any
+/// replica is busy and doubles from 1 ms while all are idle).
+const MAX_IDLE_POLL: Duration = Duration::from_millis(20);
 
 struct RequestState {
     tx: OutputTx,
@@ -94,8 +99,22 @@ impl Core {
     }
 
     pub(crate) fn run(mut self, rx: mpsc::Receiver<Command>) {
+        let mut idle_poll = Duration::ZERO;
         loop {
-            if self.sched.is_idle() {
+            if self.sched.is_idle() && self.executor.lockstep() && self.stats.failure().is_none() {
+                // Data-parallel expert parallelism: keep meeting the other replicas' steps.
+                match rx.recv_timeout(idle_poll) {
+                    Ok(c) => self.handle(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        idle_poll = match self.tick() {
+                            true => Duration::ZERO,
+                            false => (idle_poll * 2).clamp(Duration::from_millis(1), MAX_IDLE_POLL),
+                        };
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else if self.sched.is_idle() {
                 match rx.recv() {
                     Ok(c) => self.handle(c),
                     Err(_) => return,
@@ -230,8 +249,11 @@ impl Core {
     fn step(&mut self) {
         let out = self.sched.schedule();
         if out.plan.seqs.is_empty() {
-            // Nothing could be scheduled (should not happen with admission checks); avoid spinning.
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            // Nothing could be scheduled (should not happen with admission checks); avoid
+            // spinning, but still meet the other replicas' step under lockstep.
+            if !(self.executor.lockstep() && self.tick()) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             return;
         }
         let now = Instant::now();
@@ -258,19 +280,36 @@ impl Core {
                 for s in &out.plan.seqs {
                     self.end(s.seq_id, Some(Err(EngineError::Step(e.to_string()))));
                 }
-                if let Some(why) = self.executor.failure() {
-                    tracing::error!("the engine cannot continue: {why}; /health is 503 from now on");
-                    self.stats.set_failure(why.clone());
-                    let ids: Vec<u64> = self.requests.keys().copied().collect();
-                    for id in ids {
-                        self.end(id, Some(Err(EngineError::Failed(why.clone()))));
-                    }
-                }
+                self.check_executor();
                 return;
             }
         };
         for r in self.sched.apply(&results) {
             self.on_token(r);
+        }
+    }
+
+    /// If the executor can no longer run steps (a lost rank), fail the engine and every request.
+    fn check_executor(&mut self) {
+        if let Some(why) = self.executor.failure() {
+            tracing::error!("the engine cannot continue: {why}; /health is 503 from now on");
+            self.stats.set_failure(why.clone());
+            let ids: Vec<u64> = self.requests.keys().copied().collect();
+            for id in ids {
+                self.end(id, Some(Err(EngineError::Failed(why.clone()))));
+            }
+        }
+    }
+
+    /// Lockstep with nothing to run: take part in other replicas' step. Whether one ran.
+    fn tick(&mut self) -> bool {
+        match self.executor.tick() {
+            Ok(ran) => ran,
+            Err(e) => {
+                tracing::error!("idle step with the other data-parallel replicas failed: {e}");
+                self.check_executor();
+                false
+            }
         }
     }
 

@@ -238,12 +238,17 @@ pub fn accept_replicas(
                 };
                 let refused = if !ranks.contains(&rank) {
                     format!("data-parallel rank {rank} is not one of the remote ranks {ranks:?}")
-                } else if joined.contains_key(&rank) {
-                    format!("data-parallel rank {rank} joined twice")
                 } else {
-                    tracing::info!("data-parallel rank {rank} joined from {peer}");
-                    joined.insert(rank, s);
-                    continue;
+                    match joined.entry(rank) {
+                        std::collections::hash_map::Entry::Occupied(_) => {
+                            format!("data-parallel rank {rank} joined twice")
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            tracing::info!("data-parallel rank {rank} joined from {peer}");
+                            v.insert(s);
+                            continue;
+                        }
+                    }
                 };
                 tracing::warn!("refused a data-parallel replica from {peer}: {refused}");
                 let _ = s.write_all(&line(&Welcome { refused: Some(refused) }));

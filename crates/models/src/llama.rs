@@ -181,6 +181,22 @@ impl Llama {
     }
 
     /// Pipeline stages of the model (1 without pipeline parallelism).
+    /// Data-parallel expert parallelism, on a replica with no step of its own while others
+    /// step: take part in every MoE layer's token exchange with no tokens (serving this rank's
+    /// experts to the other replicas). Nothing else runs and no cache is touched.
+    pub fn idle_expert_pass(&self) -> Result<()> {
+        if !self.tp.experts_span_replicas() {
+            return Ok(());
+        }
+        let none = Tensor::zeros((0, self.cfg.hidden_size), self.dtype, &self.device)?;
+        for b in &self.blocks {
+            if let Mlp::Moe(moe) = &b.mlp {
+                moe.forward(&none, &self.tp)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn pipeline_stages(&self) -> usize {
         self.pp.stages
     }

@@ -6,6 +6,9 @@
 //! With expert parallelism whole experts are split over the group and tokens travel: each
 //! rank routes its share of the (replicated) tokens, sends every (token, expert) pair to the
 //! expert's rank, gets the expert outputs back, combines them, and the shares are gathered.
+//! Under data-parallel expert parallelism the expert group is every rank of every replica:
+//! the exchange is the same, and a replica without tokens still serves its experts
+//! ([`Moe::forward`] of zero rows).
 
 use candle_core::{DType, Tensor};
 
@@ -38,7 +41,8 @@ impl Moe {
         let names = ["w1", "w3", "w2"];
         let ep = tp.expert_parallel();
         let mut experts = Vec::new();
-        let (lo, hi) = if ep { part(cfg.experts, tp.world(), tp.rank()) } else { (0, cfg.experts) };
+        let group = tp.expert_comm();
+        let (lo, hi) = if ep { part(cfg.experts, group.world_size(), group.rank()) } else { (0, cfg.experts) };
         for e in lo..hi {
             let p = format!("{prefix}.experts.{e}");
             let (index, count) = if ep { (0, 1) } else { (tp.rank(), tp.world()) };
@@ -91,9 +95,11 @@ impl Moe {
                 routes.iter().enumerate().flat_map(|(t, r)| r.iter().map(move |&(e, w)| (t as u32, e, w))).collect();
             return tp.all_reduce(&self.apply(x, &work)?);
         }
-        let (world, rank) = (tp.world(), tp.rank());
-        let (a, b) = part(x.dim(0)?, world, rank);
+        // This rank's share of its replica's tokens (none on an idle replica).
+        let (a, b) = part(x.dim(0)?, tp.world(), tp.rank());
         let mine = x.narrow(0, a, b - a)?.contiguous()?;
+        let comm = tp.expert_comm();
+        let world = comm.world_size();
         let routes = self.route(&mine)?;
         // Expert → the rank holding it (the split `load` used).
         let mut owner = vec![0; self.cfg.experts];
@@ -118,7 +124,6 @@ impl Moe {
             .iter()
             .map(|s| Tensor::from_vec(s.iter().map(|w| w.1 as u32).collect::<Vec<u32>>(), s.len(), dev))
             .collect::<candle_core::Result<_>>()?;
-        let comm = tp.comm();
         let got_x = comm.all_to_all(xs)?;
         let got_ids = comm.all_to_all(ids)?;
         // Run the received rows through their experts (weight 1: the sender weighs), in order.

@@ -65,6 +65,9 @@ impl Shard {
 pub struct TensorParallel {
     comm: Arc<dyn Communicator>,
     expert_parallel: bool,
+    /// With data-parallel expert parallelism: every rank of every replica, over which the
+    /// experts are split (otherwise the experts use this tensor group).
+    experts: Option<Arc<dyn Communicator>>,
 }
 
 impl std::fmt::Debug for TensorParallel {
@@ -82,11 +85,31 @@ impl Default for TensorParallel {
 impl TensorParallel {
     /// No parallelism.
     pub fn single() -> Self {
-        Self { comm: Arc::new(SingleRank), expert_parallel: false }
+        Self { comm: Arc::new(SingleRank), expert_parallel: false, experts: None }
     }
 
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
-        Self { comm, expert_parallel: false }
+        Self { comm, expert_parallel: false, experts: None }
+    }
+
+    /// Data-parallel expert parallelism: split the experts over `group` (the ranks of every
+    /// data-parallel replica, this tensor group's members consecutive in it) so that each
+    /// replica's tokens travel to experts held by any replica.
+    pub fn with_expert_group(mut self, group: Arc<dyn Communicator>) -> Self {
+        self.expert_parallel = true;
+        self.experts = Some(group);
+        self
+    }
+
+    /// The group the experts are split over.
+    pub fn expert_comm(&self) -> &Arc<dyn Communicator> {
+        self.experts.as_ref().unwrap_or(&self.comm)
+    }
+
+    /// Whether the expert group reaches beyond this tensor group: then every replica takes
+    /// part in every MoE exchange, with or without tokens of its own.
+    pub fn experts_span_replicas(&self) -> bool {
+        self.expert_parallel() && self.expert_comm().world_size() > self.world()
     }
 
     /// Split MoE experts whole over the group (`--enable-expert-parallel`) instead of
@@ -97,7 +120,7 @@ impl TensorParallel {
     }
 
     pub fn expert_parallel(&self) -> bool {
-        self.expert_parallel && self.world() > 1
+        self.expert_parallel && self.expert_comm().world_size() > 1
     }
 
     /// The group's communicator (token exchange of expert parallelism).

@@ -6,12 +6,14 @@
 //! plan says so), HTTP, tokenisation, or files beyond what the loader hands over.
 
 mod error;
+mod lockstep;
 mod plan;
 mod ranks;
 mod sampler;
 mod worker;
 
 pub use error::{Result, RunnerError};
+pub use lockstep::LockstepExecutor;
 pub use plan::{SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, TokenLogprobs};
 pub use ranks::{decode_plan, encode_plan, follow_plans, TensorParallelExecutor};
 pub use sampler::sample;
@@ -25,10 +27,32 @@ pub trait Executor: Send {
     fn failure(&self) -> Option<String> {
         None
     }
+
+    /// Whether this executor's steps must be matched by the other data-parallel replicas
+    /// (data-parallel expert parallelism): then the engine calls [`Executor::tick`] while it
+    /// has nothing to run, and an empty plan still counts as a step.
+    fn lockstep(&self) -> bool {
+        false
+    }
+
+    /// With nothing to run: take part in the other replicas' step, if any replica has one.
+    /// Returns whether one had.
+    fn tick(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Serve this rank's share of a step other replicas run (MoE experts), with no tokens.
+    fn idle_pass(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Executor for Worker {
     fn execute(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>> {
         Worker::execute(self, plan)
+    }
+
+    fn idle_pass(&mut self) -> Result<()> {
+        Worker::idle_pass(self)
     }
 }

@@ -2,13 +2,17 @@
 //! execute, never schedule), then every rank runs the same forward, meeting in the
 //! collectives; only rank 0 samples.
 //!
-//! The plan travels as a compact binary message; an empty message tells the ranks to stop.
+//! The plan travels as a compact binary message; an empty message tells the ranks to stop,
+//! and [`IDLE`] to take part in other data-parallel replicas' MoE exchanges without tokens.
 
 use std::sync::Arc;
 
 use tessera_models::Communicator;
 
 use crate::{Executor, Result, RunnerError, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, Worker};
+
+/// The message of an idle pass (a plan message is at least 4 bytes).
+const IDLE: &[u8] = &[1];
 
 fn put_u32(out: &mut Vec<u8>, v: usize) {
     out.extend_from_slice(&(v as u32).to_le_bytes());
@@ -122,6 +126,22 @@ impl Executor for TensorParallelExecutor {
     fn failure(&self) -> Option<String> {
         self.failed.clone()
     }
+
+    fn idle_pass(&mut self) -> Result<()> {
+        if let Some(e) = &self.failed {
+            return Err(RunnerError::Rank(e.clone()));
+        }
+        let r = self
+            .comm
+            .broadcast_bytes(IDLE, 0)
+            .map_err(|e| RunnerError::Rank(e.to_string()))
+            .and_then(|_| self.worker.idle_pass());
+        if let Err(e) = &r {
+            self.failed = Some(e.to_string());
+            self.comm.shutdown();
+        }
+        r
+    }
 }
 
 impl Drop for TensorParallelExecutor {
@@ -139,6 +159,10 @@ pub fn follow_plans(mut worker: Worker, comm: Arc<dyn Communicator>) -> Result<(
         let msg = comm.broadcast_bytes(&[], 0).map_err(|e| RunnerError::Rank(e.to_string()))?;
         if msg.is_empty() {
             return Ok(());
+        }
+        if msg == IDLE {
+            worker.idle_pass()?;
+            continue;
         }
         let plan = decode_plan(&msg)?;
         worker.forward_logits_for_sampling(&plan)?;

@@ -33,6 +33,11 @@ impl Worker {
         &self.model
     }
 
+    /// Serve this rank's experts to other data-parallel replicas' step (no tokens of its own).
+    pub fn idle_pass(&mut self) -> Result<()> {
+        Ok(self.model.idle_expert_pass()?)
+    }
+
     /// Build the batch tensors of a plan. With `all_rows`, logits are wanted for the last
     /// token of every sequence, otherwise only for sequences that sample.
     fn batch(&self, plan: &StepPlan, all_rows: bool) -> Result<BatchInput> {

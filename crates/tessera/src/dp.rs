@@ -72,6 +72,33 @@ pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Data-parallel expert parallelism (a MoE model, `--enable-expert-parallel`, several
+/// replicas): where the ranks of every replica meet to form the expert group — the leader pod
+/// at `--data-parallel-address:--rendezvous-port`, or a loopback port inside one pod.
+pub(crate) fn expert_rendezvous(
+    a: &ServeArgs,
+    cfg: &tessera_models::ModelConfig,
+) -> Result<Option<String>, ServeError> {
+    if !(a.enable_expert_parallel && a.data_parallel_size > 1 && cfg.moe.is_some()) {
+        return Ok(None);
+    }
+    if a.pipeline_parallel_size > 1 {
+        return Err(ServeError::Config(format!(
+            "data-parallel expert parallelism runs with --pipeline-parallel-size 1 (got {})",
+            a.pipeline_parallel_size
+        )));
+    }
+    if !multi_pod(a) {
+        return Ok(Some(crate::ranks::Topology::single_pod()?.leader));
+    }
+    match &a.data_parallel_address {
+        Some(host) => Ok(Some(format!("{host}:{}", a.rendezvous_port))),
+        None => Err(ServeError::Config(
+            "data-parallel expert parallelism over pods needs --data-parallel-address on every pod".into(),
+        )),
+    }
+}
+
 /// On the leader of several data-parallel pods: the RPC listener the other pods join.
 pub(crate) fn listen(a: &ServeArgs) -> Result<Option<TcpListener>, ServeError> {
     if !multi_pod(a) {

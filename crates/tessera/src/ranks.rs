@@ -15,7 +15,7 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use tessera_models::{Communicator, Llama, PipelineParallel, TensorParallel, WeightSource};
 use tessera_parallel::{SubGroup, TcpComm};
-use tessera_runner::{follow_plans, Executor, TensorParallelExecutor, Worker};
+use tessera_runner::{follow_plans, Executor, LockstepExecutor, TensorParallelExecutor, Worker};
 
 use crate::ServeError;
 
@@ -96,6 +96,16 @@ pub(crate) struct RankSetup {
     pub expert_parallel: bool,
     pub topology: Topology,
     pub join_timeout: Duration,
+    /// Data-parallel expert parallelism: the expert group spans every replica.
+    pub experts: Option<ExpertGroup>,
+}
+
+/// Where the ranks of every data-parallel replica meet to form the expert group.
+#[derive(Clone, Debug)]
+pub(crate) struct ExpertGroup {
+    pub rendezvous: String,
+    pub dp_rank: usize,
+    pub dp_size: usize,
 }
 
 /// (rank, outcome) reports of follower threads: first their load, then how they ended.
@@ -111,6 +121,12 @@ fn join(s: &RankSetup, rank: usize) -> Result<Arc<dyn Communicator>, ServeError>
 /// A world rank's tensor group (its pipeline stage's ranks) and pipeline position.
 fn groups(s: &RankSetup, world: Arc<dyn Communicator>) -> Result<(TensorParallel, PipelineParallel), ServeError> {
     let ep = s.expert_parallel;
+    if let Some(g) = &s.experts {
+        // Ranks of replica r are r*tp.. in the expert group (pipeline parallel is refused).
+        let rank = g.dp_rank * s.tp + world.rank();
+        let experts = TcpComm::join(rank, g.dp_size * s.tp, &g.rendezvous, s.join_timeout, s.device.clone())?;
+        return Ok((TensorParallel::new(world).with_expert_group(Arc::new(experts)), PipelineParallel::single()));
+    }
     if s.pp == 1 {
         return Ok((TensorParallel::new(world).with_expert_parallel(ep), PipelineParallel::single()));
     }
@@ -199,7 +215,19 @@ pub(crate) fn start_leader(
         s.topology.group_size,
         s.topology.leader
     );
-    Ok(Box::new(TensorParallelExecutor::new(worker, c0)))
+    let Some(g) = &s.experts else { return Ok(Box::new(TensorParallelExecutor::new(worker, c0))) };
+    // The replicas' rank 0s agree on every step (see `LockstepExecutor`).
+    let experts = worker.model().tensor_parallel().expert_comm().clone();
+    let members = (0..g.dp_size).map(|r| r * s.tp).collect();
+    let leaders = SubGroup::new(experts.clone(), members, s.device.clone())?;
+    tracing::info!(
+        "data-parallel expert parallelism: replica {} of {}, experts split over {} ranks, replicas step together",
+        g.dp_rank,
+        g.dp_size,
+        g.dp_size * s.tp
+    );
+    let inner = Box::new(TensorParallelExecutor::new(worker, c0));
+    Ok(Box::new(LockstepExecutor::new(inner, Arc::new(leaders), experts)))
 }
 
 /// On a worker pod: run this pod's ranks until the group ends; an error names the rank.

@@ -246,6 +246,7 @@ fn rank_setup(
             crate::ranks::Topology::from_env(a.rendezvous_port)?
         },
         join_timeout: Duration::from_secs_f64(a.rank_join_timeout),
+        experts: None,
     })
 }
 
@@ -297,21 +298,32 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
         dtype,
         (num_blocks * a.block_size) as f64 / max_model_len as f64
     );
-    let make_executor = || -> Result<Box<dyn Executor>, ServeError> {
-        Ok(if tp * a.pipeline_parallel_size == 1 {
-            let model = Llama::load(&cfg, lm.weights.as_ref(), max_model_len, dtype, &device)?;
-            Box::new(Worker::new(model, num_blocks, a.block_size)?)
-        } else {
-            if matches!(lm.format, tessera_loader::ModelFormat::Gguf(_)) {
-                tracing::info!(
-                    "parallel ranks over quantized GGUF weights: shards are cut block-exactly from the quantized \
+    let experts = crate::dp::expert_rendezvous(a, &cfg)?;
+    // Replica `i` of this pod, built from `weights`.
+    let make_executor =
+        |i: usize, weights: &dyn tessera_models::WeightSource| -> Result<Box<dyn Executor>, ServeError> {
+            Ok(if let Some(rendezvous) = &experts {
+                let mut setup = rank_setup(a, &sz, dtype, &device)?;
+                setup.experts = Some(crate::ranks::ExpertGroup {
+                    rendezvous: rendezvous.clone(),
+                    dp_rank: a.data_parallel_start_rank + i,
+                    dp_size: a.data_parallel_size,
+                });
+                crate::ranks::start_leader(&setup, &cfg, weights)?
+            } else if tp * a.pipeline_parallel_size == 1 {
+                let model = Llama::load(&cfg, weights, max_model_len, dtype, &device)?;
+                Box::new(Worker::new(model, num_blocks, a.block_size)?)
+            } else {
+                if matches!(lm.format, tessera_loader::ModelFormat::Gguf(_)) {
+                    tracing::info!(
+                        "parallel ranks over quantized GGUF weights: shards are cut block-exactly from the quantized \
                      tensors (dequantized only where a cut splits quantization blocks)"
-                );
-            }
-            let setup = rank_setup(a, &sz, dtype, &device)?;
-            crate::ranks::start_leader(&setup, &cfg, lm.weights.as_ref())?
-        })
-    };
+                    );
+                }
+                let setup = rank_setup(a, &sz, dtype, &device)?;
+                crate::ranks::start_leader(&setup, &cfg, weights)?
+            })
+        };
     if a.data_parallel_size > 1 && !crate::dp::multi_pod(a) && crate::ranks::Topology::placement()?.0 > 1 {
         return Err(ServeError::Config(
             "--data-parallel-size > 1 with every replica in this pod cannot run under a LeaderWorkerSet group \
@@ -319,7 +331,27 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 .into(),
         ));
     }
-    let executors: Vec<Box<dyn Executor>> = (0..count).map(|_| make_executor()).collect::<Result<_, _>>()?;
+    let executors: Vec<Box<dyn Executor>> = if experts.is_some() {
+        // The replicas meet in one expert group, so they are built side by side (each thread
+        // maps the weights itself: a weight source is not shared across threads).
+        std::thread::scope(|scope| {
+            let built: Vec<_> = (0..count)
+                .map(|i| {
+                    let (make, device) = (&make_executor, &device);
+                    scope.spawn(move || {
+                        let own = tessera_loader::open(Path::new(&a.model), dtype, device)?;
+                        make(i, own.weights.as_ref())
+                    })
+                })
+                .collect();
+            built
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(ServeError::Config("a replica's loader panicked".into()))))
+                .collect::<Result<_, _>>()
+        })?
+    } else {
+        (0..count).map(|i| make_executor(i, lm.weights.as_ref())).collect::<Result<_, _>>()?
+    };
     drop(lm.weights);
     let tok = lm.tokenizer;
     let engine_cfg = EngineConfig {
