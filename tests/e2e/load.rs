@@ -120,7 +120,7 @@ async fn load_mix_of_streams_disconnects_and_overload_loses_nothing() {
     );
     assert_eq!(done + shed + gone, TOTAL, "every request is accounted for");
     assert!(shed > 0, "the queue limit was reached");
-    assert!(done >= 40 && gone >= 5, "the mix ran ({done} complete, {gone} disconnected)");
+    assert!(done >= 20 && gone >= 5, "the mix ran ({done} complete, {gone} disconnected)");
     assert_eq!(metric(&m, "vllm:kv_cache_usage_perc"), Some(0.0));
     // The process holds the model (~0.5 GiB as f32) and a 256 MiB cache: growth stays small.
     assert!(rss_peak < rss_before + 1024 * 1024, "RSS grew from {rss_before} KiB to {rss_peak} KiB");

@@ -207,11 +207,21 @@ fn attach(stream: TcpStream, rank: usize, cfg: EngineConfig) -> Result<EngineHan
     })
 }
 
-fn read_line_within<T: serde::de::DeserializeOwned>(s: &TcpStream, within: Duration) -> Result<T, EngineError> {
+/// One handshake line, read a byte at a time: the worker pod may already have sent the next
+/// line, which must stay in the socket for whoever reads after us.
+fn read_line_within<T: serde::de::DeserializeOwned>(mut s: &TcpStream, within: Duration) -> Result<T, EngineError> {
     s.set_read_timeout(Some(within)).map_err(rpc)?;
-    let mut l = String::new();
-    BufReader::new(s.try_clone().map_err(rpc)?).read_line(&mut l).map_err(rpc)?;
-    serde_json::from_str(&l).map_err(rpc)
+    let mut l = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match std::io::Read::read(&mut s, &mut b).map_err(rpc)? {
+            0 => return Err(rpc("the connection closed during the handshake")),
+            _ if b[0] == b'\n' => break,
+            _ if l.len() >= 1 << 20 => return Err(rpc("handshake line over 1 MiB")),
+            _ => l.push(b[0]),
+        }
+    }
+    serde_json::from_slice(&l).map_err(rpc)
 }
 
 /// On the leader: wait until the replicas of `ranks` have joined `listener` (within

@@ -2,13 +2,15 @@
 //!
 //! Owns: the [`Communicator`] trait (all-reduce, all-gather, reduce-scatter, broadcast,
 //! point-to-point send/recv, all-to-all) over device tensors and raw bytes, the rank
-//! rendezvous, and the CPU back-end ([`TcpComm`], TCP between ranks, used by every test and
-//! by CPU-only multi-rank serving). The NCCL back-end lives behind the `cuda` feature.
+//! rendezvous, and the CPU back-ends: [`ShmComm`] (shared memory, for ranks that are threads
+//! of one process: the ranks of a pod) and [`TcpComm`] (TCP, for ranks in other pods and
+//! CPU-only multi-process serving). The NCCL back-end lives behind the `cuda` feature.
 //! Must not touch: models, scheduling or HTTP — it moves tensors and bytes, nothing else.
 
 mod error;
 #[cfg(feature = "cuda")]
 mod nccl;
+mod shm;
 mod subgroup;
 mod tcp;
 mod wire;
@@ -16,6 +18,7 @@ mod wire;
 pub use error::{CommError, Result};
 #[cfg(feature = "cuda")]
 pub use nccl::NcclComm;
+pub use shm::{ShmComm, ShmHub};
 pub use subgroup::SubGroup;
 pub use tcp::{TcpComm, DEFAULT_JOIN_TIMEOUT};
 

@@ -74,11 +74,11 @@ pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
 
 /// Data-parallel expert parallelism (a MoE model, `--enable-expert-parallel`, several
 /// replicas): where the ranks of every replica meet to form the expert group — the leader pod
-/// at `--data-parallel-address:--rendezvous-port`, or a loopback port inside one pod.
+/// at `--data-parallel-address:--rendezvous-port`, or shared memory inside one pod.
 pub(crate) fn expert_rendezvous(
     a: &ServeArgs,
     cfg: &tessera_models::ModelConfig,
-) -> Result<Option<String>, ServeError> {
+) -> Result<Option<crate::ranks::Meet>, ServeError> {
     if !(a.enable_expert_parallel && a.data_parallel_size > 1 && cfg.moe.is_some()) {
         return Ok(None);
     }
@@ -89,10 +89,11 @@ pub(crate) fn expert_rendezvous(
         )));
     }
     if !multi_pod(a) {
-        return Ok(Some(crate::ranks::Topology::single_pod()?.leader));
+        let world = a.data_parallel_size * a.tensor_parallel_size;
+        return Ok(Some(crate::ranks::Meet::Local(tessera_parallel::ShmHub::new(world))));
     }
     match &a.data_parallel_address {
-        Some(host) => Ok(Some(format!("{host}:{}", a.rendezvous_port))),
+        Some(host) => Ok(Some(crate::ranks::Meet::Tcp(format!("{host}:{}", a.rendezvous_port)))),
         None => Err(ServeError::Config(
             "data-parallel expert parallelism over pods needs --data-parallel-address on every pod".into(),
         )),

@@ -1,8 +1,9 @@
 //! Tensor-parallel ranks. Rank 0 is the engine's executor; the other ranks of this pod run on
 //! their own threads, and under a LeaderWorkerSet the ranks of worker pods join over the
-//! network — the same CPU TCP back-end either way. Threads rather than processes inside a
-//! pod because on one CPU device the ranks share the process's memory-mapped weights and
-//! there is nothing to isolate; the communication code path is identical.
+//! network. Threads rather than processes inside a pod because on one CPU device the ranks
+//! share the process's memory-mapped weights and there is nothing to isolate; ranks that
+//! are all threads of this process talk through shared memory ([`ShmHub`]), a group that
+//! spans pods over TCP — the same `Communicator` either way.
 //!
 //! Topology: `LWS_GROUP_SIZE` pods, this one `LWS_WORKER_INDEX` (0 = leader, which serves
 //! HTTP), each hosting `tp / group` consecutive ranks; rank 0's rendezvous listens on the
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device};
 use tessera_models::{Communicator, Llama, PipelineParallel, TensorParallel, WeightSource};
-use tessera_parallel::{SubGroup, TcpComm};
+use tessera_parallel::{ShmHub, SubGroup, TcpComm};
 use tessera_runner::{follow_plans, Executor, LockstepExecutor, TensorParallelExecutor, Worker};
 
 use crate::ServeError;
@@ -98,12 +99,30 @@ pub(crate) struct RankSetup {
     pub join_timeout: Duration,
     /// Data-parallel expert parallelism: the expert group spans every replica.
     pub experts: Option<ExpertGroup>,
+    /// Set when every rank of the replica is a thread of this process: they share memory.
+    pub local: Option<ShmHub>,
+}
+
+/// Where ranks meet: threads of this process share memory; ranks in other pods use TCP.
+#[derive(Clone)]
+pub(crate) enum Meet {
+    Local(ShmHub),
+    Tcp(String),
+}
+
+impl Meet {
+    fn join(&self, rank: usize, world: usize, s: &RankSetup) -> Result<Arc<dyn Communicator>, ServeError> {
+        Ok(match self {
+            Meet::Local(hub) => Arc::new(hub.join(rank, s.device.clone())?),
+            Meet::Tcp(at) => Arc::new(TcpComm::join(rank, world, at, s.join_timeout, s.device.clone())?),
+        })
+    }
 }
 
 /// Where the ranks of every data-parallel replica meet to form the expert group.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct ExpertGroup {
-    pub rendezvous: String,
+    pub meet: Meet,
     pub dp_rank: usize,
     pub dp_size: usize,
 }
@@ -115,7 +134,11 @@ type RankReports = mpsc::Receiver<(usize, Result<(), String>)>;
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn join(s: &RankSetup, rank: usize) -> Result<Arc<dyn Communicator>, ServeError> {
-    Ok(Arc::new(TcpComm::join(rank, s.tp * s.pp, &s.topology.leader, s.join_timeout, s.device.clone())?))
+    let world = s.tp * s.pp;
+    match &s.local {
+        Some(hub) => Meet::Local(hub.clone()).join(rank, world, s),
+        None => Meet::Tcp(s.topology.leader.clone()).join(rank, world, s),
+    }
 }
 
 /// A world rank's tensor group (its pipeline stage's ranks) and pipeline position.
@@ -124,8 +147,8 @@ fn groups(s: &RankSetup, world: Arc<dyn Communicator>) -> Result<(TensorParallel
     if let Some(g) = &s.experts {
         // Ranks of replica r are r*tp.. in the expert group (pipeline parallel is refused).
         let rank = g.dp_rank * s.tp + world.rank();
-        let experts = TcpComm::join(rank, g.dp_size * s.tp, &g.rendezvous, s.join_timeout, s.device.clone())?;
-        return Ok((TensorParallel::new(world).with_expert_group(Arc::new(experts)), PipelineParallel::single()));
+        let experts = g.meet.join(rank, g.dp_size * s.tp, s)?;
+        return Ok((TensorParallel::new(world).with_expert_group(experts), PipelineParallel::single()));
     }
     if s.pp == 1 {
         return Ok((TensorParallel::new(world).with_expert_parallel(ep), PipelineParallel::single()));

@@ -247,6 +247,14 @@ fn rank_setup(
         },
         join_timeout: Duration::from_secs_f64(a.rank_join_timeout),
         experts: None,
+        local: None,
+    })
+    .map(|mut s| {
+        // A new group per replica: every rank a thread here unless the group spans pods.
+        if s.topology.group_size == 1 {
+            s.local = Some(tessera_parallel::ShmHub::new(s.tp * s.pp));
+        }
+        s
     })
 }
 
@@ -305,7 +313,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
             Ok(if let Some(rendezvous) = &experts {
                 let mut setup = rank_setup(a, &sz, dtype, &device)?;
                 setup.experts = Some(crate::ranks::ExpertGroup {
-                    rendezvous: rendezvous.clone(),
+                    meet: rendezvous.clone(),
                     dp_rank: a.data_parallel_start_rank + i,
                     dp_size: a.data_parallel_size,
                 });

@@ -1,14 +1,36 @@
-use super::*;
+//! The behaviour every CPU back-end shares, checked on TCP and shared memory alike.
 
-/// Run `f` on every rank of a loopback group of `world`, one thread per rank.
-fn on_ranks<T: Send + 'static>(world: usize, f: impl Fn(&TcpComm) -> T + Send + Sync + 'static) -> Vec<T> {
-    let group = TcpComm::local_group(world, Device::Cpu).expect("group");
+use super::*;
+use crate::ShmHub;
+
+/// Builds a group of `world` ranks of one back-end.
+type Make = fn(usize) -> Vec<Box<dyn Communicator>>;
+
+fn tcp(world: usize) -> Vec<Box<dyn Communicator>> {
+    let g = TcpComm::local_group(world, Device::Cpu).expect("tcp group");
+    g.into_iter().map(|c| Box::new(c) as Box<dyn Communicator>).collect()
+}
+
+fn shm(world: usize) -> Vec<Box<dyn Communicator>> {
+    let g = ShmHub::group(world, Device::Cpu).expect("shm group");
+    g.into_iter().map(|c| Box::new(c) as Box<dyn Communicator>).collect()
+}
+
+const BACKENDS: [(&str, Make); 2] = [("tcp", tcp), ("shm", shm)];
+
+/// Run `f` on every rank of a group of `world`, one thread per rank.
+fn on_ranks<T: Send + 'static>(
+    make: Make,
+    world: usize,
+    f: impl Fn(&dyn Communicator) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let group = make(world);
     let f = std::sync::Arc::new(f);
     let hs: Vec<_> = group
         .into_iter()
         .map(|c| {
             let f = f.clone();
-            std::thread::spawn(move || f(&c))
+            std::thread::spawn(move || f(c.as_ref()))
         })
         .collect();
     hs.into_iter().map(|h| h.join().expect("rank thread")).collect()
@@ -20,9 +42,9 @@ fn vals(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn all_reduce_gather_scatter_on_2_3_and_4_ranks() {
-    for world in [2, 3, 4] {
+    for ((name, make), world) in BACKENDS.into_iter().flat_map(|b| [2, 3, 4].map(|w| (b, w))) {
         // 7 elements: parts are uneven for 2, 3 and 4 ranks.
-        let out = on_ranks(world, move |c| {
+        let out = on_ranks(make, world, move |c| {
             let r = c.rank() as f32;
             let t =
                 Tensor::from_vec((0..7).map(|i| i as f32 + 10.0 * r).collect::<Vec<_>>(), (7,), &Device::Cpu).unwrap();
@@ -36,7 +58,7 @@ fn all_reduce_gather_scatter_on_2_3_and_4_ranks() {
         let want: Vec<f32> = (0..7).map(|i| world as f32 * i as f32 + 10.0 * total_r).collect();
         let gathered: Vec<f32> = (0..world).flat_map(|r| vec![r as f32; r + 1]).collect();
         for (r, (sum, g, rs)) in out.iter().enumerate() {
-            assert_eq!(sum, &want, "world {world} rank {r}");
+            assert_eq!(sum, &want, "{name} world {world} rank {r}");
             assert_eq!(g, &gathered);
             let (a, b) = part(7, world, r);
             assert_eq!(rs, &want[a..b].to_vec());
@@ -46,7 +68,13 @@ fn all_reduce_gather_scatter_on_2_3_and_4_ranks() {
 
 #[test]
 fn broadcast_send_recv_and_all_to_all() {
-    let out = on_ranks(3, |c| {
+    for (name, make) in BACKENDS {
+        broadcast_send_recv_and_all_to_all_on(name, make);
+    }
+}
+
+fn broadcast_send_recv_and_all_to_all_on(name: &str, make: Make) {
+    let out = on_ranks(make, 3, |c| {
         let b = c.broadcast_bytes(if c.rank() == 1 { b"plan" } else { b"" }, 1).unwrap();
         let next = (c.rank() + 1) % 3;
         let prev = (c.rank() + 2) % 3;
@@ -59,7 +87,7 @@ fn broadcast_send_recv_and_all_to_all() {
         (b, got, a2a)
     });
     for (r, (b, got, a2a)) in out.into_iter().enumerate() {
-        assert_eq!(b, b"plan");
+        assert_eq!(b, b"plan", "{name}");
         assert_eq!(got, vec![((r + 2) % 3) as u32; 2]);
         assert_eq!(a2a, (0..3).map(|j| (10 * j + r) as f32).collect::<Vec<_>>());
     }
@@ -68,11 +96,13 @@ fn broadcast_send_recv_and_all_to_all() {
 #[test]
 fn large_messages_do_not_deadlock() {
     // 4 MB per rank, written by both sides at once.
-    let out = on_ranks(2, |c| {
-        let t = Tensor::ones((1 << 20,), candle_core::DType::F32, &Device::Cpu).unwrap();
-        vals(&c.all_reduce_sum(&t).unwrap()).iter().all(|&x| x == 2.0)
-    });
-    assert!(out.iter().all(|&ok| ok));
+    for (name, make) in BACKENDS {
+        let out = on_ranks(make, 2, |c| {
+            let t = Tensor::ones((1 << 20,), candle_core::DType::F32, &Device::Cpu).unwrap();
+            vals(&c.all_reduce_sum(&t).unwrap()).iter().all(|&x| x == 2.0)
+        });
+        assert!(out.iter().all(|&ok| ok), "{name}");
+    }
 }
 
 #[test]
@@ -90,10 +120,38 @@ fn a_missing_rank_fails_the_rendezvous_naming_it() {
 
 #[test]
 fn a_dead_peer_is_reported_not_waited_for() {
-    let mut group = TcpComm::local_group(2, Device::Cpu).unwrap();
-    let survivor = group.remove(0);
-    drop(group); // rank 1 goes away
-    let t = Tensor::ones((4,), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let e = survivor.all_reduce_sum(&t).unwrap_err().to_string();
-    assert!(e.contains("rank 1 disconnected"), "{e}");
+    for (name, make) in BACKENDS {
+        let mut group = make(2);
+        let survivor = group.remove(0);
+        drop(group); // rank 1 goes away
+        let t = Tensor::ones((4,), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = survivor.all_reduce_sum(&t).unwrap_err().to_string();
+        assert!(e.contains("rank 1 disconnected"), "{name}: {e}");
+        let e = survivor.recv_bytes(1).unwrap_err().to_string();
+        assert!(e.contains("rank 1 disconnected"), "{name}: {e}");
+    }
+}
+
+#[test]
+fn a_rank_leaving_mid_collective_wakes_the_waiting_ones() {
+    for (name, make) in BACKENDS {
+        let mut group = make(3);
+        let leaver = group.pop().unwrap();
+        let waiting: Vec<_> = group
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let t = Tensor::ones((4,), candle_core::DType::F32, &Device::Cpu).unwrap();
+                    c.all_reduce_sum(&t).map(|_| ()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        leaver.shutdown();
+        drop(leaver);
+        for h in waiting {
+            let e = h.join().unwrap().unwrap_err();
+            assert!(e.contains("rank 2 disconnected"), "{name}: {e}");
+        }
+    }
 }
