@@ -25,6 +25,7 @@ pub fn smollm2_hf() -> PathBuf {
     p
 }
 
+pub mod servers;
 pub mod tiny;
 
 /// `tessera serve` arguments for an in-process worker on port 0.

@@ -17,6 +17,8 @@ pub enum LoadError {
     Format(String),
     #[error("{0}")]
     Model(#[from] tessera_models::ModelError),
+    #[error("{0}")]
+    Source(#[from] tessera_source::SourceError),
     #[error("{context}: {source}")]
     Candle {
         context: String,

@@ -1,13 +1,21 @@
 //! Hugging Face directories: `config.json` and safetensors weights (single file or sharded
 //! with `model.safetensors.index.json`), memory-mapped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use tessera_models::{shard_byte_runs, ModelConfig, ModelError, Shard, Weight, WeightSource};
 
+use tessera_source::{human, ReaderStats, RemoteFile};
+
+use crate::header::{self, TensorSpan};
 use crate::{LoadError, Result};
 
 /// Read and validate `config.json`.
@@ -67,22 +75,96 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Memory-mapped safetensors weights, converted to the model dtype on read.
+/// Memory-mapped safetensors weights, converted to the model dtype on read. Files mirrored
+/// from a remote store (see `tessera_source::mirrored`) are sparse: the byte ranges of each
+/// tensor (or shard of it) are downloaded just before they are read.
 pub struct SafetensorsSource {
     st: MmapedSafetensors,
     dtype: DType,
     device: Device,
     dir: PathBuf,
+    spans: HashMap<String, TensorSpan>,
+    remote: Vec<Option<Arc<RemoteFile>>>,
+    reader: Option<(Arc<ReaderStats>, Instant)>,
+}
+
+/// Read `range` of `file` (after making it local when the file is mirrored).
+fn read_at(path: &Path, remote: Option<&RemoteFile>, range: Range<u64>) -> Result<Vec<u8>> {
+    if let Some(r) = remote {
+        r.ensure(std::slice::from_ref(&range))?;
+    }
+    let f = std::fs::File::open(path).map_err(|e| LoadError::io(path, e))?;
+    let mut buf = vec![0u8; (range.end - range.start) as usize];
+    f.read_exact_at(&mut buf, range.start).map_err(|e| LoadError::io(path, e))?;
+    Ok(buf)
+}
+
+/// Check a file's header and return its tensors' absolute spans.
+fn spans_of(path: &Path, index: usize, remote: Option<&RemoteFile>) -> Result<HashMap<String, TensorSpan>> {
+    let what = remote.map_or_else(|| path.display().to_string(), |r| r.what.clone());
+    let len = match remote {
+        Some(r) => r.size,
+        None => std::fs::metadata(path).map_err(|e| LoadError::io(path, e))?.len(),
+    };
+    if len < 8 {
+        return Err(LoadError::Format(format!("{what}: {len} bytes is too short for a safetensors file")));
+    }
+    let first: [u8; 8] = read_at(path, remote, 0..8)?.try_into().unwrap_or_default();
+    let n = header::header_len(&what, first, len)?;
+    header::parse(&what, index, &read_at(path, remote, 8..8 + n)?, len)
 }
 
 impl SafetensorsSource {
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let files = weight_files(dir)?;
+        let remote: Vec<Option<Arc<RemoteFile>>> = files.iter().map(|f| tessera_source::mirrored(f)).collect();
+        let mut spans = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            spans.extend(spans_of(f, i, remote[i].as_deref())?);
+        }
         // SAFETY: the files are mapped read-only; Tessera never writes to a model directory
-        // while serving it. A concurrent external writer is outside the supported use.
+        // while serving it, except to fill the holes of a mirrored file — and those bytes are
+        // written before they are read, never changed after. A concurrent external writer is
+        // outside the supported use.
         let st = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| LoadError::candle(format!("{}: reading safetensors", dir.display()), e))?;
-        Ok(Self { st, dtype, device: device.clone(), dir: dir.to_path_buf() })
+        let reader = remote
+            .iter()
+            .any(Option::is_some)
+            .then(|| (tessera_source::new_reader(dir.display().to_string()), Instant::now()));
+        Ok(Self { st, dtype, device: device.clone(), dir: dir.to_path_buf(), spans, remote, reader })
+    }
+
+    /// Make the bytes at `runs` (relative to the tensor's data) local, if its file is mirrored.
+    fn make_local(&self, name: &str, runs: &[Range<usize>]) -> tessera_models::Result<()> {
+        let Some(span) = self.spans.get(name) else { return Ok(()) };
+        let Some(Some(remote)) = self.remote.get(span.file) else { return Ok(()) };
+        let abs: Vec<Range<u64>> =
+            runs.iter().map(|r| span.bytes.start + r.start as u64..span.bytes.start + r.end as u64).collect();
+        let got = remote.ensure(&abs).map_err(|e| ModelError::Source(format!("tensor {name}: {e}")))?;
+        if let Some((stats, _)) = &self.reader {
+            stats.requested.fetch_add(abs.iter().map(|r| r.end - r.start).sum(), Relaxed);
+            stats.downloaded.fetch_add(got, Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SafetensorsSource {
+    fn drop(&mut self) {
+        if let Some((stats, t0)) = &self.reader {
+            let (req, got) = (stats.requested.load(Relaxed), stats.downloaded.load(Relaxed));
+            if req > 0 {
+                let secs = t0.elapsed().as_secs_f64();
+                tracing::info!(
+                    "weights read from the remote copy in {}: {} for this rank ({} downloaded, the rest already local) in {secs:.1}s ({:.2} GB/s)",
+                    self.dir.display(),
+                    human(req),
+                    human(got),
+                    req as f64 / secs.max(1e-6) / 1e9
+                );
+            }
+        }
     }
 }
 
@@ -90,6 +172,10 @@ impl WeightSource for SafetensorsSource {
     fn get(&self, name: &str) -> tessera_models::Result<Weight> {
         if !self.contains(name) {
             return Err(ModelError::MissingWeight(format!("{name} (in {})", self.dir.display())));
+        }
+        if let Some(span) = self.spans.get(name) {
+            let whole = 0..(span.bytes.end - span.bytes.start) as usize;
+            self.make_local(name, std::slice::from_ref(&whole))?;
         }
         let t = self
             .st
@@ -121,6 +207,7 @@ impl WeightSource for SafetensorsSource {
         let runs = shard_byte_runs(matrix, (1, dtype.size_in_bytes()), shard.dim, shard.range(full[shard.dim]));
         let (runs, shape) = runs.ok_or_else(|| ModelError::Source(format!("{}: cannot cut {shard:?}", where_())))?;
         let shape = &shape[..full.len()];
+        self.make_local(name, &runs)?;
         let mut bytes = Vec::with_capacity(runs.iter().map(|r| r.len()).sum());
         for r in runs {
             let run =

@@ -11,6 +11,7 @@
 mod error;
 mod export;
 mod gguf;
+mod header;
 mod hf;
 mod tokenizer;
 

@@ -23,6 +23,14 @@ pub enum Command {
         /// Output directory.
         out_dir: PathBuf,
     },
+    /// Download a whole model (s3://, gs://, az://, http(s)://, hf://) into a folder, resuming a
+    /// partial earlier download and checking checksums where the store gives them.
+    Fetch {
+        /// The model URI.
+        uri: String,
+        /// Destination folder (e.g. /mnt/models).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -68,9 +76,13 @@ pub enum DeviceArg {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Model: a local directory (Hugging Face layout) or a .gguf file.
+    /// Model: a local directory (Hugging Face layout) or .gguf file, or a URI: file://, s3://,
+    /// gs://, az://, abfs://, http(s)://, hf://org/model[@revision].
     #[arg(env = "TESSERA_MODEL")]
     pub model: String,
+    /// Cache folder for remote models (default: $TESSERA_CACHE_DIR, else ~/.cache/tessera/hub).
+    #[arg(long, env = "TESSERA_DOWNLOAD_DIR")]
+    pub download_dir: Option<PathBuf>,
     /// Names accepted in the request's `model` field; the first is canonical.
     #[arg(long, num_args = 1.., env = "TESSERA_SERVED_MODEL_NAME", value_delimiter = ' ')]
     pub served_model_name: Vec<String>,

@@ -9,6 +9,8 @@ pub enum ServeError {
     #[error(transparent)]
     Load(#[from] tessera_loader::LoadError),
     #[error(transparent)]
+    Source(#[from] tessera_source::SourceError),
+    #[error(transparent)]
     Model(#[from] tessera_models::ModelError),
     #[error(transparent)]
     Runner(#[from] tessera_runner::RunnerError),

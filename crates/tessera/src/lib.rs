@@ -45,6 +45,10 @@ pub fn run(cli: args::Cli) -> Result<(), ServeError> {
             tracing::info!("wrote a Hugging Face copy of {} to {}", gguf.display(), out_dir.display());
             Ok(())
         }
+        args::Command::Fetch { uri, dir } => {
+            tessera_source::fetch(&uri, &dir, &tessera_source::SourceOptions::new(None))?;
+            Ok(())
+        }
         args::Command::Serve(a) if is_replica_pod(&a) => run_replica_pod(&a),
         args::Command::Serve(a) if is_worker_pod(&a)? => run_worker_pod(&a),
         args::Command::Serve(a) => {

@@ -223,6 +223,12 @@ fn size_engine(a: &ServeArgs, cfg: &tessera_models::ModelConfig, dtype: DType) -
     Ok(Sizing { max_model_len, num_blocks, per_block })
 }
 
+/// The local path of the model: the argument itself, or the cache folder a remote URI is
+/// mirrored into (resolved once per process).
+pub(crate) fn model_path(a: &ServeArgs) -> Result<std::path::PathBuf, ServeError> {
+    Ok(tessera_source::resolve(&a.model, &tessera_source::SourceOptions::new(a.download_dir.clone()))?)
+}
+
 fn rank_setup(
     a: &ServeArgs,
     sz: &Sizing,
@@ -230,7 +236,7 @@ fn rank_setup(
     device: &Device,
 ) -> Result<crate::ranks::RankSetup, ServeError> {
     Ok(crate::ranks::RankSetup {
-        model: Path::new(&a.model).to_path_buf(),
+        model: model_path(a)?,
         dtype,
         device: device.clone(),
         max_model_len: sz.max_model_len,
@@ -264,7 +270,7 @@ pub fn run_worker_pod(a: &ServeArgs) -> Result<(), ServeError> {
     validate(a)?;
     let device = pick_device(a.device)?;
     let dtype = pick_dtype(a.dtype, &device);
-    let cfg = tessera_loader::open(Path::new(&a.model), dtype, &device)?.config;
+    let cfg = tessera_loader::open(&model_path(a)?, dtype, &device)?.config;
     let sz = size_engine(a, &cfg, dtype)?;
     crate::ranks::run_worker_pod(&rank_setup(a, &sz, dtype, &device)?)
 }
@@ -293,7 +299,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
     let t0 = std::time::Instant::now();
     let device = pick_device(a.device)?;
     let dtype = pick_dtype(a.dtype, &device);
-    let lm = tessera_loader::open(Path::new(&a.model), dtype, &device)?;
+    let lm = tessera_loader::open(&model_path(a)?, dtype, &device)?;
     let cfg = lm.config.clone();
     let sz = size_engine(a, &cfg, dtype)?;
     let (max_model_len, num_blocks, per_block) = (sz.max_model_len, sz.num_blocks, sz.per_block);
@@ -347,7 +353,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 .map(|i| {
                     let (make, device) = (&make_executor, &device);
                     scope.spawn(move || {
-                        let own = tessera_loader::open(Path::new(&a.model), dtype, device)?;
+                        let own = tessera_loader::open(&model_path(a)?, dtype, device)?;
                         make(i, own.weights.as_ref())
                     })
                 })
