@@ -228,6 +228,10 @@ fn a_server_dying_mid_download_fails_after_bounded_retries_and_the_next_fetch_re
     println!("after the kill ({took:?}): {e}");
     assert!(e.contains("s3://models/smollm2/model.safetensors") && e.contains("gave up after 3 attempts"), "{e}");
     assert!(took < Duration::from_secs(30), "bounded: {took:?}");
+    // The half-downloaded folder is refused, never read with holes as zeros.
+    let e = tessera_loader::SafetensorsSource::open(&out, candle_core::DType::F32, &candle_core::Device::Cpu).err();
+    let e = e.map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("model.safetensors") && e.contains("only partly downloaded"), "{e}");
     // The same server comes back: the fetch resumes and the MD5 ETag checks the whole file.
     let _server = servers::s3(&root, addr, Duration::ZERO);
     let fetched = tessera_source::fetch("s3://models/smollm2", &out, &quick()).expect("resumed fetch");
@@ -237,7 +241,8 @@ fn a_server_dying_mid_download_fails_after_bounded_retries_and_the_next_fetch_re
     let same =
         std::fs::read(out.join("model.safetensors")).ok() == std::fs::read(smollm2_hf().join("model.safetensors")).ok();
     assert!(same, "the resumed file equals the original");
-    assert!(!out.join(".tessera").exists(), "no sidecars are left behind");
+    let again = tessera_source::fetch("s3://models/smollm2", &out, &quick()).expect("a second fetch");
+    assert_eq!(again.downloaded, 0, "a rerun on a complete folder downloads nothing");
 }
 
 /// Load `uri` in-process and return the start-up error.

@@ -84,6 +84,7 @@ pub struct SafetensorsSource {
     device: Device,
     dir: PathBuf,
     spans: HashMap<String, TensorSpan>,
+    files: Vec<std::fs::File>,
     remote: Vec<Option<Arc<RemoteFile>>>,
     reader: Option<(Arc<ReaderStats>, Instant)>,
 }
@@ -117,6 +118,12 @@ fn spans_of(path: &Path, index: usize, remote: Option<&RemoteFile>) -> Result<Ha
 impl SafetensorsSource {
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let files = weight_files(dir)?;
+        if let Some(f) = files.iter().find(|f| tessera_source::incomplete_download(f)) {
+            return Err(LoadError::Format(format!(
+                "{}: only partly downloaded (an interrupted `tessera fetch`?); fetch it again",
+                f.display()
+            )));
+        }
         let remote: Vec<Option<Arc<RemoteFile>>> = files.iter().map(|f| tessera_source::mirrored(f)).collect();
         let mut spans = HashMap::new();
         for (i, f) in files.iter().enumerate() {
@@ -132,12 +139,19 @@ impl SafetensorsSource {
             .iter()
             .any(Option::is_some)
             .then(|| (tessera_source::new_reader(dir.display().to_string()), Instant::now()));
-        Ok(Self { st, dtype, device: device.clone(), dir: dir.to_path_buf(), spans, remote, reader })
+        let files =
+            files.iter().map(|f| std::fs::File::open(f).map_err(|e| LoadError::io(f, e))).collect::<Result<_>>()?;
+        Ok(Self { st, dtype, device: device.clone(), dir: dir.to_path_buf(), spans, files, remote, reader })
     }
 
     /// Make the bytes at `runs` (relative to the tensor's data) local, if its file is mirrored.
     fn make_local(&self, name: &str, runs: &[Range<usize>]) -> tessera_models::Result<()> {
-        let Some(span) = self.spans.get(name) else { return Ok(()) };
+        let Some(span) = self.spans.get(name) else {
+            return match self.remote.iter().any(Option::is_some) {
+                true => Err(ModelError::Source(format!("tensor {name}: not in any checked safetensors header"))),
+                false => Ok(()),
+            };
+        };
         let Some(Some(remote)) = self.remote.get(span.file) else { return Ok(()) };
         let abs: Vec<Range<u64>> =
             runs.iter().map(|r| span.bytes.start + r.start as u64..span.bytes.start + r.end as u64).collect();
@@ -147,6 +161,40 @@ impl SafetensorsSource {
             stats.downloaded.fetch_add(got, Relaxed);
         }
         Ok(())
+    }
+}
+
+impl SafetensorsSource {
+    /// The bytes at `runs` (relative to the tensor's data), concatenated: downloaded first
+    /// when the file is mirrored, then read with positioned reads (large sequential reads
+    /// beat page faults through the map on a cold cache).
+    fn read_runs(&self, name: &str, runs: &[Range<usize>]) -> tessera_models::Result<Vec<u8>> {
+        let fail = |e: String| ModelError::Source(format!("{}: tensor {name}: {e}", self.dir.display()));
+        self.make_local(name, runs)?;
+        let span = self.spans.get(name).ok_or_else(|| fail("not in any checked header".into()))?;
+        let file = self.files.get(span.file).ok_or_else(|| fail("no such file".into()))?;
+        let at = |r: &Range<usize>| span.bytes.start + r.start as u64;
+        let mut out = vec![0u8; runs.iter().map(|r| r.len()).sum()];
+        match (runs.first(), runs.last()) {
+            // Many small runs (a column shard): one read of the span they cover.
+            (Some(first), Some(last)) if runs.len() > 64 => {
+                let mut cover = vec![0u8; last.end - first.start];
+                file.read_exact_at(&mut cover, at(first)).map_err(|e| fail(e.to_string()))?;
+                let mut o = 0;
+                for r in runs {
+                    out[o..o + r.len()].copy_from_slice(&cover[r.start - first.start..r.end - first.start]);
+                    o += r.len();
+                }
+            }
+            _ => {
+                let mut o = 0;
+                for r in runs {
+                    file.read_exact_at(&mut out[o..o + r.len()], at(r)).map_err(|e| fail(e.to_string()))?;
+                    o += r.len();
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -173,15 +221,17 @@ impl WeightSource for SafetensorsSource {
         if !self.contains(name) {
             return Err(ModelError::MissingWeight(format!("{name} (in {})", self.dir.display())));
         }
-        if let Some(span) = self.spans.get(name) {
-            let whole = 0..(span.bytes.end - span.bytes.start) as usize;
-            self.make_local(name, std::slice::from_ref(&whole))?;
-        }
-        let t = self
-            .st
-            .load(name, &self.device)
+        let where_ = || format!("{}: tensor {name}", self.dir.display());
+        let view = self.st.get(name).map_err(|e| ModelError::Source(format!("{}: {e}", where_())))?;
+        let (Some(span), Ok(dtype)) = (self.spans.get(name), DType::try_from(view.dtype())) else {
+            let t = self.st.load(name, &self.device).and_then(|t| t.to_dtype(self.dtype));
+            return Ok(Weight::Dense(t.map_err(|e| ModelError::Source(format!("{}: {e}", where_())))?));
+        };
+        let whole = 0..(span.bytes.end - span.bytes.start) as usize;
+        let bytes = self.read_runs(name, std::slice::from_ref(&whole))?;
+        let t = candle_core::Tensor::from_raw_buffer(&bytes, dtype, view.shape(), &self.device)
             .and_then(|t| t.to_dtype(self.dtype))
-            .map_err(|e| ModelError::Source(format!("{}: tensor {name}: {e}", self.dir.display())))?;
+            .map_err(|e| ModelError::Source(format!("{}: {e}", where_())))?;
         Ok(Weight::Dense(t))
     }
 
@@ -189,8 +239,8 @@ impl WeightSource for SafetensorsSource {
         self.st.get(name).is_ok()
     }
 
-    /// Copies only the shard's bytes out of the memory map: whole rows for `dim` 0, a run of
-    /// each row for `dim` 1 — the rest of the file is never touched by this rank.
+    /// Reads only the shard's bytes: whole rows for `dim` 0, a run of each row for `dim` 1 —
+    /// the rest of the file is never touched (or downloaded) by this rank.
     fn get_shard(&self, name: &str, full: &[usize], shard: Shard) -> tessera_models::Result<Weight> {
         if shard.is_full() || shard.dim > 1 || full.len() > 2 || (shard.dim == 1 && full.len() != 2) {
             return tessera_models::WeightSource::get_shard_by_narrowing(self, name, full, shard);
@@ -202,18 +252,11 @@ impl WeightSource for SafetensorsSource {
             return Err(ModelError::Shape { name: name.into(), got: view.shape().to_vec(), expected: full.to_vec() });
         }
         let dtype = DType::try_from(view.dtype()).map_err(|e| ModelError::Source(format!("{}: {e}", where_())))?;
-        let data = view.data();
         let matrix = [full[0], full.get(1).copied().unwrap_or(1)];
         let runs = shard_byte_runs(matrix, (1, dtype.size_in_bytes()), shard.dim, shard.range(full[shard.dim]));
         let (runs, shape) = runs.ok_or_else(|| ModelError::Source(format!("{}: cannot cut {shard:?}", where_())))?;
         let shape = &shape[..full.len()];
-        self.make_local(name, &runs)?;
-        let mut bytes = Vec::with_capacity(runs.iter().map(|r| r.len()).sum());
-        for r in runs {
-            let run =
-                data.get(r).ok_or_else(|| ModelError::Source(format!("{}: data shorter than its shape", where_())))?;
-            bytes.extend_from_slice(run);
-        }
+        let bytes = self.read_runs(name, &runs)?;
         let t = candle_core::Tensor::from_raw_buffer(&bytes, dtype, shape, &self.device)
             .and_then(|t| t.to_dtype(self.dtype))
             .map_err(|e| ModelError::Source(format!("{}: {e}", where_())))?;

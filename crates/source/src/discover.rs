@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 
-use futures::TryStreamExt;
 use object_store::GetOptions;
 
 use crate::file::{head, FetchOptions};
@@ -54,7 +53,8 @@ async fn list(store: &Store, opts: &FetchOptions) -> Result<Vec<String>> {
     let prefix = store.prefix.clone();
     let metas = crate::file::retry(opts, &store.uri, store.hint, || {
         let (s, prefix) = (s.clone(), prefix.clone());
-        async move { s.list(Some(&prefix)).try_collect::<Vec<_>>().await }
+        // The folder's own files only (not every key below it).
+        async move { s.list_with_delimiter(Some(&prefix)).await.map(|l| l.objects) }
     })
     .await?;
     let base = store.prefix.as_ref();
@@ -63,15 +63,18 @@ async fn list(store: &Store, opts: &FetchOptions) -> Result<Vec<String>> {
         .filter_map(|m| {
             let p = m.location.as_ref();
             let rel = if base.is_empty() { p } else { p.strip_prefix(base)?.strip_prefix('/')? };
-            (!rel.contains('/')).then(|| rel.to_string())
+            (!rel.contains('/') && rel != "." && rel != "..").then(|| rel.to_string())
         })
         .collect())
 }
 
-async fn exists(store: &Store, name: &str, opts: &FetchOptions) -> Result<bool> {
+/// Whether `name` exists. For an `optional` file, a refusal counts as absent: stores served
+/// over plain HTTP answer 403 for a missing key when listing is not allowed.
+async fn exists(store: &Store, name: &str, opts: &FetchOptions, optional: bool) -> Result<bool> {
     match head(store, name, opts).await {
         Ok(_) => Ok(true),
         Err(SourceError::NotFound(_)) => Ok(false),
+        Err(SourceError::Denied { .. }) if optional => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -93,12 +96,13 @@ pub async fn discover(r: &RemoteUri, store: &Store, opts: &FetchOptions) -> Resu
         return Ok(Layout::Gguf(f.clone()));
     }
     let listed = if r.can_list() { Some(list(store, opts).await?) } else { None };
-    let has = async |name: &str| -> Result<bool> {
+    let probe = async |name: &str, optional: bool| -> Result<bool> {
         match &listed {
             Some(l) => Ok(l.iter().any(|n| n == name)),
-            None => exists(store, name, opts).await,
+            None => exists(store, name, opts, optional).await,
         }
     };
+    let has = async |name: &str| probe(name, false).await;
     if !has("config.json").await? {
         let ggufs: Vec<&String> = listed.iter().flatten().filter(|n| n.ends_with(".gguf")).collect();
         return match (ggufs.as_slice(), &listed) {
@@ -117,7 +121,7 @@ pub async fn discover(r: &RemoteUri, store: &Store, opts: &FetchOptions) -> Resu
     }
     let mut small = vec!["config.json".to_string()];
     for name in OPTIONAL {
-        if has(name).await? {
+        if probe(name, true).await? {
             small.push(name.to_string());
         }
     }

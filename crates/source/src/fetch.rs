@@ -11,7 +11,7 @@ use crate::discover::{discover, Layout};
 use crate::file::RemoteFile;
 use crate::progress::{human, Progress};
 use crate::uri::ModelUri;
-use crate::{runtime, sidecar, store, Result, SourceError, SourceOptions, SIDECARS};
+use crate::{runtime, sidecar, store, Result, SourceError, SourceOptions};
 
 /// What a fetch did.
 #[derive(Debug, Clone, Default)]
@@ -66,6 +66,12 @@ fn digest(path: &Path, algo: &str) -> Result<String> {
 fn verify(f: &RemoteFile, sidecar: &Path) -> Result<bool> {
     let Some((algo, want)) = f.etag.as_deref().and_then(expected_digest) else { return Ok(false) };
     let got = digest(&f.local, algo)?;
+    if got != want && algo == "md5" {
+        // S3 objects encrypted with SSE-KMS/SSE-C have 32-hex ETags that are not MD5s: a
+        // mismatch cannot tell those from corruption, so it is reported, not acted on.
+        tracing::warn!("{}: the ETag {want} is not the MD5 of the bytes ({got}); not verified (SSE-KMS/SSE-C objects' ETags are not MD5s)", f.what);
+        return Ok(false);
+    }
     if got != want {
         let _ = std::fs::remove_file(&f.local);
         let _ = std::fs::remove_file(sidecar);
@@ -122,7 +128,8 @@ pub fn fetch(uri: &str, dir: &Path, opts: &SourceOptions) -> Result<Fetched> {
         out.files.push(f.local.clone());
     }
     progress.finish();
-    let _ = std::fs::remove_dir_all(dir.join(SIDECARS));
+    // The (complete) sidecars stay in `.tessera/`: a rerun on the same folder sees every
+    // file is already there and downloads nothing.
     tracing::info!(
         "fetched {uri}: {} downloaded, {} of {} file(s) checksum-verified",
         human(out.downloaded),

@@ -136,6 +136,9 @@ impl RemoteFile {
         sidecar: PathBuf,
         opts: FetchOptions,
     ) -> Result<Arc<Self>> {
+        if let Some(f) = mirrored(&local) {
+            return Ok(f);
+        }
         let what = store.describe(name);
         let old = read_sidecar(&sidecar);
         let meta = {
@@ -151,8 +154,11 @@ impl RemoteFile {
             }
             (Err(e), _) => return Err(e),
         };
+        // Reuse what an earlier run holds only if the remote file is unchanged and the local
+        // copy still has its full length (a truncated copy would read as zeros).
+        let local_len = std::fs::metadata(&local).map(|m| m.len()).ok();
         let held = match old {
-            Some(o) if o.size == size && o.etag == etag && local.is_file() => o.held,
+            Some(o) if o.size == size && o.etag == etag && local_len == Some(size) => o.held.normalized(size),
             _ => RangeSet::default(),
         };
         for dir in [local.parent(), sidecar.parent()].into_iter().flatten() {
@@ -232,23 +238,32 @@ impl RemoteFile {
         let progress = self.progress.lock().ok().and_then(|p| p.clone());
         let (store, location, what, opts) =
             (self.store.clone(), self.location.clone(), self.what.clone(), self.opts.clone());
+        let etag = self.etag.clone();
         let mut side =
             Sidecar { uri: self.what.clone(), size: self.size, etag: self.etag.clone(), held: state.1.clone() };
         let path = self.sidecar.clone();
         // The caller holds the state lock while this runs, so sidecar writes never race.
         let (side, got, first_err) = crate::runtime::block_on(async move {
             let fetches = pieces.into_iter().map(|r| {
-                let (store, location, what, opts, file, progress) =
-                    (store.clone(), location.clone(), what.clone(), opts.clone(), file.clone(), progress.clone());
+                let (store, location, what, opts, file, progress, etag) = (
+                    store.clone(),
+                    location.clone(),
+                    what.clone(),
+                    opts.clone(),
+                    file.clone(),
+                    progress.clone(),
+                    etag.clone(),
+                );
                 async move {
-                    let got = fetch_range(&store, &location, &what, &opts, r.clone()).await.and_then(|bytes| {
-                        file.write_all_at(&bytes, r.start)
-                            .map_err(|e| SourceError::Io { path: what.clone(), source: e })?;
-                        if let Some(p) = &progress {
-                            p.add(bytes.len() as u64);
-                        }
-                        Ok(())
-                    });
+                    let got =
+                        fetch_range(&store, &location, &what, &opts, r.clone(), etag.clone()).await.and_then(|bytes| {
+                            file.write_all_at(&bytes, r.start)
+                                .map_err(|e| SourceError::Io { path: what.clone(), source: e })?;
+                            if let Some(p) = &progress {
+                                p.add(bytes.len() as u64);
+                            }
+                            Ok(())
+                        });
                     (r, got)
                 }
             });
@@ -261,6 +276,7 @@ impl RemoteFile {
                         side.held.insert(r);
                         // Persist progress now and then, so a crash resumes from here.
                         if saved.elapsed() > Duration::from_millis(500) {
+                            file.sync_data().map_err(|e| SourceError::io(&path, e))?;
                             save(&path, &side)?;
                             saved = std::time::Instant::now();
                         }
@@ -275,6 +291,7 @@ impl RemoteFile {
             }
             Ok((side, got, first_err))
         })?;
+        state.0.sync_data().map_err(|e| SourceError::io(&self.local, e))?;
         save(&self.sidecar, &side)?;
         state.1 = side.held;
         drop(state);
@@ -297,12 +314,14 @@ async fn fetch_range(
     what: &str,
     opts: &FetchOptions,
     r: Range<u64>,
+    etag: Option<String>,
 ) -> Result<bytes::Bytes> {
     let what_r = format!("{what} (bytes {}..{})", r.start, r.end);
     let s = store.store.clone();
     let bytes = retry(opts, &what_r, store.hint, || {
         let (s, location, r) = (s.clone(), location.clone(), r.clone());
-        async move { s.get_opts(&location, GetOptions::new().with_range(Some(r))).await?.bytes().await }
+        let o = GetOptions { if_match: etag.clone(), ..GetOptions::new().with_range(Some(r)) };
+        async move { s.get_opts(&location, o).await?.bytes().await }
     })
     .await?;
     if bytes.len() as u64 != r.end - r.start {
@@ -322,13 +341,11 @@ fn registry() -> &'static Mutex<HashMap<PathBuf, Arc<RemoteFile>>> {
 }
 
 pub(crate) fn register(f: Arc<RemoteFile>) {
-    if let Ok(mut r) = registry().lock() {
-        r.insert(f.local.clone(), f);
-    }
+    registry().lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(f.local.clone(), f);
 }
 
 /// The remote file whose local copy is `local`, if this process mirrors one there: readers
 /// must `ensure` the byte ranges they read.
 pub fn mirrored(local: &Path) -> Option<Arc<RemoteFile>> {
-    registry().lock().ok()?.get(local).cloned()
+    registry().lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(local).cloned()
 }

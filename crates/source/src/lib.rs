@@ -38,6 +38,9 @@ pub struct SourceOptions {
     /// Cache folder; a remote model lives in `cache_dir/<scheme>/<bucket or host>/<path>[/<revision>]`.
     pub cache_dir: PathBuf,
     pub fetch: FetchOptions,
+    /// The part of the weights this process is expected to download (1/pods of its
+    /// tensor/pipeline group), for the progress estimate of a lazy load.
+    pub share: f64,
 }
 
 impl SourceOptions {
@@ -47,7 +50,7 @@ impl SourceOptions {
             .or_else(|| std::env::var_os("TESSERA_CACHE_DIR").map(PathBuf::from))
             .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/tessera/hub")))
             .unwrap_or_else(|| PathBuf::from("/tmp/tessera-cache"));
-        Self { cache_dir, fetch: FetchOptions::default() }
+        Self { cache_dir, fetch: FetchOptions::default(), share: 1.0 }
     }
 }
 
@@ -72,12 +75,15 @@ pub fn resolve(uri: &str, opts: &SourceOptions) -> Result<PathBuf> {
         ModelUri::Local(p) => return Ok(p),
         ModelUri::Remote(r) => r,
     };
-    let key = format!("{uri}\u{0}{}", opts.cache_dir.display());
+    // One resolution at a time: ranks resolving together share the first one's files.
+    static RESOLVING: Mutex<()> = Mutex::new(());
+    let _one = RESOLVING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = opts.cache_dir.join(&r.cache_key);
+    let key = format!("{}\u{0}{}", dir.display(), r.file.as_deref().unwrap_or(""));
     if let Some(p) = resolved().lock().ok().and_then(|m| m.get(&key).cloned()).filter(|p| p.exists()) {
         return Ok(p);
     }
     let store = store::open(&r)?;
-    let dir = opts.cache_dir.join(&r.cache_key);
     let layout = {
         let (r, store, o) = (r.clone(), store.clone(), opts.fetch.clone());
         runtime::block_on(async move { discover::discover(&r, &store, &o).await })?
@@ -94,13 +100,19 @@ pub fn resolve(uri: &str, opts: &SourceOptions) -> Result<PathBuf> {
             dir.join(name)
         }
         Layout::Hf { small, index, shards } => {
+            forget_stale_weights(&dir, index.iter().chain(shards));
             for name in small.iter().chain(index) {
                 open(name)?.ensure_all()?;
             }
-            let mut total = 0;
-            for name in shards {
-                let f = open(name)?;
-                total += f.size;
+            let files = shards.iter().map(|n| open(n)).collect::<Result<Vec<_>>>()?;
+            let total: u64 = files.iter().map(|f| f.size).sum();
+            let missing: u64 = files.iter().map(|f| f.missing_bytes()).sum();
+            let expected = (missing as f64 * opts.share.clamp(0.0, 1.0)) as u64;
+            // Progress of the lazy reads of every rank of this process (an estimate: each
+            // rank downloads only its slices, the pod the union of its ranks' slices).
+            let progress = Progress::start(format!("downloading the weights of {uri} (≈ this pod's share)"), expected);
+            for f in files {
+                f.report_to(progress.clone());
                 file::register(f);
             }
             tracing::info!(
@@ -116,6 +128,44 @@ pub fn resolve(uri: &str, opts: &SourceOptions) -> Result<PathBuf> {
         m.insert(key, path.clone());
     }
     Ok(path)
+}
+
+/// Remove weight files (and their sidecars) an earlier revision left in `dir` that the
+/// current layout does not have: the loader would otherwise take them for part of the model.
+fn forget_stale_weights<'a>(dir: &Path, keep: impl Iterator<Item = &'a String>) {
+    let keep: Vec<&String> = keep.collect();
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let weights = name.ends_with(".safetensors") || name == discover::INDEX;
+        if weights && !keep.iter().any(|k| **k == name) {
+            tracing::info!("{}: removing {name}, which the current revision does not have", dir.display());
+            let _ = std::fs::remove_file(e.path());
+            let _ = std::fs::remove_file(sidecar(dir, &name));
+        }
+    }
+}
+
+/// Whether `file` (in a folder `resolve` or `fetch` wrote) is only partly downloaded: it has a
+/// sidecar that does not cover it, and no mirror in this process fills it. Reading it would
+/// read holes as zeros.
+pub fn incomplete_download(file: &Path) -> bool {
+    let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else { return false };
+    if mirrored(file).is_some() {
+        return false;
+    }
+    let side = sidecar(dir, &name.to_string_lossy());
+    match std::fs::read(&side).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
+        None => side.exists(),
+        Some(v) => {
+            let size = v["size"].as_u64().unwrap_or(u64::MAX);
+            let held: u64 = v["held"]
+                .as_array()
+                .map(|a| a.iter().map(|r| r[1].as_u64().unwrap_or(0).saturating_sub(r[0].as_u64().unwrap_or(0))).sum())
+                .unwrap_or(0);
+            held < size
+        }
+    }
 }
 
 /// Bytes read through one reader (one rank's weight source) from remote files.

@@ -117,15 +117,25 @@ impl Drop for Progress {
     }
 }
 
+/// Log a line every interval while bytes arrive; finish once the expected total is reached.
 fn report(p: Weak<Progress>) {
     let every = interval();
+    let mut last = 0;
     loop {
         std::thread::sleep(every);
         let Some(p) = p.upgrade() else { return };
         if p.finished.load(Ordering::Relaxed) {
             return;
         }
-        tracing::info!("{}", p.line());
+        let (done, total) = (p.done(), p.total.load(Ordering::Relaxed));
+        if total > 0 && done >= total {
+            p.finish();
+            return;
+        }
+        if done != last {
+            tracing::info!("{}", p.line());
+            last = done;
+        }
     }
 }
 

@@ -60,6 +60,16 @@ impl RangeSet {
         self.missing(0..len).is_empty()
     }
 
+    /// The same set rebuilt from its pairs (sorted, merged, empty pairs dropped, clipped to
+    /// `len`): a sidecar read from disk is not trusted to be well-formed.
+    pub fn normalized(&self, len: u64) -> Self {
+        let mut out = Self::default();
+        for &(a, b) in &self.0 {
+            out.insert(a.min(len)..b.min(len));
+        }
+        out
+    }
+
     /// Bytes held.
     pub fn held(&self) -> u64 {
         self.0.iter().map(|(a, b)| b - a).sum()
@@ -117,6 +127,8 @@ mod tests {
         assert_eq!(s.held(), 45);
         s.insert(5..100);
         assert_eq!(s.0, vec![(0, 100)]);
+        let messy = RangeSet(vec![(50, 60), (5, 3), (0, 10), (8, 20), (90, 200)]);
+        assert_eq!(messy.normalized(100).0, vec![(0, 20), (50, 60), (90, 100)]);
     }
 
     #[test]

@@ -178,6 +178,9 @@ pub fn classify(e: object_store::Error, what: &str, hint: &str) -> Failure {
                 Failure::Transient(text)
             }
         }
+        E::Precondition { .. } => Failure::Permanent(SourceError::Integrity(format!(
+            "{what}: the object changed while it was being read (its ETag no longer matches); start again to read the new version"
+        ))),
         other => Failure::Permanent(SourceError::Store { what: what.into(), detail: other.to_string() }),
     }
 }

@@ -150,6 +150,9 @@ pub fn parse(uri: &str) -> Result<ModelUri> {
             }
             let repo = format!("{org}/{model}");
             let file = match file {
+                Some(f) if f.split('/').any(|p| p.is_empty() || p == "." || p == "..") => {
+                    return Err(bad(uri, format!("`{f}`: a file path may not contain empty, `.` or `..` parts")))
+                }
                 Some(f) if f.ends_with(".gguf") => Some(f.to_string()),
                 Some(f) => return Err(bad(uri, format!("`{f}`: only a .gguf file may follow the repository"))),
                 None => None,
@@ -211,6 +214,7 @@ mod tests {
             ("hf://onlyorg", "expected hf://org/model"),
             ("hf://o/m/config.json", "only a .gguf"),
             ("pvc://claim/path", "mounted path"),
+            ("hf://o/m/../../x.gguf", "may not contain"),
         ] {
             let e = parse(uri).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.contains(says) && e.contains(uri), "{uri}: {e}");

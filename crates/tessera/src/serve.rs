@@ -226,7 +226,10 @@ fn size_engine(a: &ServeArgs, cfg: &tessera_models::ModelConfig, dtype: DType) -
 /// The local path of the model: the argument itself, or the cache folder a remote URI is
 /// mirrored into (resolved once per process).
 pub(crate) fn model_path(a: &ServeArgs) -> Result<std::path::PathBuf, ServeError> {
-    Ok(tessera_source::resolve(&a.model, &tessera_source::SourceOptions::new(a.download_dir.clone()))?)
+    let mut opts = tessera_source::SourceOptions::new(a.download_dir.clone());
+    // A pod of a LeaderWorkerSet group downloads only its own ranks' slices.
+    opts.share = 1.0 / crate::ranks::Topology::placement()?.0.max(1) as f64;
+    Ok(tessera_source::resolve(&a.model, &opts)?)
 }
 
 fn rank_setup(
