@@ -128,7 +128,7 @@ fn main() {
     let c = drop_caches();
     let t = Instant::now();
     let n = read_all(&local, tensors, false);
-    report("local disk (mmap), whole model", c, n, t.elapsed());
+    report("local disk, whole model", c, n, t.elapsed());
 
     for (label, tp2) in [("loopback S3, whole model", false), ("loopback S3, one rank of TP=2", true)] {
         let opts = SourceOptions::new(Some(work.join(format!("cache-{tp2}"))));
