@@ -1,7 +1,7 @@
 //! Hugging Face directories: `config.json` and safetensors weights (single file or sharded
 //! with `model.safetensors.index.json`), memory-mapped.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -29,26 +29,8 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| LoadError::io(&index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| LoadError::Format(format!("{}: {e}", index.display())))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| LoadError::Format(format!("{}: no `weight_map` object", index.display())))?;
-        let mut files = BTreeSet::new();
-        for (tensor, file) in map {
-            let f = file.as_str().ok_or_else(|| {
-                LoadError::Format(format!("{}: weight_map[{tensor}] is not a string", index.display()))
-            })?;
-            if f.contains('/') || f.contains("..") {
-                return Err(LoadError::Format(format!(
-                    "{}: shard name `{f}` for {tensor} must be a file in the same directory",
-                    index.display()
-                )));
-            }
-            files.insert(f.to_string());
-        }
+        let text = std::fs::read(&index).map_err(|e| LoadError::io(&index, e))?;
+        let files = tessera_source::index_shards(&index.display().to_string(), &text)?;
         let mut out = Vec::new();
         for f in files {
             let p = dir.join(&f);

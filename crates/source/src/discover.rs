@@ -30,7 +30,7 @@ pub enum Layout {
     Hf { small: Vec<String>, index: Option<String>, shards: Vec<String> },
 }
 
-/// The shard names of a safetensors index (each a file in the same folder).
+/// The shard names of a safetensors index (each a file in the same folder), sorted, once each.
 pub fn index_shards(what: &str, text: &[u8]) -> Result<Vec<String>> {
     let v: serde_json::Value =
         serde_json::from_slice(text).map_err(|e| SourceError::Layout(format!("{what}: not valid JSON: {e}")))?;

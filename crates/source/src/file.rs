@@ -122,6 +122,14 @@ fn save(path: &Path, side: &Sidecar) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| SourceError::io(path, e))
 }
 
+/// Whether a sidecar exists and says its file is not complete (unreadable counts as not).
+pub(crate) fn sidecar_incomplete(p: &Path) -> bool {
+    match read_sidecar(p) {
+        Some(s) => !s.held.normalized(s.size).covers(s.size),
+        None => p.exists(),
+    }
+}
+
 fn read_sidecar(p: &Path) -> Option<Sidecar> {
     serde_json::from_slice(&std::fs::read(p).ok()?).ok()
 }

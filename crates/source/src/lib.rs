@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-pub use discover::Layout;
+pub use discover::{index_shards, Layout};
 pub use error::{Result, SourceError};
 pub use fetch::{fetch, Fetched};
 pub use file::{mirrored, FetchOptions, RemoteFile};
@@ -151,21 +151,7 @@ fn forget_stale_weights<'a>(dir: &Path, keep: impl Iterator<Item = &'a String>) 
 /// read holes as zeros.
 pub fn incomplete_download(file: &Path) -> bool {
     let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else { return false };
-    if mirrored(file).is_some() {
-        return false;
-    }
-    let side = sidecar(dir, &name.to_string_lossy());
-    match std::fs::read(&side).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) {
-        None => side.exists(),
-        Some(v) => {
-            let size = v["size"].as_u64().unwrap_or(u64::MAX);
-            let held: u64 = v["held"]
-                .as_array()
-                .map(|a| a.iter().map(|r| r[1].as_u64().unwrap_or(0).saturating_sub(r[0].as_u64().unwrap_or(0))).sum())
-                .unwrap_or(0);
-            held < size
-        }
-    }
+    mirrored(file).is_none() && file::sidecar_incomplete(&sidecar(dir, &name.to_string_lossy()))
 }
 
 /// Bytes read through one reader (one rank's weight source) from remote files.
