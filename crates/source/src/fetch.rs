@@ -5,13 +5,13 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use md5::Digest as _;
+use md5::Digest;
 
-use crate::discover::{discover, Layout};
+use crate::discover::Layout;
 use crate::file::RemoteFile;
 use crate::progress::{human, Progress};
 use crate::uri::ModelUri;
-use crate::{runtime, sidecar, store, Result, SourceError, SourceOptions};
+use crate::{sidecar, Result, SourceError, SourceOptions};
 
 /// What a fetch did.
 #[derive(Debug, Clone, Default)]
@@ -39,33 +39,28 @@ fn expected_digest(etag: &str) -> Option<(&'static str, String)> {
     }
 }
 
-fn digest(path: &Path, algo: &str) -> Result<String> {
+/// The hex digest of a file's bytes.
+fn digest<D: Digest>(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| SourceError::io(path, e))?;
     let mut buf = vec![0u8; 4 << 20];
-    let mut md5 = md5::Md5::new();
-    let mut sha = sha2::Sha256::new();
+    let mut d = D::new();
     loop {
-        let n = f.read(&mut buf).map_err(|e| SourceError::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        match algo {
-            "md5" => md5.update(&buf[..n]),
-            _ => sha.update(&buf[..n]),
+        match f.read(&mut buf).map_err(|e| SourceError::io(path, e))? {
+            0 => break,
+            n => d.update(&buf[..n]),
         }
     }
-    let out = match algo {
-        "md5" => md5.finalize().to_vec(),
-        _ => sha.finalize().to_vec(),
-    };
-    Ok(out.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(d.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Check a complete file against its ETag's checksum; a mismatch removes the file so the next
 /// attempt downloads it fresh.
 fn verify(f: &RemoteFile, sidecar: &Path) -> Result<bool> {
     let Some((algo, want)) = f.etag.as_deref().and_then(expected_digest) else { return Ok(false) };
-    let got = digest(&f.local, algo)?;
+    let got = match algo {
+        "md5" => digest::<md5::Md5>(&f.local)?,
+        _ => digest::<sha2::Sha256>(&f.local)?,
+    };
     if got != want && algo == "md5" {
         // S3 objects encrypted with SSE-KMS/SSE-C have 32-hex ETags that are not MD5s: a
         // mismatch cannot tell those from corruption, so it is reported, not acted on.
@@ -94,11 +89,7 @@ pub fn fetch(uri: &str, dir: &Path, opts: &SourceOptions) -> Result<Fetched> {
         }
         ModelUri::Remote(r) => r,
     };
-    let store = store::open(&r)?;
-    let layout = {
-        let (r, store, o) = (r.clone(), store.clone(), opts.fetch.clone());
-        runtime::block_on(async move { discover(&r, &store, &o).await })?
-    };
+    let (store, layout) = crate::open_remote(&r, opts)?;
     let names: Vec<String> = match layout {
         Layout::Gguf(name) => vec![name],
         Layout::Hf { small, index, shards } => small.into_iter().chain(index).chain(shards).collect(),

@@ -7,7 +7,6 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -68,7 +67,6 @@ pub struct RemoteFile {
     sidecar: PathBuf,
     opts: FetchOptions,
     state: Mutex<(Arc<File>, RangeSet)>,
-    downloaded: AtomicU64,
     progress: Mutex<Option<Arc<Progress>>>,
 }
 
@@ -193,7 +191,6 @@ impl RemoteFile {
             sidecar,
             opts,
             state: Mutex::new((Arc::new(file), held)),
-            downloaded: AtomicU64::new(0),
             progress: Mutex::new(None),
         });
         if let Ok(state) = f.state.lock() {
@@ -209,19 +206,9 @@ impl RemoteFile {
         }
     }
 
-    /// Bytes this file has downloaded in this process.
-    pub fn downloaded(&self) -> u64 {
-        self.downloaded.load(Ordering::Relaxed)
-    }
-
     /// Bytes not yet local.
     pub fn missing_bytes(&self) -> u64 {
         self.state.lock().map(|s| self.size - s.1.held().min(self.size)).unwrap_or(self.size)
-    }
-
-    /// Whether every byte is local.
-    pub fn complete(&self) -> bool {
-        self.state.lock().map(|s| s.1.covers(self.size)).unwrap_or(false)
     }
 
     /// Make every byte of `ranges` local; returns the bytes downloaded for it. Ranges past
@@ -303,7 +290,6 @@ impl RemoteFile {
         save(&self.sidecar, &side)?;
         state.1 = side.held;
         drop(state);
-        self.downloaded.fetch_add(got, Ordering::Relaxed);
         match first_err {
             Some(e) => Err(e),
             None => Ok(got),

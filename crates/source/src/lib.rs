@@ -83,11 +83,7 @@ pub fn resolve(uri: &str, opts: &SourceOptions) -> Result<PathBuf> {
     if let Some(p) = resolved().lock().ok().and_then(|m| m.get(&key).cloned()).filter(|p| p.exists()) {
         return Ok(p);
     }
-    let store = store::open(&r)?;
-    let layout = {
-        let (r, store, o) = (r.clone(), store.clone(), opts.fetch.clone());
-        runtime::block_on(async move { discover::discover(&r, &store, &o).await })?
-    };
+    let (store, layout) = open_remote(&r, opts)?;
     let open = |name: &str| RemoteFile::open(&store, name, dir.join(name), sidecar(&dir, name), opts.fetch.clone());
     let path = match &layout {
         Layout::Gguf(name) => {
@@ -152,6 +148,14 @@ fn forget_stale_weights<'a>(dir: &Path, keep: impl Iterator<Item = &'a String>) 
 pub fn incomplete_download(file: &Path) -> bool {
     let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else { return false };
     mirrored(file).is_none() && file::sidecar_incomplete(&sidecar(dir, &name.to_string_lossy()))
+}
+
+/// The store a remote URI names and the model files it holds.
+fn open_remote(r: &RemoteUri, opts: &SourceOptions) -> Result<(store::Store, Layout)> {
+    let store = store::open(r)?;
+    let (r, s, o) = (r.clone(), store.clone(), opts.fetch.clone());
+    let layout = runtime::block_on(async move { discover::discover(&r, &s, &o).await })?;
+    Ok((store, layout))
 }
 
 /// Bytes read through one reader (one rank's weight source) from remote files.

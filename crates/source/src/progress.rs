@@ -53,14 +53,6 @@ impl Progress {
         p
     }
 
-    /// Raise the expected total by `n` bytes.
-    pub fn expect(&self, n: u64) {
-        let t = self.total.fetch_add(n, Ordering::Relaxed) + n;
-        if let Some(b) = &self.bar {
-            b.set_length(t);
-        }
-    }
-
     /// Count `n` more bytes done.
     pub fn add(&self, n: u64) {
         self.done.fetch_add(n, Ordering::Relaxed);
