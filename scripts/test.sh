@@ -6,6 +6,15 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
 command -v cargo >/dev/null || { echo "test: cargo is required (rustup.rs)" >&2; exit 1; }
+# The repo stands alone: nothing outside docs/ may read the folder that sits beside our own clones.
+if git rev-parse --git-dir >/dev/null 2>&1; then
+  outside=$(git ls-files -z | grep -zv '^docs/' | xargs -0 grep -lE '\.\./shared' -- 2>/dev/null || true)
+  if [ -n "$outside" ]; then
+    echo "test: these tracked files read the folder beside the clone (vendor what they need instead):" >&2
+    echo "$outside" >&2
+    exit 1
+  fi
+fi
 scripts/fetch-models.sh >/dev/null
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

@@ -107,13 +107,28 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
-        Cmd::Crd => print!("{}", tessera_operator::api::crds_yaml()?),
+        Cmd::Crd => {
+            emit(&tessera_operator::api::crds_yaml()?)?;
+        }
         Cmd::Presets { worker_image } => {
             for p in tessera_operator::presets::shipped(&worker_image)? {
-                print!("---\n{}", serde_yaml::to_string(&p)?);
+                if !emit(&format!("---\n{}", serde_yaml::to_string(&p)?))? {
+                    break;
+                }
             }
         }
         Cmd::Run(args) => run(args).await?,
     }
     Ok(())
+}
+
+/// Write to stdout; `false` once the reader has gone (`| head`), which ends the output quietly.
+fn emit(text: &str) -> anyhow::Result<bool> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("write to stdout"),
+    }
 }

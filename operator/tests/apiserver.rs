@@ -63,8 +63,8 @@ fn kubectl(env: &Env, args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opt_sample_applied_with_kubectl() {
     let env = Env::new("opt").await;
-    let sample = support::repo()
-        .join("../shared/reference/kserve-llmisvc/samples/opt-125m-cpu/llm-inference-service-facebook-opt-125m-cpu-no-scheduler.yaml");
+    let sample = support::fixtures()
+        .join("kserve/samples/opt-125m-cpu/llm-inference-service-facebook-opt-125m-cpu-no-scheduler.yaml");
     kubectl(&env, &["apply", "-f", sample.to_str().unwrap()]);
     let name = "facebook-opt-125m-single";
     let svc = env.api::<LLMInferenceService>().get(name).await.unwrap();
@@ -259,7 +259,13 @@ async fn available_deployment_makes_ready_and_a_second_reconcile_writes_nothing(
             )
         }
     };
-    let before = versions(&env).await;
+    // Let the first operator finish its own writes (a status update may still be in flight).
+    let before = eventually("the objects settle", WAIT, || async {
+        let a = versions(&env).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        (versions(&env).await == a).then_some(a)
+    })
+    .await;
     env.restart_controller().await;
     eventually("a reconcile by the new operator", WAIT, || async { (env.reconciles() >= 1).then_some(()) }).await;
     tokio::time::sleep(Duration::from_secs(1)).await;

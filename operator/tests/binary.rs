@@ -62,3 +62,26 @@ async fn run_subcommand_reconciles_and_exports_metrics() {
         .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok());
     assert!(ok.is_some_and(|n| n >= 1), "{metrics}");
 }
+
+/// `tessera-operator crd | head -n 1` and `presets | head -n 1`: the output ends quietly when
+/// the reader goes away (exit 0, no panic), as a command in a pipe should.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::io::BufRead;
+    for args in [&["crd"][..], &["presets", "--worker-image", "x/tessera:1"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera-operator"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tessera-operator");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut first).expect("first line");
+        // The reader is dropped here: the rest of the output meets a closed pipe.
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!first.is_empty(), "{args:?} printed a first line");
+        assert!(out.status.success(), "{args:?} exits 0 after its reader went away: {:?} {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -12,7 +12,7 @@ use tessera_operator::template::GlobalConfig;
 use tessera_operator::{presets, render};
 
 fn reference() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/kserve-llmisvc")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kserve")
 }
 
 fn docs(path: &Path) -> Vec<Value> {

@@ -1,4 +1,4 @@
-//! Our generated CRDs against KServe's (`../shared/reference/kserve-llmisvc/crd`): every
+//! Our generated CRDs against KServe's (vendored in `operator/tests/fixtures/kserve/crd`): every
 //! field path of theirs exists in ours with the same type, enum, bounds, required-ness and
 //! Kubernetes extensions; names, scope, short names, printer columns and subresources match.
 //! Also keeps the committed copy in `operator/crds/` in sync with the types.
@@ -29,7 +29,7 @@ const CHECKED: &[&str] = &[
 ];
 
 fn reference(file: &str) -> Value {
-    let p = format!("{}/../../shared/reference/kserve-llmisvc/crd/{file}", env!("CARGO_MANIFEST_DIR"));
+    let p = format!("{}/tests/fixtures/kserve/crd/{file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
     serde_yaml::from_str(&text).expect("reference CRD parses")
 }

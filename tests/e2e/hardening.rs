@@ -362,3 +362,26 @@ async fn past_the_shutdown_timeout_streams_end_with_an_error_event() {
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert_eq!(w.wait_exit(30).await, Some(0), "log:\n{}", w.log_text());
 }
+
+/// `tessera --help | head -n 1` (and `serve --help`): the binary ends quietly when its
+/// reader goes away (exit 0, no panic).
+#[test]
+fn help_into_a_closed_pipe_ends_quietly() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    for args in [&["--help"][..], &["serve", "--help"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera-worker"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the worker binary");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut first).expect("first line");
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!first.is_empty(), "{args:?} printed a first line");
+        assert!(out.status.success(), "{args:?} exits 0 after its reader went away: {:?} {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -80,7 +80,7 @@ async fn one_request(c: &reqwest::Client, base: &str, i: usize, tally: &Tally) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn load_mix_of_streams_disconnects_and_overload_loses_nothing() {
     let (running, base) = start(&["--max-num-seqs", "16", "--max-queued-requests", "40"]).await;
-    let rss_before = peak_rss_kib().unwrap_or(0);
+    let rss_before = peak_rss_kib().expect("the peak RSS (VmHWM in /proc/self/status) is readable");
     let c = client();
     let (next, tally) = (Arc::new(AtomicUsize::new(0)), Arc::new(Tally::default()));
     const TOTAL: usize = 240;
@@ -108,7 +108,7 @@ async fn load_mix_of_streams_disconnects_and_overload_loses_nothing() {
         tally.disconnected.load(Ordering::Relaxed),
     );
     wait_idle(&running).await;
-    let rss_peak = peak_rss_kib().unwrap_or(0);
+    let rss_peak = peak_rss_kib().expect("the peak RSS (VmHWM in /proc/self/status) is readable");
     let m = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     println!(
         "load: {TOTAL} requests from 64 clients in {:.1}s: {done} complete, {shed} got 429, {gone} disconnected; \

@@ -147,7 +147,9 @@ async fn http_gguf_and_file_uris_load_and_serve() {
     let _g = env(&[]).await;
     let cache = scratch("http-cache");
     let (sharded, ranks) = serve_and_measure(&format!("{}/tiny", web.url()), &cache, &[]).await;
-    assert!(!sharded.is_empty() && ranks.len() == 1, "the 2-shard model (index, no listing) serves: {ranks:?}");
+    let (tiny_local, _) = serve_and_measure(dir.join("tiny").to_str().expect("path"), &cache, &[]).await;
+    assert_eq!(ranks.len(), 1, "the 2-shard model (index, no listing) serves: {ranks:?}");
+    assert_eq!(sharded, tiny_local, "http:// serves the local folder's greedy text");
     let (from_http, _) = serve_and_measure(&format!("{}/smollm2.gguf", web.url()), &cache, &[]).await;
     let (from_path, _) = serve_and_measure(tessera_tests::smollm2_gguf().to_str().expect("path"), &cache, &[]).await;
     let file_uri = format!("file://{}", tessera_tests::smollm2_gguf().display());
@@ -158,12 +160,79 @@ async fn http_gguf_and_file_uris_load_and_serve() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_without_range_support_serve_and_fetch_whole_files() {
+    let dir = scratch("norange-root");
+    let tiny = tiny_model("norange-tiny", 2);
+    std::fs::rename(&tiny, dir.join("tiny")).expect("move the model under the web root");
+    std::fs::copy(tessera_tests::smollm2_gguf(), dir.join("smollm2.gguf")).expect("gguf");
+    let web = servers::static_files_without_ranges(&dir);
+    let _g = env(&[]).await;
+    // `tessera fetch` of a GGUF file and of a 2-shard safetensors folder (with its index).
+    for (uri, name, files) in [
+        (format!("{}/smollm2.gguf", web.url()), "gguf", vec!["smollm2.gguf"]),
+        (
+            format!("{}/tiny", web.url()),
+            "tiny",
+            vec![
+                "model.safetensors.index.json",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+            ],
+        ),
+    ] {
+        let out = scratch(&format!("norange-fetch-{name}"));
+        let run = std::process::Command::new(BIN).arg("fetch").arg(&uri).arg(&out).output().expect("run tessera fetch");
+        let log = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "fetch {uri} failed: {log}");
+        assert!(log.contains("does not serve byte ranges"), "the log says ranges were not available: {log}");
+        for f in files {
+            let src = if name == "gguf" { dir.join(f) } else { dir.join("tiny").join(f) };
+            let same = std::fs::read(out.join(f)).ok() == std::fs::read(&src).ok();
+            assert!(same, "{uri}: fetched {f} equals the source");
+        }
+    }
+    // `serve` of the same URIs (the safetensors folder is read lazily, so it falls back to
+    // one whole download per shard) gives the local copies' greedy text.
+    let cache = scratch("norange-cache");
+    let (gguf, _) = serve_and_measure(&format!("{}/smollm2.gguf", web.url()), &cache, &[]).await;
+    let (gguf_local, _) = serve_and_measure(dir.join("smollm2.gguf").to_str().expect("path"), &cache, &[]).await;
+    assert_eq!(gguf, gguf_local, "GGUF over a server without ranges serves the local file's text");
+    let (tiny_http, ranks) = serve_and_measure(&format!("{}/tiny", web.url()), &cache, &[]).await;
+    let (tiny_local, _) = serve_and_measure(dir.join("tiny").to_str().expect("path"), &cache, &[]).await;
+    assert_eq!(tiny_http, tiny_local, "safetensors over a server without ranges serves the local folder's text");
+    assert_eq!(ranks.len(), 1, "{ranks:?}");
+    // The lazily read shards fell back to whole downloads: the mirrors are complete copies.
+    for f in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
+        let mirror = find_file(&cache, f).unwrap_or_else(|| panic!("{f} mirrored under {}", cache.display()));
+        let same = std::fs::read(&mirror).ok() == std::fs::read(dir.join("tiny").join(f)).ok();
+        assert!(same, "the mirror {} equals the source", mirror.display());
+    }
+}
+
+/// The first file named `name` under `dir` (depth-first).
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hf_uris_resolve_through_the_hub_layout_with_a_token_and_verified_checksums() {
     let tiny = tiny_model("hub-tiny", 1);
     let hub = servers::hub("acme/tiny", "v1", &tiny, Some("secret-token"));
     let _g = env(&[("HF_ENDPOINT", hub.url()), ("HF_TOKEN", "secret-token".into())]).await;
     let (text, ranks) = serve_and_measure("hf://acme/tiny@v1", &scratch("hub-cache"), &[]).await;
-    assert!(!text.is_empty() && ranks.len() == 1);
+    let (local, _) = serve_and_measure(tiny.to_str().expect("path"), &scratch("hub-local"), &[]).await;
+    assert_eq!(ranks.len(), 1);
+    assert_eq!(text, local, "hf:// serves the local folder's greedy text");
     // The whole model with `fetch`: the weights' SHA-256 (the CDN's ETag) is checked.
     let out = scratch("hub-fetch");
     let fetched = tessera_source::fetch("hf://acme/tiny@v1", &out, &SourceOptions::new(None)).expect("fetch");

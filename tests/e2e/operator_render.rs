@@ -17,7 +17,7 @@ use tessera_tests::{free_port, smollm2_hf};
 fn rendered_main_container() -> Container {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/reference/kserve-llmisvc/samples/opt-125m-cpu/llm-inference-service-facebook-opt-125m-cpu-no-scheduler.yaml"
+        "/../operator/tests/fixtures/kserve/samples/opt-125m-cpu/llm-inference-service-facebook-opt-125m-cpu-no-scheduler.yaml"
     );
     let mut svc: LLMInferenceService = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     svc.metadata.namespace = Some("team-a".into());

@@ -103,17 +103,24 @@ pub fn s3_env(server: &Server) -> Vec<(&'static str, String)> {
 
 /// Serve `file` honouring a single `Range: bytes=a-b` (206) and HEAD, with `etag` if given.
 fn file_response(method: &Method, headers: &HeaderMap, file: &Path, etag: Option<&str>) -> Response {
+    file_response_with(method, headers, file, etag, true)
+}
+
+/// [`file_response`]; without `ranges`, a ranged GET gets the whole file (200) and no
+/// `Accept-Ranges`, as `python3 -m http.server` and many proxies answer.
+fn file_response_with(method: &Method, headers: &HeaderMap, file: &Path, etag: Option<&str>, ranges: bool) -> Response {
     let Ok(bytes) = std::fs::read(file) else {
         return Response::builder().status(StatusCode::NOT_FOUND).body(Body::from("not found")).unwrap_or_default();
     };
     let len = bytes.len() as u64;
     let range = headers
         .get(header::RANGE)
+        .filter(|_| ranges)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.split_once('-'))
         .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok().map_or(len, |b| b + 1).min(len))));
-    let mut r = Response::builder().header(header::ACCEPT_RANGES, "bytes");
+    let mut r = Response::builder().header(header::ACCEPT_RANGES, if ranges { "bytes" } else { "none" });
     if let Some(e) = etag {
         r = r.header(header::ETAG, format!("\"{e}\""));
     }
@@ -151,17 +158,26 @@ fn safe_join(root: &Path, rel: &str) -> Option<PathBuf> {
 
 /// A static file server over `root` (no directory listings).
 pub fn static_files(root: &Path) -> Server {
+    static_files_with(root, true)
+}
+
+/// A static file server over `root` that ignores `Range` (answers 200 with the whole body).
+pub fn static_files_without_ranges(root: &Path) -> Server {
+    static_files_with(root, false)
+}
+
+fn static_files_with(root: &Path, ranges: bool) -> Server {
     let root = Arc::new(root.to_path_buf());
     let router = axum::Router::new()
         .route(
             "/{*path}",
             axum::routing::get(
-                |State(root): State<Arc<PathBuf>>,
-                 UrlPath(path): UrlPath<String>,
-                 method: Method,
-                 headers: HeaderMap| async move {
+                move |State(root): State<Arc<PathBuf>>,
+                      UrlPath(path): UrlPath<String>,
+                      method: Method,
+                      headers: HeaderMap| async move {
                     match safe_join(&root, &path).filter(|p| p.is_file()) {
-                        Some(p) => file_response(&method, &headers, &p, None),
+                        Some(p) => file_response_with(&method, &headers, &p, None, ranges),
                         None => Response::builder()
                             .status(StatusCode::NOT_FOUND)
                             .body(Body::from("not found"))

@@ -27,6 +27,10 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    /// The server answered a ranged GET with the whole file (or refused ranges): the caller
+    /// falls back to one plain GET of the whole file.
+    #[error("{0}: the server does not serve byte ranges")]
+    RangesUnsupported(String),
     /// Any other store failure that retrying does not help.
     #[error("{what}: {detail}")]
     Store { what: String, detail: String },

@@ -289,11 +289,70 @@ impl RemoteFile {
         state.0.sync_data().map_err(|e| SourceError::io(&self.local, e))?;
         save(&self.sidecar, &side)?;
         state.1 = side.held;
-        drop(state);
         match first_err {
+            Some(SourceError::RangesUnsupported(_)) => {
+                tracing::warn!(
+                    "{}: the server does not serve byte ranges (a ranged GET was answered with the whole file); \
+                     downloading the whole file ({} bytes) once instead",
+                    self.what,
+                    self.size
+                );
+                let whole = self.download_whole(&state.0)?;
+                state.1 = RangeSet::default();
+                state.1.insert(0..self.size);
+                save(
+                    &self.sidecar,
+                    &Sidecar {
+                        uri: self.what.clone(),
+                        size: self.size,
+                        etag: self.etag.clone(),
+                        held: state.1.clone(),
+                    },
+                )?;
+                Ok(got + whole)
+            }
             Some(e) => Err(e),
             None => Ok(got),
         }
+    }
+
+    /// One streamed GET of the whole file into `file`, retried from the start on transient
+    /// failures; the length must be the size the HEAD promised.
+    fn download_whole(&self, file: &Arc<File>) -> Result<u64> {
+        let (store, location, what, opts, etag) =
+            (self.store.clone(), self.location.clone(), self.what.clone(), self.opts.clone(), self.etag.clone());
+        let progress = self.progress.lock().ok().and_then(|p| p.clone());
+        let (dst, size) = (file.clone(), self.size);
+        let got = crate::runtime::block_on(async move {
+            retry(&opts, &what, store.hint, || {
+                let (s, location, file, progress) =
+                    (store.store.clone(), location.clone(), dst.clone(), progress.clone());
+                let o = GetOptions { if_match: etag.clone(), ..GetOptions::new() };
+                async move {
+                    let mut stream = s.get_opts(&location, o).await?.into_stream();
+                    let mut at = 0u64;
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk?;
+                        file.write_all_at(&chunk, at)
+                            .map_err(|e| object_store::Error::Generic { store: "local", source: Box::new(e) })?;
+                        at += chunk.len() as u64;
+                        if let Some(p) = &progress {
+                            p.add(chunk.len() as u64);
+                        }
+                    }
+                    Ok(at)
+                }
+            })
+            .await
+        })?;
+        if got != size {
+            return Err(SourceError::Integrity(format!(
+                "{}: the server sent {got} bytes for the whole file instead of {size}",
+                self.what
+            )));
+        }
+        file.sync_data().map_err(|e| SourceError::io(&self.local, e))?;
+        Ok(got)
     }
 
     /// Make the whole file local.

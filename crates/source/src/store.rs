@@ -181,6 +181,10 @@ pub fn classify(e: object_store::Error, what: &str, hint: &str) -> Failure {
         E::Precondition { .. } => Failure::Permanent(SourceError::Integrity(format!(
             "{what}: the object changed while it was being read (its ETag no longer matches); start again to read the new version"
         ))),
+        // object_store's HTTP client refuses a 200 answer to a ranged GET.
+        E::NotSupported { source } if chain(&*source).contains("Range request not supported") => {
+            Failure::Permanent(SourceError::RangesUnsupported(what.into()))
+        }
         other => Failure::Permanent(SourceError::Store { what: what.into(), detail: other.to_string() }),
     }
 }

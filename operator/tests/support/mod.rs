@@ -22,6 +22,11 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The vendored upstream files (`operator/tests/fixtures`, see its README).
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
 /// Start (or reuse) the API server and install the CRDs, once per test binary.
 pub fn kubeconfig() -> &'static Path {
     static ONCE: OnceLock<PathBuf> = OnceLock::new();
@@ -92,7 +97,7 @@ async fn install_crds(kubeconfig: &Path) {
     let api: Api<CustomResourceDefinition> = Api::all(client);
     let mut crds: Vec<Value> =
         vec![serde_json::to_value(service_crd()).unwrap(), serde_json::to_value(config_crd()).unwrap()];
-    let third_party = repo().join("../shared/reference/crds");
+    let third_party = fixtures().join("crds");
     for e in std::fs::read_dir(&third_party).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "yaml") {
