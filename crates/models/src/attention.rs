@@ -50,15 +50,78 @@ pub(crate) fn write_cache(
     Ok(())
 }
 
+/// The slot lists of a step's sequences on the host, read once per step (not per layer) for
+/// the CPU kernel; `None` off the CPU.
+pub(crate) struct HostSlots(Vec<Vec<u32>>);
+
+impl HostSlots {
+    pub(crate) fn new(meta: &AttentionMetadata) -> Result<Option<Self>> {
+        if meta.seqs.iter().any(|s| !s.context_slots.device().is_cpu()) {
+            return Ok(None);
+        }
+        Ok(Some(Self(meta.seqs.iter().map(|s| s.context_slots.to_vec1::<u32>()).collect::<candle_core::Result<_>>()?)))
+    }
+}
+
+/// Our CPU kernel over the cache in place (f32, f16 or bf16 cache; f32 math).
+fn cpu_paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &AttentionMetadata,
+    host: &HostSlots,
+    num_kv_heads: usize,
+) -> Result<Tensor> {
+    use candle_core::{CpuStorage, Storage};
+    use tessera_kernels::{AttnShape, Isa, SeqSpan};
+    let (t, heads, hd) = q.dims3()?;
+    let dtype = q.dtype();
+    let q = q.to_dtype(DType::F32)?.contiguous()?;
+    let shape = AttnShape { heads, kv_heads: num_kv_heads, head_dim: hd };
+    let seqs: Vec<SeqSpan> =
+        meta.seqs.iter().zip(&host.0).map(|(s, slots)| SeqSpan { q_start: s.q_start, q_len: s.q_len, slots }).collect();
+    let mut out = vec![0f32; t * heads * hd];
+    {
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k_cache.storage_and_layout();
+        let (vs, vl) = v_cache.storage_and_layout();
+        let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+            return Err(crate::ModelError::Config("CPU attention on non-CPU tensors".into()));
+        };
+        let qv = &qs.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + t * heads * hd];
+        let (ko, vo) = (kl.start_offset(), vl.start_offset());
+        let isa = Isa::active();
+        let r = match (ks, vs) {
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                tessera_kernels::paged_attention(isa, qv, &k[ko..], &v[vo..], &seqs, shape, &mut out)
+            }
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                tessera_kernels::paged_attention(isa, qv, &k[ko..], &v[vo..], &seqs, shape, &mut out)
+            }
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                tessera_kernels::paged_attention(isa, qv, &k[ko..], &v[vo..], &seqs, shape, &mut out)
+            }
+            _ => return Err(crate::ModelError::Config("KV cache dtype without a CPU attention kernel".into())),
+        };
+        r.map_err(|e| crate::ModelError::Config(format!("attention: {e}")))?;
+    }
+    Ok(Tensor::from_vec(out, (t, heads * hd), q.device())?.to_dtype(dtype)?)
+}
+
 /// Attention for every sequence of the batch. `q` is `[T, heads, head_dim]`; the cache
-/// already holds this step's keys/values. Returns `[T, heads * head_dim]`.
+/// already holds this step's keys/values. Returns `[T, heads * head_dim]`. On the CPU (with
+/// `host` slot lists) our kernel reads the cache in place; elsewhere candle ops gather it.
 pub(crate) fn paged_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     meta: &AttentionMetadata,
     num_kv_heads: usize,
+    host: Option<&HostSlots>,
 ) -> Result<Tensor> {
+    if let Some(host) = host {
+        return cpu_paged_attention(q, k_cache, v_cache, meta, host, num_kv_heads);
+    }
     let (_t, heads, hd) = q.dims3()?;
     let group = heads / num_kv_heads;
     let scale = 1.0 / (hd as f64).sqrt();
@@ -126,16 +189,22 @@ mod tests {
             slot_mapping: slots.narrow(0, 0, 3)?,
             seqs: vec![SeqAttention { q_start: 0, q_len: 3, context_slots: slots.narrow(0, 0, 3)? }],
         };
-        let a = paged_attention(&q.narrow(0, 0, 3)?, &kc, &vc, &meta1, kvh)?;
+        let host1 = HostSlots::new(&meta1)?;
+        let a = paged_attention(&q.narrow(0, 0, 3)?, &kc, &vc, &meta1, kvh, None)?;
+        let a_cpu = paged_attention(&q.narrow(0, 0, 3)?, &kc, &vc, &meta1, kvh, host1.as_ref())?;
         let meta2 = AttentionMetadata {
             slot_mapping: slots.narrow(0, 3, 2)?,
             seqs: vec![SeqAttention { q_start: 0, q_len: 2, context_slots: slots.clone() }],
         };
-        let b = paged_attention(&q.narrow(0, 3, 2)?, &kc, &vc, &meta2, kvh)?;
-        let got = Tensor::cat(&[a, b], 0)?;
+        let host2 = HostSlots::new(&meta2)?;
+        let b = paged_attention(&q.narrow(0, 3, 2)?, &kc, &vc, &meta2, kvh, None)?;
+        let b_cpu = paged_attention(&q.narrow(0, 3, 2)?, &kc, &vc, &meta2, kvh, host2.as_ref())?;
         let want = dense_causal_attention(&q, &k, &v)?;
-        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "max diff {diff}");
+        for (path, got) in [("candle ops", Tensor::cat(&[a, b], 0)?), ("CPU kernel", Tensor::cat(&[a_cpu, b_cpu], 0)?)]
+        {
+            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{path}: max diff {diff}");
+        }
         Ok(())
     }
 }

@@ -1,23 +1,58 @@
 //! Shared layers: linear (dense or quantized, optional bias), RMSNorm, embedding and the
 //! gated SwiGLU MLP.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Tensor};
+use std::sync::Arc;
 
-use crate::{Result, Shard, Weight, WeightSource};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
+use tessera_kernels::{QMatrix, QType};
+
+use crate::{ModelError, Result, Shard, Weight, WeightSource};
+
+/// How a [`Linear`] multiplies: candle's matmul (dense weights, other devices, and the
+/// quantized types our kernels do not have yet), or our quantized CPU kernel.
+#[derive(Debug, Clone)]
+enum Matmul {
+    Candle(QMatMul),
+    Kernel(Arc<QMatrix>),
+}
 
 /// `y = x Wᵀ (+ b)`; `W` is `[out, in]`, dense or quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    w: QMatMul,
+    w: Matmul,
     b: Option<Tensor>,
+}
+
+/// Our kernel's copy of a quantized CPU weight, if it has the type and shape.
+fn kernel_matrix(q: &QTensor) -> Result<Option<QMatrix>> {
+    let ty = match q.dtype() {
+        GgmlDType::Q4_0 => QType::Q4_0,
+        GgmlDType::Q4_1 => QType::Q4_1,
+        GgmlDType::Q5_0 => QType::Q5_0,
+        GgmlDType::Q5_1 => QType::Q5_1,
+        GgmlDType::Q8_0 => QType::Q8_0,
+        _ => return Ok(None),
+    };
+    let [rows, cols] = q.shape().dims()[..] else { return Ok(None) };
+    if !q.device().is_cpu() || cols % tessera_kernels::quant::QK != 0 {
+        return Ok(None);
+    }
+    Ok(Some(QMatrix::new(ty, rows, cols, q.data()?.to_vec()).map_err(kernel_err)?))
+}
+
+fn kernel_err(e: tessera_kernels::KernelError) -> ModelError {
+    ModelError::Config(format!("quantized matmul: {e}"))
 }
 
 impl Linear {
     pub fn from_weight(w: Weight, b: Option<Tensor>) -> Result<Self> {
         let w = match w {
-            Weight::Dense(t) => QMatMul::Tensor(t),
-            Weight::Quant(q) => QMatMul::from_arc(q)?,
+            Weight::Dense(t) => Matmul::Candle(QMatMul::Tensor(t)),
+            Weight::Quant(q) => match kernel_matrix(&q)? {
+                Some(m) => Matmul::Kernel(Arc::new(m)),
+                None => Matmul::Candle(QMatMul::from_arc(q)?),
+            },
         };
         Ok(Self { w, b })
     }
@@ -59,12 +94,89 @@ impl Linear {
 
     /// Apply to `x` of shape `[T, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
+        let y = match &self.w {
+            Matmul::Candle(w) => w.forward(x)?,
+            Matmul::Kernel(w) => kernel_forward(w, x)?,
+        };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+/// Projections that share an input (q/k/v, gate/up): fused into one matmul at load time when
+/// our kernel holds them all in one type (one activation quantization, one pass over the
+/// pool), otherwise applied one by one.
+#[derive(Debug, Clone)]
+pub(crate) enum SharedInput {
+    Fused { w: Linear, widths: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl SharedInput {
+    pub(crate) fn new(parts: Vec<Linear>) -> Self {
+        let mats: Option<Vec<&QMatrix>> = parts
+            .iter()
+            .map(|p| match (&p.w, &p.b) {
+                (Matmul::Kernel(m), None) => Some(m.as_ref()),
+                _ => None,
+            })
+            .collect();
+        match mats.map(|m| (m.iter().map(|m| m.rows()).collect(), QMatrix::concat_rows(&m))) {
+            Some((widths, Ok(m))) if parts.len() > 1 => {
+                SharedInput::Fused { w: Linear { w: Matmul::Kernel(Arc::new(m)), b: None }, widths }
+            }
+            _ => SharedInput::Separate(parts),
+        }
+    }
+
+    /// Each projection of `x`, in the order given to [`SharedInput::new`] (contiguous).
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            SharedInput::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            SharedInput::Fused { w, widths } => {
+                let y = w.forward(x)?;
+                let last = y.rank() - 1;
+                let mut at = 0;
+                widths
+                    .iter()
+                    .map(|&n| {
+                        let part = y.narrow(last, at, n)?.contiguous()?;
+                        at += n;
+                        Ok(part)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// `x [m, k] · Wᵀ` through our kernel (f32 in and out; other dtypes are converted).
+fn kernel_forward(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let dims = x.dims().to_vec();
+    let k = dims.last().copied().unwrap_or(0);
+    let m = x.elem_count() / k.max(1);
+    if k != w.cols() {
+        return Err(ModelError::Config(format!("linear of {} inputs applied to {k}", w.cols())));
+    }
+    let mut out = vec![0f32; m * w.rows()];
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(ModelError::Config("the quantized kernel runs on the CPU only".into()));
+        };
+        let start = layout.start_offset();
+        let data = &cpu.as_slice::<f32>()?[start..start + m * k];
+        w.matmul(data, m, &mut out).map_err(kernel_err)?;
+    }
+    let mut shape = dims;
+    if let Some(last) = shape.last_mut() {
+        *last = w.rows();
+    }
+    Ok(Tensor::from_vec(out, shape, x.device())?.to_dtype(dtype)?)
 }
 
 /// Root-mean-square layer norm.
@@ -125,8 +237,8 @@ impl Embedding {
 /// intermediate dimension and returns a partial sum (the caller all-reduces).
 #[derive(Debug, Clone)]
 pub struct GatedMlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up.
+    gate_up: SharedInput,
     down: Linear,
 }
 
@@ -158,15 +270,44 @@ impl GatedMlp {
     ) -> Result<Self> {
         let (col, row) = (Shard::new(0, index, count), Shard::new(1, index, count));
         Ok(Self {
-            gate: Linear::load_shard(src, &format!("{prefix}.{gate}"), inter, hidden, false, dtype, col)?,
-            up: Linear::load_shard(src, &format!("{prefix}.{up}"), inter, hidden, false, dtype, col)?,
+            gate_up: SharedInput::new(vec![
+                Linear::load_shard(src, &format!("{prefix}.{gate}"), inter, hidden, false, dtype, col)?,
+                Linear::load_shard(src, &format!("{prefix}.{up}"), inter, hidden, false, dtype, col)?,
+            ]),
             down: Linear::load_shard(src, &format!("{prefix}.{down}"), hidden, inter, false, dtype, row)?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        let u = self.up.forward(x)?;
-        self.down.forward(&(g * u)?)
+        let [g, u]: [Tensor; 2] =
+            self.gate_up.forward(x)?.try_into().map_err(|_| ModelError::Config("gate/up projection count".into()))?;
+        self.down.forward(&(g.silu()? * u)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    use super::*;
+
+    /// Our kernel behind `Linear` against candle's `QMatMul` on the same blocks: both follow
+    /// ggml's arithmetic, so they agree up to summation order.
+    #[test]
+    fn kernel_linear_tracks_candle_qmatmul() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (64, 576), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 576), &dev).unwrap();
+        for ty in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0] {
+            let q = Arc::new(QTensor::quantize(&w, ty).unwrap());
+            let ours = Linear::from_weight(Weight::Quant(q.clone()), None).unwrap();
+            assert!(matches!(ours.w, Matmul::Kernel(_)), "{ty:?} runs on our kernel");
+            let a = ours.forward(&x).unwrap();
+            let b = QMatMul::from_arc(q).unwrap().forward(&x).unwrap();
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-3 * scale, "{ty:?}: max |Δ| {diff} (outputs up to {scale})");
+        }
     }
 }

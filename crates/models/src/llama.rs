@@ -8,8 +8,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{paged_attention, write_cache};
-use crate::layers::{Embedding, GatedMlp};
+use crate::attention::{paged_attention, write_cache, HostSlots};
+use crate::layers::{Embedding, GatedMlp, SharedInput};
 use crate::moe::Moe;
 use crate::{
     BatchInput, HeadLayout, KvCache, Linear, ModelConfig, ModelError, PipelineParallel, Result, RmsNorm, Rotary,
@@ -18,9 +18,8 @@ use crate::{
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: SharedInput,
     o: Linear,
 }
 
@@ -128,9 +127,11 @@ impl Llama {
             let b = cfg.attention_bias;
             let (nq, nkv, kv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd, heads.kv_shard);
             let attn = Attention {
-                q: Linear::load_shard(src, &format!("{p}.self_attn.q_proj"), nq, h, b, dtype, col)?,
-                k: Linear::load_shard(src, &format!("{p}.self_attn.k_proj"), nkv, h, b, dtype, kv)?,
-                v: Linear::load_shard(src, &format!("{p}.self_attn.v_proj"), nkv, h, b, dtype, kv)?,
+                qkv: SharedInput::new(vec![
+                    Linear::load_shard(src, &format!("{p}.self_attn.q_proj"), nq, h, b, dtype, col)?,
+                    Linear::load_shard(src, &format!("{p}.self_attn.k_proj"), nkv, h, b, dtype, kv)?,
+                    Linear::load_shard(src, &format!("{p}.self_attn.v_proj"), nkv, h, b, dtype, kv)?,
+                ]),
                 o: Linear::load_shard(src, &format!("{p}.self_attn.o_proj"), h, nq, false, dtype, row)?,
             };
             blocks.push(Block {
@@ -246,20 +247,23 @@ impl Llama {
         let (hd, nh, nkv) = (cfg.head_dim, self.heads.heads, self.heads.kv_heads);
         let (cos, sin) = self.rotary.tables_for(&input.positions)?;
         let write_index = input.attn.slot_mapping.reshape((t, 1, 1))?.broadcast_as((t, nkv, hd))?.contiguous()?;
+        let host = HostSlots::new(&input.attn)?;
         let mut x = match &self.embed {
             Some(e) => self.tp.all_reduce(&e.forward(&input.tokens)?)?,
             None => self.pp.recv_activations()?,
         };
         for (i, b) in self.blocks.iter().enumerate() {
             let h = b.attn_norm.forward(&x)?;
-            let q = b.attn.q.forward(&h)?.reshape((t, nh, hd))?;
-            let k = b.attn.k.forward(&h)?.reshape((t, nkv, hd))?;
-            let v = b.attn.v.forward(&h)?.reshape((t, nkv, hd))?;
+            let [q, k, v]: [Tensor; 3] =
+                b.attn.qkv.forward(&h)?.try_into().map_err(|_| ModelError::Config("q/k/v count".into()))?;
+            let q = q.reshape((t, nh, hd))?;
+            let k = k.reshape((t, nkv, hd))?;
+            let v = v.reshape((t, nkv, hd))?;
             let q = self.rotary.apply(&q, &cos, &sin)?;
             let k = self.rotary.apply(&k, &cos, &sin)?;
             let (kc, vc) = cache.layer(i);
             write_cache(kc, vc, &k, &v, &write_index)?;
-            let a = paged_attention(&q, kc, vc, &input.attn, nkv)?;
+            let a = paged_attention(&q, kc, vc, &input.attn, nkv, host.as_ref())?;
             x = (x + self.tp.all_reduce(&b.attn.o.forward(&a)?)?)?;
             let h = b.mlp_norm.forward(&x)?;
             let m = match &b.mlp {

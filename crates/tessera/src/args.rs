@@ -201,6 +201,10 @@ pub struct ServeArgs {
     /// there are no extra API server processes to start.
     #[arg(long, env = "TESSERA_API_SERVER_COUNT")]
     pub api_server_count: Option<usize>,
+    /// CPU threads for the kernels (default: the CPUs this process may run on, after its
+    /// affinity mask and cgroup quota). Every rank of the process shares them.
+    #[arg(long, env = "TESSERA_NUM_THREADS")]
+    pub threads: Option<usize>,
     /// Accepted for vLLM compatibility (nothing remote is ever executed).
     #[arg(long)]
     pub trust_remote_code: bool,

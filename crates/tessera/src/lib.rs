@@ -49,8 +49,14 @@ pub fn run(cli: args::Cli) -> Result<(), ServeError> {
             tessera_source::fetch(&uri, &dir, &tessera_source::SourceOptions::new(None))?;
             Ok(())
         }
-        args::Command::Serve(a) if is_replica_pod(&a) => run_replica_pod(&a),
-        args::Command::Serve(a) if is_worker_pod(&a)? => run_worker_pod(&a),
+        args::Command::Serve(a) if is_replica_pod(&a) => {
+            serve::configure_threads(a.threads);
+            run_replica_pod(&a)
+        }
+        args::Command::Serve(a) if is_worker_pod(&a)? => {
+            serve::configure_threads(a.threads);
+            run_worker_pod(&a)
+        }
         args::Command::Serve(a) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(ServeError::Io)?;
             rt.block_on(async move {

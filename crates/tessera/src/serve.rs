@@ -132,6 +132,9 @@ pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     if a.max_queued_requests == 0 {
         return bad("--max-queued-requests must be at least 1".into());
     }
+    if a.threads == Some(0) {
+        return bad("--threads must be at least 1".into());
+    }
     let names = served_names(a);
     for c in &a.criticality {
         if let Some(n) = c.name.as_ref().filter(|n| !names.contains(n)) {
@@ -431,8 +434,27 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
 }
 
 /// Bind, serve HTTP (503 until loaded), load the model and attach it.
+/// Size the process's compute pool (once: later workers of the same process share it) and
+/// log the kernels' instruction set.
+pub(crate) fn configure_threads(threads: Option<usize>) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // `available_parallelism` follows the affinity mask and the cgroup CPU quota.
+        let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            tracing::warn!("compute pool already set up ({e}); --threads {n} not applied");
+        }
+        tracing::info!(
+            "kernels: {}; {} compute threads",
+            tessera_kernels::Isa::active().describe(),
+            rayon::current_num_threads()
+        );
+    });
+}
+
 pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
     validate(&a)?;
+    configure_threads(a.threads);
     let mut info = ModelInfo::new(served_names(&a), a.model.clone());
     for c in &a.criticality {
         match &c.name {

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The serving benchmark: Tessera and llama.cpp's own `llama-server` (continuous batching,
+# --parallel 32) on the same GGUF with the same threads, in one run, side by side.
+#
+#   benches/serving.sh                 # SmolLM2-135M Q4_1 (scripts/fetch-models.sh)
+#   MODEL=path.gguf THREADS=2 benches/serving.sh
+#
+# Prints, for each server: output tok/s, TTFT p50/p99 and ITL p50/p99 at 1, 8 and 32 streamed
+# requests of 64 tokens, prefill tok/s on a 512-token prompt, peak RSS; then Tessera/llama.cpp
+# ratios. Builds llama.cpp once (benches/serving/llama-cpp.sh, cached) and Tessera in release.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL="${MODEL:-$(scripts/fetch-models.sh)}"
+THREADS="${THREADS:-$(nproc)}"
+LEVELS="${LEVELS:-1 8 32}"
+LLAMA_BIN=$(benches/serving/llama-cpp.sh)
+cargo build --release --quiet -p tessera
+out=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_ready() {
+  for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  echo "serving: the server on port $1 never became ready" >&2
+  return 1
+}
+
+LP=$(port); TP=$(port)
+"$LLAMA_BIN/llama-server" -m "$MODEL" -t "$THREADS" --parallel 32 -c 32768 --host 127.0.0.1 --port "$LP" \
+  >"$out/llama.log" 2>&1 &
+pids+=($!); LPID=$!
+target/release/tessera serve "$MODEL" --host 127.0.0.1 --port "$TP" --threads "$THREADS" \
+  --served-model-name smollm2 --max-model-len 2048 >"$out/tessera.log" 2>&1 &
+pids+=($!); TPID=$!
+wait_ready "$LP"; wait_ready "$TP"
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); threads $THREADS; model $(basename "$MODEL")"
+grep -m1 "kernels:" "$out/tessera.log" | sed 's/.*kernels:/tessera kernels:/' || true
+
+for name in llama tessera; do
+  port=$([ $name = llama ] && echo "$LP" || echo "$TP")
+  # Warm-up: one short request.
+  python3 benches/serving/load.py "http://127.0.0.1:$port" --concurrency 1 --requests 1 --max-tokens 8 >/dev/null
+done
+for c in $LEVELS; do
+  n=$(( c * 2 > 8 ? c * 2 : 8 ))
+  for name in llama tessera; do
+    port=$([ $name = llama ] && echo "$LP" || echo "$TP")
+    python3 benches/serving/load.py "http://127.0.0.1:$port" --concurrency "$c" --requests "$n" >>"$out/$name.jsonl"
+  done
+done
+for name in llama tessera; do
+  port=$([ $name = llama ] && echo "$LP" || echo "$TP")
+  python3 benches/serving/load.py "http://127.0.0.1:$port" --prefill-tokens 512 >"$out/$name.prefill"
+done
+rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+echo "$(rss "$LPID")" >"$out/llama.rss"; echo "$(rss "$TPID")" >"$out/tessera.rss"
+
+python3 - "$out" <<'PY'
+import json, sys, os
+d = sys.argv[1]
+rows = {n: [json.loads(l) for l in open(os.path.join(d, n + ".jsonl"))] for n in ("llama", "tessera")}
+pre = {n: json.load(open(os.path.join(d, n + ".prefill"))) for n in rows}
+rss = {n: int(open(os.path.join(d, n + ".rss")).read().strip() or 0) for n in rows}
+f = lambda v: "-" if v is None else f"{v:.1f}"
+print(f"{'server':9} {'conc':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'failed':>6}")
+for n in rows:
+    for r in rows[n]:
+        print(f"{n:9} {r['concurrency']:>4} {f(r['output_tok_s']):>8} {f(r['ttft_p50_ms']):>9} {f(r['ttft_p99_ms']):>9} "
+              f"{f(r['itl_p50_ms']):>8} {f(r['itl_p99_ms']):>8} {r['failed']:>6}")
+    print(f"{n:9} prefill 512 tokens: {pre[n]['prefill_tok_s']:.0f} tok/s; peak RSS {rss[n] / 1024:.0f} MiB")
+print("ratios tessera / llama-server:")
+for a, b in zip(rows["tessera"], rows["llama"]):
+    print(f"  {a['concurrency']:>2} streams: output tok/s {a['output_tok_s'] / b['output_tok_s']:.2f}x; "
+          f"TTFT p50 {a['ttft_p50_ms']:.0f} vs {b['ttft_p50_ms']:.0f} ms")
+print(f"  prefill tok/s {pre['tessera']['prefill_tok_s'] / pre['llama']['prefill_tok_s']:.2f}x")
+t = {r["concurrency"]: r["output_tok_s"] for r in rows["tessera"]}
+if 1 in t and 32 in t:
+    print(f"  tessera 32 streams / its own 1 stream: {t[32] / t[1]:.2f}x")
+PY

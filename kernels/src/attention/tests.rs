@@ -1,0 +1,113 @@
+//! The paged kernel on every instruction set against plain attention in f64 (gathered
+//! context, explicit causal softmax), for decode and chunked prefill, GQA groups, odd head
+//! sizes, scattered slots and contexts longer than one softmax chunk.
+
+use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+
+/// Plain attention of one sequence in f64: `out[i, h]` = softmax over positions ≤ its own.
+fn reference(q: &[f32], k: &[f32], v: &[f32], s: &SeqSpan, shape: AttnShape) -> Vec<f64> {
+    let AttnShape { heads: h, kv_heads: kvn, head_dim: d } = shape;
+    let ctx = s.slots.len();
+    let mut out = vec![0f64; s.q_len * h * d];
+    for i in 0..s.q_len {
+        for hh in 0..h {
+            let kvh = hh / (h / kvn);
+            let qv = &q[((s.q_start + i) * h + hh) * d..][..d];
+            let lim = ctx - s.q_len + i + 1;
+            let scores: Vec<f64> = (0..lim)
+                .map(|j| {
+                    let kr = &k[(s.slots[j] as usize * kvn + kvh) * d..][..d];
+                    qv.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()
+                })
+                .collect();
+            let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for (j, w) in e.iter().enumerate() {
+                let vr = &v[(s.slots[j] as usize * kvn + kvh) * d..][..d];
+                for c in 0..d {
+                    out[(i * h + hh) * d + c] += w / z * vr[c] as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn case(shape: AttnShape, spans: &[(usize, usize)], rng: &mut ChaCha8Rng) {
+    let AttnShape { heads: h, kv_heads: kvn, head_dim: d } = shape;
+    let total_slots = spans.iter().map(|s| s.1).sum::<usize>() + 7;
+    let k: Vec<f32> = (0..total_slots * kvn * d).map(|_| rng.random_range(-1.5f32..1.5)).collect();
+    let v: Vec<f32> = (0..total_slots * kvn * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    // Each sequence gets a random, scattered set of slots.
+    let mut free: Vec<u32> = (0..total_slots as u32).collect();
+    let mut slot_lists = Vec::new();
+    for &(_, ctx) in spans {
+        let mut l = Vec::new();
+        for _ in 0..ctx {
+            l.push(free.swap_remove(rng.random_range(0..free.len())));
+        }
+        slot_lists.push(l);
+    }
+    let rows: usize = spans.iter().map(|s| s.0).sum();
+    let q: Vec<f32> = (0..rows * h * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mut at = 0;
+    let seqs: Vec<SeqSpan> = spans
+        .iter()
+        .zip(&slot_lists)
+        .map(|(&(q_len, _), slots)| {
+            let s = SeqSpan { q_start: at, q_len, slots };
+            at += q_len;
+            s
+        })
+        .collect();
+    let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+    let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+    let (k16f, v16f): (Vec<f32>, Vec<f32>) =
+        (k16.iter().map(|x| x.to_f32()).collect(), v16.iter().map(|x| x.to_f32()).collect());
+    for isa in Isa::available() {
+        let mut out = vec![f32::NAN; rows * h * d];
+        paged_attention(isa, &q, &k, &v, &seqs, shape, &mut out).expect("attention");
+        let mut out16 = vec![f32::NAN; rows * h * d];
+        paged_attention(isa, &q, &k16, &v16, &seqs, shape, &mut out16).expect("f16 attention");
+        for s in &seqs {
+            for (got, (kk, vv)) in [(&out, (&k, &v)), (&out16, (&k16f, &v16f))] {
+                let want = reference(&q, kk, vv, s, shape);
+                for (e, w) in want.iter().enumerate() {
+                    let g = got[s.q_start * h * d + e] as f64;
+                    assert!((g - w).abs() < 2e-5, "{isa:?} {shape:?} seq {s:?} elem {e}: {g} vs {w}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn paged_attention_equals_plain_attention() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let smol = AttnShape { heads: 9, kv_heads: 3, head_dim: 64 };
+    // Decode steps (one query each) over short and long contexts, beside a prefill chunk.
+    case(smol, &[(1, 1), (1, 17), (1, 200), (5, 5), (3, 70)], &mut rng);
+    // Chunked prefill: 40 new tokens after 90 cached, crossing the softmax chunk.
+    case(smol, &[(40, 130)], &mut rng);
+    // Odd head size, no grouping, and full multi-head grouping.
+    case(AttnShape { heads: 4, kv_heads: 4, head_dim: 13 }, &[(2, 9), (1, 66)], &mut rng);
+    case(AttnShape { heads: 8, kv_heads: 1, head_dim: 16 }, &[(17, 17)], &mut rng);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 4 };
+    let (k, v) = (vec![0f32; 8], vec![0f32; 8]);
+    let q = vec![0f32; 8];
+    let mut out = vec![0f32; 8];
+    let slots = [0u32, 5];
+    let s = [SeqSpan { q_start: 0, q_len: 1, slots: &slots }];
+    assert!(paged_attention(Isa::Scalar, &q, &k, &v, &s, shape, &mut out).is_err(), "slot outside the cache");
+    let s = [SeqSpan { q_start: 0, q_len: 3, slots: &slots[..1] }];
+    assert!(paged_attention(Isa::Scalar, &q, &k, &v, &s, shape, &mut out).is_err(), "more queries than context");
+}

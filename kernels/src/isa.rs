@@ -1,0 +1,54 @@
+//! Which instruction set the kernels run on: detected once, may be lowered (never raised) by
+//! `TESSERA_KERNELS=scalar|avx2` for debugging and for the tests' forced-scalar runs.
+
+use std::sync::OnceLock;
+
+/// A kernel implementation family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust: the reference every other path is tested against.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C (Haswell / Zen and later).
+    Avx2,
+    /// AVX2 code with the AVX-512 VNNI `vpdpbusd` integer dot product (256-bit, AVX512VL).
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// Every path this CPU can run, best last (the tests run each of them).
+    pub fn available() -> Vec<Isa> {
+        let mut out = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                out.push(Isa::Avx2);
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                    out.push(Isa::Avx512Vnni);
+                }
+            }
+        }
+        out
+    }
+
+    /// The best available path, lowered by `TESSERA_KERNELS` if set (read once per process).
+    pub fn active() -> Isa {
+        static ACTIVE: OnceLock<Isa> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let best = Isa::available().into_iter().max().unwrap_or(Isa::Scalar);
+            match std::env::var("TESSERA_KERNELS").ok().as_deref().map(str::to_ascii_lowercase).as_deref() {
+                Some("scalar") => Isa::Scalar,
+                Some("avx2") => best.min(Isa::Avx2),
+                _ => best,
+            }
+        })
+    }
+
+    /// A name for the start-up log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar (no SIMD)",
+            Isa::Avx2 => "AVX2+FMA",
+            Isa::Avx512Vnni => "AVX2+FMA with AVX-512 VNNI dot products",
+        }
+    }
+}

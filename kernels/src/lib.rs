@@ -1,0 +1,23 @@
+//! Tessera's hand-written kernels.
+//!
+//! Owns: every kernel the models call that is not a plain candle op, each with a plain scalar
+//! reference (the oracle the tests compare against) and SIMD versions chosen at run time from
+//! what the CPU has ([`Isa`]): today the quantized matrix product over GGUF blocks
+//! ([`QMatrix::matmul`]), with activations quantized once per call in ggml's block formats and
+//! integer dot products, split over a persistent thread pool by output columns; and paged
+//! attention read in place through slot lists ([`paged_attention`]).
+//!
+//! Must not touch: tensors, devices, model layouts, files or the environment beyond the
+//! `TESSERA_KERNELS` override read by [`Isa::active`]. Models reach these kernels through one
+//! seam (`tessera_models::Linear`), never through `std::arch` themselves.
+
+pub mod attention;
+mod error;
+mod isa;
+mod matmul;
+pub mod quant;
+
+pub use attention::{paged_attention, AttnShape, KvElem, SeqSpan};
+pub use error::{KernelError, Result};
+pub use isa::Isa;
+pub use quant::{ActBlock, QMatrix, QType};

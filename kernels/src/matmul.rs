@@ -1,0 +1,89 @@
+//! The quantized matrix product `y = x Wᵀ`: activations quantized once per call, output
+//! columns split over the rayon pool (persistent, sized by the worker's `--threads`), each
+//! task running the active instruction set's tile over its rows.
+
+use rayon::prelude::*;
+
+use crate::quant::{quantize_rows, scalar, ActBlock, QMatrix, QK};
+use crate::{Isa, KernelError, Result};
+
+/// Output rows per task: small enough to balance two to a few dozen threads, large enough
+/// that a task's weights amortise its scheduling (a few µs).
+fn chunk_rows(n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    n.div_ceil(threads * 4).clamp(16, 512)
+}
+
+/// A raw output pointer shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The element at `i` (a method, so closures capture the whole `Send` wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+impl QMatrix {
+    /// `out[m, rows] = x[m, cols] · selfᵀ` on the active instruction set.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        self.matmul_on(Isa::active(), x, m, out)
+    }
+
+    /// [`QMatrix::matmul`] on a chosen instruction set (tests compare each with the reference).
+    pub fn matmul_on(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        let (n, k) = (self.rows(), self.cols());
+        if x.len() != m * k || out.len() != m * n {
+            return Err(KernelError::Shape(format!(
+                "matmul of [{m}, {k}] by [{n}, {k}]ᵀ: input holds {} values, output {}",
+                x.len(),
+                out.len()
+            )));
+        }
+        if !Isa::available().contains(&isa) {
+            return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
+        }
+        let acts = quantize_rows(x, k);
+        let blocks = k / QK;
+        let ptr = Out(out.as_mut_ptr());
+        let chunk = chunk_rows(n);
+        let run = |c: usize| {
+            let rows = c * chunk..((c + 1) * chunk).min(n);
+            // SAFETY: each task writes only the columns `rows` of every output row, and the
+            // chunks are disjoint; `out` outlives the parallel loop.
+            let mut put = |i: usize, j: usize, v: f32| unsafe { *ptr.at(i * n + j) = v };
+            tile(isa, self, rows, &acts, blocks, &mut put);
+        };
+        let chunks = n.div_ceil(chunk);
+        if chunks == 1 {
+            run(0);
+        } else {
+            (0..chunks).into_par_iter().for_each(run);
+        }
+        Ok(())
+    }
+}
+
+fn tile(
+    isa: Isa,
+    w: &QMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &[ActBlock],
+    blocks: usize,
+    put: &mut dyn FnMut(usize, usize, f32),
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul_on` checked that the CPU has this instruction set.
+        Isa::Avx2 => unsafe { crate::quant::x86::avx2::tile(w, rows, acts, blocks, put) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe { crate::quant::x86::vnni::tile(w, rows, acts, blocks, put) },
+        _ => scalar::dot_tile(w.qtype(), w, rows, acts, blocks, put),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+//! GGUF block-quantized weights and the activation blocks they are multiplied with.
+//!
+//! A [`QMatrix`] keeps ggml's byte layout unchanged (rows of blocks), so a file's tensor or a
+//! rank's block-exact shard of it is used as is. Activations are quantized once per call
+//! into [`ActBlock`]s with ggml's rules (Q8_0, and Q8_1's pre-scaled sum for the types with
+//! a minimum), and the products are integer dot products per block, scaled in f32.
+
+pub(crate) mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
+
+use half::f16;
+
+use crate::{KernelError, Result};
+
+/// Elements per block of the 32-element types.
+pub const QK: usize = 32;
+
+/// A GGUF weight type these kernels multiply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl QType {
+    /// Bytes of one block of [`QK`] elements.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+            QType::Q5_0 => 22,
+            QType::Q5_1 => 24,
+            QType::Q8_0 => 34,
+        }
+    }
+
+    /// The type of a GGML type name (`q4_0`, `Q4_1`, ...), if these kernels have it.
+    pub fn from_name(name: &str) -> Option<QType> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "q4_0" => QType::Q4_0,
+            "q4_1" => QType::Q4_1,
+            "q5_0" => QType::Q5_0,
+            "q5_1" => QType::Q5_1,
+            "q8_0" => QType::Q8_0,
+            _ => return None,
+        })
+    }
+
+    /// Whether the activations need Q8_1's scaled sum (types with a per-block minimum).
+    pub(crate) fn has_min(self) -> bool {
+        matches!(self, QType::Q4_1 | QType::Q5_1)
+    }
+}
+
+/// One quantized block of 32 activations: ggml's Q8_0 (`d`, `qs`) with Q8_1's `s = d·Σqs`
+/// (computed from the unrounded scale and rounded through f16, as ggml does) and the
+/// integer sum, so one quantization serves every weight type.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(16))]
+pub struct ActBlock {
+    pub qs: [i8; QK],
+    /// The scale, rounded through f16 as ggml stores it.
+    pub d: f32,
+    /// `d · Σ qs` rounded through f16 (ggml's Q8_1 `s`).
+    pub s: f32,
+    /// `Σ qs`.
+    pub isum: i32,
+}
+
+/// Quantize one row (`x.len()` a multiple of 32) into `out` (one block per 32 values), with
+/// ggml's `quantize_row_q8_0/q8_1` rules: `d = max|x| / 127`, `q = round(x / d)` (half away
+/// from zero), `d` stored as f16.
+pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
+    for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(xs) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        b.d = f16::from_f32(d).to_f32();
+        b.s = f16::from_f32(sum as f32 * d).to_f32();
+        b.isum = sum;
+    }
+}
+
+/// `m` rows of `k` activations quantized: `m × k/32` blocks, row-major.
+pub fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
+    let blank = ActBlock { qs: [0; QK], d: 0.0, s: 0.0, isum: 0 };
+    let mut out = vec![blank; x.len() / QK];
+    for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(k / QK)) {
+        quantize_row(row, o);
+    }
+    out
+}
+
+/// A row-major matrix of `rows × cols` weights in one GGUF block type (`rows` outputs,
+/// `cols` inputs), in ggml's byte layout.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    ty: QType,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl QMatrix {
+    /// Wrap ggml block bytes; `cols` must be a multiple of 32 and `data` exactly the blocks.
+    pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+        if !cols.is_multiple_of(QK) {
+            return Err(KernelError::Shape(format!("{ty:?}: {cols} columns are not a multiple of {QK}")));
+        }
+        let want = rows * cols / QK * ty.block_bytes();
+        if data.len() != want {
+            return Err(KernelError::Shape(format!(
+                "{ty:?} [{rows}, {cols}]: {} bytes of blocks, expected {want}",
+                data.len()
+            )));
+        }
+        Ok(Self { ty, rows, cols, data })
+    }
+
+    /// Stack matrices with the same type and columns (fusing projections that share an input).
+    pub fn concat_rows(parts: &[&QMatrix]) -> Result<Self> {
+        let first = parts.first().ok_or_else(|| KernelError::Shape("nothing to concatenate".into()))?;
+        if let Some(p) = parts.iter().find(|p| p.ty != first.ty || p.cols != first.cols) {
+            return Err(KernelError::Shape(format!(
+                "cannot stack {:?} [{}, {}] under {:?} [{}, {}]",
+                p.ty, p.rows, p.cols, first.ty, first.rows, first.cols
+            )));
+        }
+        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        Self::new(first.ty, parts.iter().map(|p| p.rows).sum(), first.cols, data)
+    }
+
+    pub fn qtype(&self) -> QType {
+        self.ty
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The bytes of output row `r`.
+    pub(crate) fn row(&self, r: usize) -> &[u8] {
+        let n = self.cols / QK * self.ty.block_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// Row `r` as f32 (for tests and references).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        scalar::dequantize(self.ty, self.row(r))
+    }
+}
+
+/// Read an f16 stored little-endian at `b[at..at + 2]`.
+#[inline]
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
