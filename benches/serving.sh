@@ -21,24 +21,28 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() {
+wait_ready() {  # PORT PID LOG
   for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
+    kill -0 "$2" 2>/dev/null || { echo "serving: the server on port $1 exited:" >&2; tail -5 "$3" >&2; return 1; }
     sleep 0.5
   done
   echo "serving: the server on port $1 never became ready" >&2
   return 1
 }
 
+# Where the CPU advertises AMX, llama.cpp's native build uses AMX tiles through its repacked
+# buffers; under VMs that do not grant AMX state that dies with SIGILL, so repacking is off there.
+LLAMA_EXTRA="${LLAMA_EXTRA:-$(grep -qw amx_tile /proc/cpuinfo && echo --no-repack)}"
 LP=$(port); TP=$(port)
-"$LLAMA_BIN/llama-server" -m "$MODEL" -t "$THREADS" --parallel 32 -c 32768 --host 127.0.0.1 --port "$LP" \
+LD_LIBRARY_PATH="$LLAMA_BIN" "$LLAMA_BIN/llama-server" -m "$MODEL" -t "$THREADS" --parallel 32 -c 32768 --host 127.0.0.1 --port "$LP" $LLAMA_EXTRA \
   >"$out/llama.log" 2>&1 &
 pids+=($!); LPID=$!
 target/release/tessera serve "$MODEL" --host 127.0.0.1 --port "$TP" --threads "$THREADS" \
   --served-model-name smollm2 --max-model-len 2048 >"$out/tessera.log" 2>&1 &
 pids+=($!); TPID=$!
-wait_ready "$LP"; wait_ready "$TP"
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); threads $THREADS; model $(basename "$MODEL")"
+wait_ready "$LP" "$LPID" "$out/llama.log"; wait_ready "$TP" "$TPID" "$out/tessera.log"
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); threads $THREADS; model $(basename "$MODEL"); llama-server extra flags: ${LLAMA_EXTRA:-none}"
 grep -m1 "kernels:" "$out/tessera.log" | sed 's/.*kernels:/tessera kernels:/' || true
 
 for name in llama tessera; do

@@ -10,6 +10,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::out::Out;
 use crate::{Isa, KernelError, Result};
 
 /// One sequence of the batch.
@@ -66,17 +67,6 @@ impl KvElem for bf16 {
 const TILE: usize = 16;
 /// Context positions scored per softmax update.
 const CHUNK: usize = 64;
-
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
 
 /// `exp(x)` for `x ≤ 0` (Cephes' polynomial; relative error below 2e-7 down to −87, where
 /// the result is below 1e-37), in a form the compiler vectorises.

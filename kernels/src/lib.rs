@@ -15,6 +15,7 @@ pub mod attention;
 mod error;
 mod isa;
 mod matmul;
+mod out;
 pub mod quant;
 
 pub use attention::{paged_attention, AttnShape, KvElem, SeqSpan};

@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use crate::quant::{quantize_rows, scalar, ActBlock, QMatrix, QK};
+use crate::out::Out;
 use crate::{Isa, KernelError, Result};
 
 /// Output rows per task: small enough to balance two to a few dozen threads, large enough
@@ -12,19 +13,6 @@ use crate::{Isa, KernelError, Result};
 fn chunk_rows(n: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     n.div_ceil(threads * 4).clamp(16, 512)
-}
-
-/// A raw output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The element at `i` (a method, so closures capture the whole `Send` wrapper).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 impl QMatrix {
