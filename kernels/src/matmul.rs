@@ -4,8 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::quant::{quantize_rows, scalar, ActBlock, QMatrix, QK};
 use crate::out::Out;
+use crate::quant::{quantize_rows, scalar, ActBlock, QMatrix, QK};
 use crate::{Isa, KernelError, Result};
 
 /// Output rows per task: small enough to balance two to a few dozen threads, large enough
