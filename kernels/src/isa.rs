@@ -15,8 +15,13 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// Every path this CPU can run, best last (the tests run each of them).
-    pub fn available() -> Vec<Isa> {
+    /// Every path this CPU can run, best last (the tests run each of them); detected once.
+    pub fn available() -> &'static [Isa] {
+        static AVAILABLE: OnceLock<Vec<Isa>> = OnceLock::new();
+        AVAILABLE.get_or_init(Self::detect)
+    }
+
+    fn detect() -> Vec<Isa> {
         let mut out = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
@@ -34,7 +39,7 @@ impl Isa {
     pub fn active() -> Isa {
         static ACTIVE: OnceLock<Isa> = OnceLock::new();
         *ACTIVE.get_or_init(|| {
-            let best = Isa::available().into_iter().max().unwrap_or(Isa::Scalar);
+            let best = Isa::available().iter().copied().max().unwrap_or(Isa::Scalar);
             match std::env::var("TESSERA_KERNELS").ok().as_deref().map(str::to_ascii_lowercase).as_deref() {
                 Some("scalar") => Isa::Scalar,
                 Some("avx2") => best.min(Isa::Avx2),

@@ -69,7 +69,7 @@ fn tile(
         Isa::Avx2 => unsafe { crate::quant::x86::avx2::tile(w, rows, acts, blocks, put) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => unsafe { crate::quant::x86::vnni::tile(w, rows, acts, blocks, put) },
-        _ => scalar::dot_tile(w.qtype(), w, rows, acts, blocks, put),
+        _ => scalar::dot_tile(w, rows, acts, blocks, put),
     }
 }
 

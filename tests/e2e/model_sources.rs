@@ -78,6 +78,15 @@ fn tiny_model(name: &str, shards: usize) -> PathBuf {
     dir
 }
 
+/// A web root holding `tiny/` (the tiny llama in 2 shards with an index) and `smollm2.gguf`.
+fn web_root(name: &str) -> PathBuf {
+    let dir = scratch(&format!("{name}-root"));
+    let tiny = tiny_model(&format!("{name}-tiny"), 2);
+    std::fs::rename(&tiny, dir.join("tiny")).expect("move the model under the web root");
+    std::fs::copy(tessera_tests::smollm2_gguf(), dir.join("smollm2.gguf")).expect("gguf");
+    dir
+}
+
 async fn greedy(base: &str, prompt: &str, n: usize) -> String {
     let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": true});
     let r = client().post(format!("{base}/v1/completions")).json(&body).send().await.expect("request");
@@ -139,10 +148,7 @@ async fn s3_models_serve_and_each_tensor_parallel_rank_reads_only_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_gguf_and_file_uris_load_and_serve() {
-    let dir = scratch("http-root");
-    let tiny = tiny_model("http-tiny", 2);
-    std::fs::rename(&tiny, dir.join("tiny")).expect("move the model under the web root");
-    std::fs::copy(tessera_tests::smollm2_gguf(), dir.join("smollm2.gguf")).expect("gguf");
+    let dir = web_root("http");
     let web = servers::static_files(&dir);
     let _g = env(&[]).await;
     let cache = scratch("http-cache");
@@ -161,10 +167,7 @@ async fn http_gguf_and_file_uris_load_and_serve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_without_range_support_serve_and_fetch_whole_files() {
-    let dir = scratch("norange-root");
-    let tiny = tiny_model("norange-tiny", 2);
-    std::fs::rename(&tiny, dir.join("tiny")).expect("move the model under the web root");
-    std::fs::copy(tessera_tests::smollm2_gguf(), dir.join("smollm2.gguf")).expect("gguf");
+    let dir = web_root("norange");
     let web = servers::static_files_without_ranges(&dir);
     let _g = env(&[]).await;
     // `tessera fetch` of a GGUF file and of a 2-shard safetensors folder (with its index).

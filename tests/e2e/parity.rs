@@ -62,6 +62,11 @@ fn greedy_ours(w: &mut Worker, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<V
     (out, logits)
 }
 
+/// The largest |a − b| over paired logit rows (as many rows as the shorter side has).
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0f32, f32::max)
+}
+
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, x) in v.iter().enumerate() {
@@ -111,11 +116,7 @@ fn gguf_path_matches_candle_reference() {
         let (reference, lr) = greedy_reference(p, STEPS);
         let first = ours.iter().zip(&reference).position(|(x, y)| x != y);
         let upto = first.map_or(STEPS, |d| d + 1);
-        let noise = lo[..upto]
-            .iter()
-            .zip(&lr)
-            .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-            .fold(0f32, f32::max);
+        let noise = max_abs_diff(&lo[..upto], &lr);
         eprintln!("{text:?}: first divergence {first:?}, max |Δlogit| up to it {noise:.4}");
         assert!(noise < KERNEL_TOLERANCE, "prompt {text:?}: logits differ by {noise} (tolerance {KERNEL_TOLERANCE})");
         match first {
@@ -167,17 +168,12 @@ fn safetensors_copy_matches_gguf_path() {
         let (f, lf) = greedy_ours(&mut wf, p, STEPS);
         // Same f32 weights, two layouts and loaders: equal tokens, logits within 1e-3.
         assert_eq!(d, f, "dequantized GGUF vs safetensors copy, prompt {text:?}");
-        let exact =
-            ld.iter().zip(&lf).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0f32, f32::max);
+        let exact = max_abs_diff(&ld, &lf);
         assert!(exact < 1e-3, "prompt {text:?}: f32 logits differ by {exact}");
         // Quantized vs f32: token for token, or a divergence at a near-tie that quantization explains.
         let first = q.iter().zip(&f).position(|(x, y)| x != y);
         let upto = first.map_or(STEPS, |d| d + 1);
-        let noise = lq[..upto]
-            .iter()
-            .zip(&lf)
-            .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-            .fold(0f32, f32::max);
+        let noise = max_abs_diff(&lq[..upto], &lf);
         assert!(noise < QUANT_TOLERANCE, "prompt {text:?}: logits differ by {noise} (tolerance {QUANT_TOLERANCE})");
         if let Some(d) = first {
             let row = &lf[d];

@@ -194,7 +194,7 @@ impl RemoteFile {
             progress: Mutex::new(None),
         });
         if let Ok(state) = f.state.lock() {
-            save(&f.sidecar, &Sidecar { uri: f.what.clone(), size, etag: f.etag.clone(), held: state.1.clone() })?;
+            f.save_held(&state.1)?;
         }
         Ok(f)
     }
@@ -300,20 +300,18 @@ impl RemoteFile {
                 let whole = self.download_whole(&state.0)?;
                 state.1 = RangeSet::default();
                 state.1.insert(0..self.size);
-                save(
-                    &self.sidecar,
-                    &Sidecar {
-                        uri: self.what.clone(),
-                        size: self.size,
-                        etag: self.etag.clone(),
-                        held: state.1.clone(),
-                    },
-                )?;
+                self.save_held(&state.1)?;
                 Ok(got + whole)
             }
             Some(e) => Err(e),
             None => Ok(got),
         }
+    }
+
+    /// Record in the sidecar that `held` is local.
+    fn save_held(&self, held: &RangeSet) -> Result<()> {
+        let side = Sidecar { uri: self.what.clone(), size: self.size, etag: self.etag.clone(), held: held.clone() };
+        save(&self.sidecar, &side)
     }
 
     /// One streamed GET of the whole file into `file`, retried from the start on transient

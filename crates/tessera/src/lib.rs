@@ -39,6 +39,10 @@ pub fn main_entry() -> std::process::ExitCode {
 
 /// Run a parsed command line to completion.
 pub fn run(cli: args::Cli) -> Result<(), ServeError> {
+    if let args::Command::Serve(a) = &cli.command {
+        // Every serving role (HTTP leader, headless rank or replica pod) computes on this pool.
+        serve::configure_threads(a.threads);
+    }
     match cli.command {
         args::Command::ExportHf { gguf, out_dir } => {
             tessera_loader::export_hf(&gguf, &out_dir)?;
@@ -49,14 +53,8 @@ pub fn run(cli: args::Cli) -> Result<(), ServeError> {
             tessera_source::fetch(&uri, &dir, &tessera_source::SourceOptions::new(None))?;
             Ok(())
         }
-        args::Command::Serve(a) if is_replica_pod(&a) => {
-            serve::configure_threads(a.threads);
-            run_replica_pod(&a)
-        }
-        args::Command::Serve(a) if is_worker_pod(&a)? => {
-            serve::configure_threads(a.threads);
-            run_worker_pod(&a)
-        }
+        args::Command::Serve(a) if is_replica_pod(&a) => run_replica_pod(&a),
+        args::Command::Serve(a) if is_worker_pod(&a)? => run_worker_pod(&a),
         args::Command::Serve(a) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(ServeError::Io)?;
             rt.block_on(async move {

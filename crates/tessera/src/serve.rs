@@ -433,7 +433,6 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
     })
 }
 
-/// Bind, serve HTTP (503 until loaded), load the model and attach it.
 /// Size the process's compute pool (once: later workers of the same process share it) and
 /// log the kernels' instruction set.
 pub(crate) fn configure_threads(threads: Option<usize>) {
@@ -452,6 +451,7 @@ pub(crate) fn configure_threads(threads: Option<usize>) {
     });
 }
 
+/// Bind, serve HTTP (503 until loaded), load the model and attach it.
 pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
     validate(&a)?;
     configure_threads(a.threads);

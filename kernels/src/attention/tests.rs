@@ -69,7 +69,7 @@ fn case(shape: AttnShape, spans: &[(usize, usize)], rng: &mut ChaCha8Rng) {
     let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
     let (k16f, v16f): (Vec<f32>, Vec<f32>) =
         (k16.iter().map(|x| x.to_f32()).collect(), v16.iter().map(|x| x.to_f32()).collect());
-    for isa in Isa::available() {
+    for &isa in Isa::available() {
         let mut out = vec![f32::NAN; rows * h * d];
         paged_attention(isa, &q, &k, &v, &seqs, shape, &mut out).expect("attention");
         let mut out16 = vec![f32::NAN; rows * h * d];

@@ -40,7 +40,7 @@ fn check(ty: QType, n: usize, k: usize, m: usize, rng: &mut ChaCha8Rng) {
     let w = random_matrix(ty, n, k, rng);
     let x = random_x(m, k, rng);
     let acts = quantize_rows(&x, k);
-    for isa in Isa::available() {
+    for &isa in Isa::available() {
         let mut out = vec![f32::NAN; m * n];
         w.matmul_on(isa, &x, m, &mut out).expect("matmul");
         for i in 0..m {

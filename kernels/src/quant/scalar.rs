@@ -80,7 +80,6 @@ pub fn dot_row(ty: QType, row: &[u8], acts: &[ActBlock]) -> f32 {
 /// Rows `rows` of `w` against `r` activation rows (each `blocks` blocks, `acts` row-major):
 /// `out[i][j]` = row `rows.start + j` · activation row `i`, written through `put`.
 pub fn dot_tile(
-    ty: QType,
     w: &super::QMatrix,
     rows: std::ops::Range<usize>,
     acts: &[ActBlock],
@@ -90,7 +89,7 @@ pub fn dot_tile(
     for j in rows {
         let row = w.row(j);
         for (i, a) in acts.chunks_exact(blocks).enumerate() {
-            put(i, j, dot_row(ty, row, a));
+            put(i, j, dot_row(w.qtype(), row, a));
         }
     }
 }
