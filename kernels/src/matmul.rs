@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use crate::out::Out;
-use crate::quant::{quantize_rows, scalar, ActBlock, QMatrix, QK};
+use crate::quant::{quantize_rows, quantize_rows_k, scalar, ActBlock, ActBlockK, QMatrix};
 use crate::{Isa, KernelError, Result};
 
 /// Output rows per task: small enough to balance two to a few dozen threads, large enough
@@ -34,8 +34,8 @@ impl QMatrix {
         if !Isa::available().contains(&isa) {
             return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
         }
-        let acts = quantize_rows(x, k);
-        let blocks = k / QK;
+        let blocks = k / self.qtype().block_elems();
+        let acts = if self.qtype().is_k() { Acts::K(quantize_rows_k(x, k)) } else { Acts::Q8(quantize_rows(x, k)) };
         let ptr = Out(out.as_mut_ptr());
         let chunk = chunk_rows(n);
         let run = |c: usize| {
@@ -43,7 +43,10 @@ impl QMatrix {
             // SAFETY: each task writes only the columns `rows` of every output row, and the
             // chunks are disjoint; `out` outlives the parallel loop.
             let mut put = |i: usize, j: usize, v: f32| unsafe { *ptr.at(i * n + j) = v };
-            tile(isa, self, rows, &acts, blocks, &mut put);
+            match &acts {
+                Acts::Q8(a) => tile(isa, self, rows, a, blocks, &mut put),
+                Acts::K(a) => tile_k(isa, self, rows, a, blocks, &mut put),
+            }
         };
         let chunks = n.div_ceil(chunk);
         if chunks == 1 {
@@ -52,6 +55,30 @@ impl QMatrix {
             (0..chunks).into_par_iter().for_each(run);
         }
         Ok(())
+    }
+}
+
+/// The activations quantized for the weight's type: Q8_0/Q8_1 blocks, or Q8_K super-blocks.
+enum Acts {
+    Q8(Vec<ActBlock>),
+    K(Vec<ActBlockK>),
+}
+
+fn tile_k(
+    isa: Isa,
+    w: &QMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &[ActBlockK],
+    blocks: usize,
+    put: &mut dyn FnMut(usize, usize, f32),
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul_on` checked that the CPU has this instruction set.
+        Isa::Avx2 => unsafe { crate::quant::x86_k::avx2::tile(w, rows, acts, blocks, put) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe { crate::quant::x86_k::vnni::tile(w, rows, acts, blocks, put) },
+        _ => scalar::dot_tile_k(w, rows, acts, blocks, put),
     }
 }
 

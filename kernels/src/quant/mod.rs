@@ -5,9 +5,14 @@
 //! into [`ActBlock`]s with ggml's rules (Q8_0, and Q8_1's pre-scaled sum for the types with
 //! a minimum), and the products are integer dot products per block, scaled in f32.
 
+pub(crate) mod kquant;
 pub(crate) mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_k;
+
+pub use kquant::{quantize_row_k, quantize_rows_k, ActBlockK, QK_K};
 
 use half::f16;
 
@@ -24,6 +29,9 @@ pub enum QType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl QType {
@@ -35,7 +43,24 @@ impl QType {
             QType::Q5_0 => 22,
             QType::Q5_1 => 24,
             QType::Q8_0 => 34,
+            QType::Q4K => 144,
+            QType::Q5K => 176,
+            QType::Q6K => 210,
         }
+    }
+
+    /// Weights per block: 32, or 256 for the K-quants' super-blocks.
+    pub fn block_elems(self) -> usize {
+        if self.is_k() {
+            QK_K
+        } else {
+            QK
+        }
+    }
+
+    /// Whether this is a K-quant (activations in Q8_K super-blocks).
+    pub fn is_k(self) -> bool {
+        matches!(self, QType::Q4K | QType::Q5K | QType::Q6K)
     }
 
     /// The type of a GGML type name (`q4_0`, `Q4_1`, ...), if these kernels have it.
@@ -46,6 +71,9 @@ impl QType {
             "q5_0" => QType::Q5_0,
             "q5_1" => QType::Q5_1,
             "q8_0" => QType::Q8_0,
+            "q4_k" => QType::Q4K,
+            "q5_k" => QType::Q5K,
+            "q6_k" => QType::Q6K,
             _ => return None,
         })
     }
@@ -111,12 +139,14 @@ pub struct QMatrix {
 }
 
 impl QMatrix {
-    /// Wrap ggml block bytes; `cols` must be a multiple of 32 and `data` exactly the blocks.
+    /// Wrap ggml block bytes; `cols` must be a multiple of the type's block (32, or 256 for
+    /// the K-quants) and `data` exactly the blocks.
     pub fn new(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        if !cols.is_multiple_of(QK) {
-            return Err(KernelError::Shape(format!("{ty:?}: {cols} columns are not a multiple of {QK}")));
+        let be = ty.block_elems();
+        if !cols.is_multiple_of(be) {
+            return Err(KernelError::Shape(format!("{ty:?}: {cols} columns are not a multiple of {be}")));
         }
-        let want = rows * cols / QK * ty.block_bytes();
+        let want = rows * cols / be * ty.block_bytes();
         if data.len() != want {
             return Err(KernelError::Shape(format!(
                 "{ty:?} [{rows}, {cols}]: {} bytes of blocks, expected {want}",
@@ -153,13 +183,17 @@ impl QMatrix {
 
     /// The bytes of output row `r`.
     pub(crate) fn row(&self, r: usize) -> &[u8] {
-        let n = self.cols / QK * self.ty.block_bytes();
+        let n = self.cols / self.ty.block_elems() * self.ty.block_bytes();
         &self.data[r * n..(r + 1) * n]
     }
 
     /// Row `r` as f32 (for tests and references).
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        scalar::dequantize(self.ty, self.row(r))
+        if self.ty.is_k() {
+            kquant::dequantize_k(self.ty, self.row(r))
+        } else {
+            scalar::dequantize(self.ty, self.row(r))
+        }
     }
 }
 

@@ -23,7 +23,8 @@ fn codes(ty: QType, b: &[u8]) -> ([i32; QK], i32) {
                 q[j + QK / 2] = ((qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32;
             }
         }
-        QType::Q8_0 => {
+        // Q8_0 (the K-quants are decoded in `kquant`).
+        _ => {
             for (q, &v) in q.iter_mut().zip(&b[2..34]) {
                 *q = v as i8 as i32;
             }
@@ -75,6 +76,22 @@ pub fn dot_row(ty: QType, row: &[u8], acts: &[ActBlock]) -> f32 {
         }
     }
     sum
+}
+
+/// [`dot_tile`] for the K-quants, against Q8_K activation rows.
+pub fn dot_tile_k(
+    w: &super::QMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &[super::ActBlockK],
+    blocks: usize,
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    for j in rows {
+        let row = w.row(j);
+        for (i, a) in acts.chunks_exact(blocks).enumerate() {
+            put(i, j, super::kquant::dot_row_k(w.qtype(), row, a));
+        }
+    }
 }
 
 /// Rows `rows` of `w` against `r` activation rows (each `blocks` blocks, `acts` row-major):

@@ -22,7 +22,8 @@ fn tag(ty: QType) -> u8 {
         QType::Q4_1 => T4_1,
         QType::Q5_0 => T5_0,
         QType::Q5_1 => T5_1,
-        QType::Q8_0 => T8_0,
+        // Q8_0; the K-quants have their own kernels (`x86_k`).
+        _ => T8_0,
     }
 }
 
@@ -39,7 +40,7 @@ macro_rules! isa_kernels {
 
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn half(p: *const u8) -> f32 {
+            pub(crate) unsafe fn half(p: *const u8) -> f32 {
                 let bits = u16::from_le_bytes([*p, *p.add(1)]);
                 _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
             }
@@ -74,7 +75,7 @@ macro_rules! isa_kernels {
 
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn hsum(v: __m256) -> f32 {
+            pub(crate) unsafe fn hsum(v: __m256) -> f32 {
                 let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
                 let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -207,7 +208,7 @@ isa_kernels!(
     "avx2,fma,f16c",
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn mul_sum(w: __m256i, a: __m256i) -> __m256i {
+    pub(crate) unsafe fn mul_sum(w: __m256i, a: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
     }
 );
@@ -217,7 +218,7 @@ isa_kernels!(
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    unsafe fn mul_sum(w: __m256i, a: __m256i) -> __m256i {
+    pub(crate) unsafe fn mul_sum(w: __m256i, a: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
     }
 );
