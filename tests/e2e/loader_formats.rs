@@ -11,7 +11,7 @@ fn logits(dir: &std::path::Path) -> Vec<f32> {
     let cfg = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let src = SafetensorsSource::open(dir, DType::F32, &Device::Cpu).unwrap();
     let model = Llama::load(&cfg, &src, 128, DType::F32, &Device::Cpu).unwrap();
-    let mut w = Worker::new(model, 8, 16).unwrap();
+    let mut w = Worker::new(model, 8, 16, DType::F32).unwrap();
     let plan = StepPlan {
         seqs: vec![SeqStep {
             seq_id: 1,

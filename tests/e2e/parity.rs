@@ -25,7 +25,7 @@ fn load_ours(path: &std::path::Path) -> (Worker, Vec<Vec<u32>>) {
     let prompts =
         PROMPTS.iter().map(|p| lm.tokenizer.tokenizer.encode(*p, true).expect("encode").get_ids().to_vec()).collect();
     let model = Llama::load(&lm.config, lm.weights.as_ref(), 2048, DType::F32, &Device::Cpu).expect("load");
-    (Worker::new(model, 64, 16).expect("worker"), prompts)
+    (Worker::new(model, 64, 16, DType::F32).expect("worker"), prompts)
 }
 
 fn plan(tokens: &[u32], computed: usize, output_index: u64) -> StepPlan {
@@ -158,7 +158,8 @@ fn safetensors_copy_matches_gguf_path() {
     assert_eq!(prompts, prompts_hf, "derived tokenizer.json tokenises like the GGUF metadata");
     let lm = tessera_loader::open(&smollm2_gguf(), DType::F32, &Device::Cpu).unwrap();
     let dq = Dequantized(lm.weights);
-    let mut wd = Worker::new(Llama::load(&lm.config, &dq, 2048, DType::F32, &Device::Cpu).unwrap(), 64, 16).unwrap();
+    let mut wd =
+        Worker::new(Llama::load(&lm.config, &dq, 2048, DType::F32, &Device::Cpu).unwrap(), 64, 16, DType::F32).unwrap();
     // Quantization noise between Q4_1 x Q8_1 and f32 activations, in logits.
     const QUANT_TOLERANCE: f32 = 2.0;
     let mut report = vec![];
@@ -189,4 +190,32 @@ fn safetensors_copy_matches_gguf_path() {
         }
     }
     eprintln!("quantized GGUF vs safetensors copy:\n{}", report.join("\n"));
+}
+
+/// The f16 KV cache (`--kv-cache-dtype auto` on the CPU) against the f32 cache on the f32
+/// safetensors path: keys and values rounded to f16 move the logits by rounding noise only.
+#[test]
+fn f16_kv_cache_tracks_the_f32_cache() {
+    let lm = tessera_loader::open(&smollm2_hf(), DType::F32, &Device::Cpu).expect("open model");
+    let prompts: Vec<Vec<u32>> =
+        PROMPTS.iter().map(|p| lm.tokenizer.tokenizer.encode(*p, true).expect("encode").get_ids().to_vec()).collect();
+    let worker = |kv: DType| {
+        let model = Llama::load(&lm.config, lm.weights.as_ref(), 2048, DType::F32, &Device::Cpu).expect("load");
+        Worker::new(model, 64, 16, kv).expect("worker")
+    };
+    let (mut w32, mut w16) = (worker(DType::F32), worker(DType::F16));
+    const F16_TOLERANCE: f32 = 0.1;
+    for (text, p) in PROMPTS.iter().zip(&prompts) {
+        let (a, la) = greedy_ours(&mut w32, p, STEPS);
+        let (b, lb) = greedy_ours(&mut w16, p, STEPS);
+        let first = a.iter().zip(&b).position(|(x, y)| x != y);
+        let upto = first.map_or(STEPS, |d| d + 1);
+        let noise = max_abs_diff(&la[..upto], &lb);
+        eprintln!("{text:?}: f16 vs f32 KV cache: first divergence {first:?}, max |Δlogit| {noise:.4}");
+        assert!(noise < F16_TOLERANCE, "prompt {text:?}: f16 cache moves logits by {noise}");
+        if let Some(d) = first {
+            let margin = la[d][a[d] as usize] - la[d][b[d] as usize];
+            assert!(margin.abs() < F16_TOLERANCE, "prompt {text:?}: divergence at {d} is not a near-tie ({margin})");
+        }
+    }
 }

@@ -34,7 +34,7 @@ fn staged_worker(dir: &Path, tp: TensorParallel, pp: PipelineParallel) -> Worker
     let src = SafetensorsSource::open(dir, DType::F32, &Device::Cpu).unwrap();
     let model =
         Llama::load_pipelined(&cfg, &src, 256, DType::F32, &Device::Cpu, tp, pp).expect("load the rank's shard");
-    Worker::new(model, PROMPTS.len() * BLOCKS_PER_SEQ, BLOCK).unwrap()
+    Worker::new(model, PROMPTS.len() * BLOCKS_PER_SEQ, BLOCK, DType::F32).unwrap()
 }
 
 fn step(seq: usize, tokens: &[u32], start: usize) -> SeqStep {

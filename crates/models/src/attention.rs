@@ -45,8 +45,9 @@ pub(crate) fn write_cache(
     v: &Tensor,
     write_index: &Tensor,
 ) -> Result<()> {
-    k_cache.scatter_set(write_index, &k.contiguous()?, 0)?;
-    v_cache.scatter_set(write_index, &v.contiguous()?, 0)?;
+    // The cache may hold a narrower type than the model computes in (`--kv-cache-dtype`).
+    k_cache.scatter_set(write_index, &k.to_dtype(k_cache.dtype())?.contiguous()?, 0)?;
+    v_cache.scatter_set(write_index, &v.to_dtype(v_cache.dtype())?.contiguous()?, 0)?;
     Ok(())
 }
 
@@ -130,8 +131,10 @@ pub(crate) fn paged_attention(
         let ctx = s.context_slots.dim(0)?;
         let qs = q.narrow(0, s.q_start, s.q_len)?; // [q, H, D]
         let qs = qs.transpose(0, 1)?.contiguous()?.reshape((num_kv_heads, group * s.q_len, hd))?;
-        let k = k_cache.index_select(&s.context_slots, 0)?.transpose(0, 1)?.contiguous()?; // [KVH, ctx, D]
-        let v = v_cache.index_select(&s.context_slots, 0)?.transpose(0, 1)?.contiguous()?;
+        let gather = |c: &Tensor| -> Result<Tensor> {
+            Ok(c.index_select(&s.context_slots, 0)?.to_dtype(q.dtype())?.transpose(0, 1)?.contiguous()?)
+        };
+        let (k, v) = (gather(k_cache)?, gather(v_cache)?); // [KVH, ctx, D]
         let mut scores = (qs.matmul(&k.t()?)? * scale)?; // [KVH, g*q, ctx]
         if s.q_len > 1 {
             let mask = causal_mask(s.q_len, ctx, scores.dtype(), scores.device())?;

@@ -1,6 +1,6 @@
 //! One rank's worker: model + physical KV cache; executes step plans.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tessera_models::{AttentionMetadata, BatchInput, KvCache, Llama, SeqAttention};
 
 use crate::{sampler, Result, RunnerError, StepPlan, StepResult};
@@ -13,8 +13,8 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Allocate `num_blocks` cache blocks of `block_size` tokens for `model`.
-    pub fn new(model: Llama, num_blocks: usize, block_size: usize) -> Result<Self> {
+    /// Allocate `num_blocks` cache blocks of `block_size` tokens of `kv_dtype` for `model`.
+    pub fn new(model: Llama, num_blocks: usize, block_size: usize, kv_dtype: DType) -> Result<Self> {
         let cfg = model.config();
         let device = model.device().clone();
         let cache = KvCache::new(
@@ -23,7 +23,7 @@ impl Worker {
             block_size,
             model.local_kv_heads(),
             cfg.head_dim,
-            model.dtype(),
+            kv_dtype,
             &device,
         )?;
         Ok(Self { model, cache, device })

@@ -148,6 +148,10 @@ pub struct ServeArgs {
     pub gpu_memory_utilization: f64,
     #[arg(long, value_enum, default_value = "auto", env = "TESSERA_DTYPE")]
     pub dtype: DTypeArg,
+    /// Element type of the KV cache: `auto` is float16 on the CPU (half the memory of f32,
+    /// read by the attention kernel in place) and the model's dtype elsewhere.
+    #[arg(long, value_enum, default_value = "auto", env = "TESSERA_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: DTypeArg,
     #[arg(long, value_enum, default_value = "auto", env = "TESSERA_DEVICE")]
     pub device: DeviceArg,
     /// Automatic prefix caching (on by default).

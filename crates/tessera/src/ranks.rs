@@ -90,6 +90,8 @@ pub(crate) struct RankSetup {
     pub device: Device,
     pub max_model_len: usize,
     pub num_blocks: usize,
+    /// Element type of the KV cache (`--kv-cache-dtype`).
+    pub kv_dtype: DType,
     pub block_size: usize,
     pub tp: usize,
     pub pp: usize,
@@ -168,7 +170,7 @@ fn build(
 ) -> Result<Worker, ServeError> {
     let (tp, pp) = groups(s, world)?;
     let model = Llama::load_pipelined(cfg, weights, s.max_model_len, s.dtype, &s.device, tp, pp)?;
-    Ok(Worker::new(model, s.num_blocks, s.block_size)?)
+    Ok(Worker::new(model, s.num_blocks, s.block_size, s.kv_dtype)?)
 }
 
 fn rank_worker(s: &RankSetup, comm: Arc<dyn Communicator>) -> Result<Worker, ServeError> {

@@ -180,14 +180,31 @@ fn chat_template(
         .transpose()
 }
 
-/// Context length, KV blocks per rank and bytes per block, checked against the model.
+/// `--kv-cache-dtype`: `auto` is f16 on the CPU, the model's dtype elsewhere.
+fn pick_kv_dtype(d: DTypeArg, model: DType, dev: &Device) -> DType {
+    match d {
+        DTypeArg::Auto if dev.is_cpu() => DType::F16,
+        DTypeArg::Auto => model,
+        other => pick_dtype(other, dev),
+    }
+}
+
+/// Context length, KV blocks per rank, bytes per block and the cache's element type,
+/// checked against the model.
 struct Sizing {
     max_model_len: usize,
     num_blocks: usize,
     per_block: usize,
+    kv_dtype: DType,
 }
 
-fn size_engine(a: &ServeArgs, cfg: &tessera_models::ModelConfig, dtype: DType) -> Result<Sizing, ServeError> {
+fn size_engine(
+    a: &ServeArgs,
+    cfg: &tessera_models::ModelConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<Sizing, ServeError> {
+    let kv_dtype = pick_kv_dtype(a.kv_cache_dtype, dtype, device);
     let max_model_len = a.max_model_len.unwrap_or(cfg.max_position_embeddings);
     if max_model_len == 0 || max_model_len > cfg.max_position_embeddings {
         return Err(ServeError::Config(format!(
@@ -213,7 +230,7 @@ fn size_engine(a: &ServeArgs, cfg: &tessera_models::ModelConfig, dtype: DType) -
     let kv_bytes = parse_bytes(&a.kv_cache_memory).map_err(ServeError::Config)? as usize;
     // Every rank has the same block count; a stage holds at most ceil(layers / pp) layers.
     let stage_layers = cfg.num_layers.div_ceil(pp);
-    let per_block = KvCache::bytes_per_block(stage_layers, a.block_size, heads.kv_heads, cfg.head_dim, dtype);
+    let per_block = KvCache::bytes_per_block(stage_layers, a.block_size, heads.kv_heads, cfg.head_dim, kv_dtype);
     let num_blocks = kv_bytes / per_block;
     if num_blocks * a.block_size < max_model_len {
         return Err(ServeError::Config(format!(
@@ -223,7 +240,7 @@ fn size_engine(a: &ServeArgs, cfg: &tessera_models::ModelConfig, dtype: DType) -
             num_blocks * a.block_size
         )));
     }
-    Ok(Sizing { max_model_len, num_blocks, per_block })
+    Ok(Sizing { max_model_len, num_blocks, per_block, kv_dtype })
 }
 
 /// The local path of the model: the argument itself, or the cache folder a remote URI is
@@ -247,6 +264,7 @@ fn rank_setup(
         device: device.clone(),
         max_model_len: sz.max_model_len,
         num_blocks: sz.num_blocks,
+        kv_dtype: sz.kv_dtype,
         block_size: a.block_size,
         tp: a.tensor_parallel_size,
         pp: a.pipeline_parallel_size,
@@ -277,7 +295,7 @@ pub fn run_worker_pod(a: &ServeArgs) -> Result<(), ServeError> {
     let device = pick_device(a.device)?;
     let dtype = pick_dtype(a.dtype, &device);
     let cfg = tessera_loader::open(&model_path(a)?, dtype, &device)?.config;
-    let sz = size_engine(a, &cfg, dtype)?;
+    let sz = size_engine(a, &cfg, dtype, &device)?;
     crate::ranks::run_worker_pod(&rank_setup(a, &sz, dtype, &device)?)
 }
 
@@ -307,7 +325,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
     let dtype = pick_dtype(a.dtype, &device);
     let lm = tessera_loader::open(&model_path(a)?, dtype, &device)?;
     let cfg = lm.config.clone();
-    let sz = size_engine(a, &cfg, dtype)?;
+    let sz = size_engine(a, &cfg, dtype, &device)?;
     let (max_model_len, num_blocks, per_block) = (sz.max_model_len, sz.num_blocks, sz.per_block);
     let tp = a.tensor_parallel_size;
     tracing::info!(
@@ -315,7 +333,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
         a.block_size,
         num_blocks * a.block_size,
         (num_blocks * per_block) as f64 / (1024.0 * 1024.0),
-        dtype,
+        sz.kv_dtype,
         (num_blocks * a.block_size) as f64 / max_model_len as f64
     );
     let experts = crate::dp::expert_rendezvous(a, &cfg)?;
@@ -332,7 +350,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 crate::ranks::start_leader(&setup, &cfg, weights)?
             } else if tp * a.pipeline_parallel_size == 1 {
                 let model = Llama::load(&cfg, weights, max_model_len, dtype, &device)?;
-                Box::new(Worker::new(model, num_blocks, a.block_size)?)
+                Box::new(Worker::new(model, num_blocks, a.block_size, sz.kv_dtype)?)
             } else {
                 if matches!(lm.format, tessera_loader::ModelFormat::Gguf(_)) {
                     tracing::info!(
@@ -491,4 +509,52 @@ pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
     state.attach(model);
     let shutdown_timeout = Duration::from_secs_f64(a.shutdown_timeout);
     Ok(Running { addr, state, shutdown_timeout, shutdown: Some(tx), server })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        use clap::Parser;
+        let argv = ["tessera", "serve", "m", "--max-model-len", "256", "--kv-cache-memory", "8MiB"];
+        let argv = argv.iter().chain(extra).map(|s| s.to_string()).collect::<Vec<_>>();
+        match crate::args::Cli::parse_from(argv).command {
+            crate::args::Command::Serve(a) => *a,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    fn config() -> tessera_models::ModelConfig {
+        tessera_models::ModelConfig::from_hf_json(
+            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 512}"#,
+        )
+        .expect("config")
+    }
+
+    /// `--kv-cache-dtype auto` is f16 on the CPU, and the same memory then holds twice the
+    /// blocks of an f32 cache.
+    #[test]
+    fn kv_cache_dtype_sizes_the_cache() {
+        let (cfg, cpu) = (config(), Device::Cpu);
+        let auto = size_engine(&args(&[]), &cfg, DType::F32, &cpu).expect("auto");
+        assert_eq!(auto.kv_dtype, DType::F16);
+        let f32 = size_engine(&args(&["--kv-cache-dtype", "float32"]), &cfg, DType::F32, &cpu).expect("f32");
+        assert_eq!(f32.kv_dtype, DType::F32);
+        assert_eq!(auto.num_blocks, 2 * f32.num_blocks);
+        assert_eq!(f32.per_block, 2 * auto.per_block);
+        let bf16 = size_engine(&args(&["--kv-cache-dtype", "bf16"]), &cfg, DType::F32, &cpu).expect("bf16");
+        assert_eq!(bf16.kv_dtype, DType::BF16);
+        assert_eq!(pick_kv_dtype(DTypeArg::Auto, DType::BF16, &cpu), DType::F16);
+    }
+
+    #[test]
+    fn unknown_kv_cache_dtypes_are_refused() {
+        use clap::Parser;
+        let argv = ["tessera", "serve", "m", "--kv-cache-dtype", "fp8"];
+        let err = crate::args::Cli::try_parse_from(argv).expect_err("fp8 is not a cache type here");
+        assert!(err.to_string().contains("--kv-cache-dtype"), "{err}");
+    }
 }
