@@ -79,7 +79,7 @@ fn logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
         let k = k.min(idx.len());
         idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         idx.truncate(k);
-        idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        idx.sort_unstable_by(by_logit_desc(logits));
         top = idx.into_iter().map(|t| (t, lp(t))).collect();
     }
     TokenLogprobs { logprob: lp(token), top }
@@ -100,48 +100,62 @@ pub fn sample(logits: &[f32], spec: &SampleSpec) -> (u32, Option<TokenLogprobs>)
     (token, spec.config.logprobs.map(|k| logprobs(logits, token, k)))
 }
 
+/// Descending by logit, ties to the lower id.
+fn by_logit_desc(logits: &[f32]) -> impl Fn(&u32, &u32) -> std::cmp::Ordering + '_ {
+    move |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+}
+
+/// Temperature sampling with top-k, top-p and min-p, without sorting the vocabulary: top-k
+/// is a selection, min-p a threshold, and top-p sorts only a growing prefix of the
+/// candidates until it holds the requested mass.
 fn choose(logits: &[f32], spec: &SampleSpec) -> u32 {
     let c = &spec.config;
     if c.temperature <= 0.0 || c.top_k == 1 || logits.is_empty() {
         return argmax(logits);
     }
-    // Candidates sorted by logit, descending, cut to top-k.
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let k = if c.top_k == 0 { idx.len() } else { c.top_k.min(idx.len()) };
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-        idx.truncate(k);
-    }
-    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    let max = logits[idx[0] as usize];
+    let top = argmax(logits);
+    let max = logits[top as usize];
     if max == f32::NEG_INFINITY {
-        return idx[0];
+        return top;
     }
-    let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i as usize] - max) / c.temperature).exp()).collect();
-    let total: f32 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
-    let mut keep = probs.len();
+    let weight = |i: u32| ((logits[i as usize] - max) / c.temperature).exp();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    if c.top_k > 0 && c.top_k < idx.len() {
+        idx.select_nth_unstable_by(c.top_k - 1, by_logit_desc(logits));
+        idx.truncate(c.top_k);
+    }
+    // The top-k set's mass normalises top-p; min-p is relative to the most likely token.
+    let total: f32 = idx.iter().map(|&i| weight(i)).sum();
+    if c.min_p > 0.0 {
+        let floor = c.min_p; // weight(top) is 1
+        idx.retain(|&i| i == top || weight(i) >= floor);
+    }
     if c.top_p < 1.0 {
-        let mut cum = 0.0;
-        for (n, p) in probs.iter().enumerate() {
-            cum += p;
-            if cum >= c.top_p {
-                keep = n + 1;
+        let mut k = idx.len().min(64);
+        loop {
+            if k < idx.len() {
+                idx.select_nth_unstable_by(k - 1, by_logit_desc(logits));
+            }
+            idx[..k].sort_unstable_by(by_logit_desc(logits));
+            let mut cum = 0.0;
+            if let Some(n) = idx[..k].iter().position(|&i| {
+                cum += weight(i) / total;
+                cum >= c.top_p
+            }) {
+                idx.truncate(n + 1);
                 break;
             }
+            if k == idx.len() {
+                break;
+            }
+            k = (k * 4).min(idx.len());
         }
     }
-    if c.min_p > 0.0 {
-        // probs[0] is the largest; the list is sorted, so the cut is a prefix.
-        let floor = c.min_p * probs[0];
-        keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
-    }
-    probs.truncate(keep);
-    idx.truncate(keep);
-    let total: f32 = probs.iter().sum();
+    let weights: Vec<f32> = idx.iter().map(|&i| weight(i)).collect();
+    let kept: f32 = weights.iter().sum();
     let mut rng = ChaCha8Rng::seed_from_u64(c.seed ^ spec.output_index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut r = rng.random::<f32>() * total;
-    for (p, &i) in probs.iter().zip(idx.iter()) {
+    let mut r = rng.random::<f32>() * kept;
+    for (p, &i) in weights.iter().zip(idx.iter()) {
         if r < *p {
             return i;
         }
@@ -194,6 +208,46 @@ mod tests {
             s.config.min_p = 0.5;
             let t = tok(&logits, &s);
             assert!(t == 0 || t == 1, "min_p=0.5 gave {t}");
+        }
+    }
+
+    /// Over a large vocabulary the partial-sort sampler picks only from the set a full sort
+    /// would keep (top-k, then the top-p prefix, then min-p), and reaches past its first
+    /// 64-candidate window when top-p needs more.
+    #[test]
+    fn partial_selection_keeps_the_full_sort_candidates() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let logits: Vec<f32> = (0..5000).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let reference = |top_k: usize, top_p: f32, min_p: f32| -> Vec<u32> {
+            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+            idx.sort_unstable_by(by_logit_desc(&logits));
+            idx.truncate(if top_k == 0 { idx.len() } else { top_k });
+            let max = logits[idx[0] as usize];
+            let w: Vec<f32> = idx.iter().map(|&i| (logits[i as usize] - max).exp()).collect();
+            let total: f32 = w.iter().sum();
+            let mut cum = 0.0;
+            let keep_p = w.iter().position(|p| {
+                cum += p / total;
+                cum >= top_p
+            });
+            let keep_m = w.iter().take_while(|&&p| p >= min_p).count().max(1);
+            let keep = keep_p.map_or(idx.len(), |n| n + 1).min(keep_m);
+            idx.truncate(keep);
+            idx
+        };
+        for (top_k, top_p, min_p) in [(0, 0.9, 0.0), (300, 0.5, 0.0), (0, 1.0, 0.6), (0, 0.95, 0.3), (0, 0.02, 0.0)] {
+            let allowed = reference(top_k, top_p, min_p);
+            let mut seen = std::collections::HashSet::new();
+            for n in 0..400 {
+                let mut s = spec(1.0, top_k, top_p, 3, n);
+                s.config.min_p = min_p;
+                let t = tok(&logits, &s);
+                assert!(allowed.contains(&t), "top_k={top_k} top_p={top_p} min_p={min_p}: {t} is not a candidate");
+                seen.insert(t);
+            }
+            if allowed.len() > 200 {
+                assert!(seen.len() > 64, "top_p={top_p}: only {} distinct tokens of {}", seen.len(), allowed.len());
+            }
         }
     }
 
