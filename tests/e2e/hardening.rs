@@ -48,7 +48,8 @@ async fn malformed_and_adversarial_bodies_get_openai_4xx() {
         ),
         ("max_tokens string", &chat, json!({"model": "smollm2", "messages": msg, "max_tokens": "ten"})),
         ("negative max_tokens", &chat, json!({"model": "smollm2", "messages": msg, "max_tokens": -5})),
-        ("zero max_tokens", &cmpl, json!({"model": "smollm2", "prompt": "a", "max_tokens": 0})),
+        ("zero max_tokens in chat", &chat, json!({"model": "smollm2", "messages": msg, "max_tokens": 0})),
+        ("negative completions max_tokens", &cmpl, json!({"model": "smollm2", "prompt": "a", "max_tokens": -1})),
         ("huge max_tokens", &cmpl, json!({"model": "smollm2", "prompt": "a", "max_tokens": 1e30})),
         ("u64 overflow", &cmpl, json!({"model": "smollm2", "prompt": "a", "max_tokens": 18446744073709551615u64})),
         ("max_tokens beyond context", &cmpl, json!({"model": "smollm2", "prompt": "a", "max_tokens": 5000})),
@@ -68,7 +69,12 @@ async fn malformed_and_adversarial_bodies_get_openai_4xx() {
         ),
         ("top_logprobs without logprobs", &chat, json!({"model": "smollm2", "messages": msg, "top_logprobs": 3})),
         ("logprobs negative", &cmpl, json!({"model": "smollm2", "prompt": "a", "logprobs": -1})),
-        ("echo with logprobs", &cmpl, json!({"model": "smollm2", "prompt": "a", "echo": true, "logprobs": 1})),
+        ("prompt_logprobs too many", &cmpl, json!({"model": "smollm2", "prompt": "a", "prompt_logprobs": 21})),
+        (
+            "prompt_logprobs streamed chat",
+            &chat,
+            json!({"model": "smollm2", "messages": msg, "prompt_logprobs": 1, "stream": true}),
+        ),
         (
             "min_tokens > max_tokens",
             &cmpl,
@@ -116,6 +122,7 @@ async fn malformed_and_adversarial_bodies_get_openai_4xx() {
         "priority",
         "echo",
         "prompt",
+        "prompt_logprobs",
     ];
     let values = [
         json!(null),

@@ -14,6 +14,7 @@ fn logits(dir: &std::path::Path) -> Vec<f32> {
     let mut w = Worker::new(model, 8, 16, DType::F32).unwrap();
     let plan = StepPlan {
         seqs: vec![SeqStep {
+            prompt_logprobs: None,
             seq_id: 1,
             tokens: vec![1, 5, 9, 3, 7],
             start_pos: 0,

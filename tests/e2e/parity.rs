@@ -31,6 +31,7 @@ fn load_ours(path: &std::path::Path) -> (Worker, Vec<Vec<u32>>) {
 fn plan(tokens: &[u32], computed: usize, output_index: u64) -> StepPlan {
     StepPlan {
         seqs: vec![SeqStep {
+            prompt_logprobs: None,
             seq_id: 1,
             tokens: tokens[computed..].to_vec(),
             start_pos: computed,

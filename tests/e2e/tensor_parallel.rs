@@ -40,6 +40,7 @@ fn staged_worker(dir: &Path, tp: TensorParallel, pp: PipelineParallel) -> Worker
 fn step(seq: usize, tokens: &[u32], start: usize) -> SeqStep {
     let base = (seq * BLOCKS_PER_SEQ) as u32;
     SeqStep {
+        prompt_logprobs: None,
         seq_id: seq as u64,
         tokens: tokens[start..].to_vec(),
         start_pos: start,

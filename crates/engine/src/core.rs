@@ -84,6 +84,10 @@ pub struct RequestOutput {
     pub token_ids: Vec<u32>,
     /// One entry per token of `token_ids` when log-probabilities were asked for.
     pub logprobs: Vec<TokenLogprobs>,
+    /// With the first output of a request that asked for prompt log-probabilities: one entry
+    /// per prompt token, `None` for the first (nothing predicts it).
+    #[serde(default)]
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     pub finished: Option<Finished>,
 }
 

@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use tessera_protocol::{FinishReason, SamplingParams};
-use tessera_runner::{Executor, SamplingConfig, StepResult};
+use tessera_runner::{Executor, SamplingConfig, StepResult, TokenLogprobs};
 use tokenizers::Tokenizer;
 
 use crate::core::{Command, EngineConfig, Finished, OutputTx, RequestOutput, Shared};
@@ -39,6 +39,9 @@ struct RequestState {
     queued: bool,
     arrival: Instant,
     last_token: Option<Instant>,
+    /// Prompt log-probabilities by position, filled as prefill chunks run; sent with the
+    /// first output.
+    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
 }
 
 pub(crate) struct Core {
@@ -69,6 +72,7 @@ fn sampling_config(p: &SamplingParams, seed: u64, stop_ids: Vec<u32>) -> Samplin
         min_tokens: p.min_tokens,
         stop_ids,
         logprobs: p.logprobs,
+        prompt_logprobs: p.prompt_logprobs,
     }
 }
 
@@ -180,6 +184,8 @@ impl Core {
                     queued: i == 0,
                     arrival,
                     last_token: None,
+                    // Every choice computes its own prompt then (no shared blocks, no prefix cache).
+                    prompt_logprobs: p.prompt_logprobs.is_some().then(|| vec![None; req.prompt.len()]),
                 },
             );
             // Each choice draws from its own stream; choice 0 keeps the request's seed.
@@ -284,6 +290,17 @@ impl Core {
                 return;
             }
         };
+        for r in results.iter().filter(|r| !r.prompt_logprobs.is_empty()) {
+            let start = out.plan.seqs.iter().find(|s| s.seq_id == r.seq_id).map_or(0, |s| s.start_pos);
+            if let Some(slots) = self.requests.get_mut(&r.seq_id).and_then(|q| q.prompt_logprobs.as_mut()) {
+                // Row `i` of the chunk predicts the prompt token at `start + i + 1`.
+                for (i, lp) in r.prompt_logprobs.iter().enumerate() {
+                    if let Some(slot) = slots.get_mut(start + i + 1) {
+                        *slot = Some(lp.clone());
+                    }
+                }
+            }
+        }
         for r in self.sched.apply(&results) {
             self.on_token(r);
         }
@@ -314,7 +331,8 @@ impl Core {
     }
 
     fn on_token(&mut self, res: StepResult) {
-        let (id, token) = (res.seq_id, res.token);
+        let id = res.seq_id;
+        let Some(token) = res.token else { return };
         let Some(seq_len) = self.sched.get(id).map(|s| s.tokens.len()) else {
             return;
         };
@@ -331,6 +349,25 @@ impl Core {
             Some(t) => self.stats.itl.observe((now - t).as_secs_f64()),
         }
         r.last_token = Some(now);
+        let prompt_logprobs = r.prompt_logprobs.take();
+        if r.max_tokens == 0 {
+            // A scoring request: the prompt is computed, the sampled token is not output.
+            let finished = Finished {
+                reason: FinishReason::Length,
+                prompt_tokens: r.prompt_len,
+                completion_tokens: 0,
+                cached_tokens: r.cached_tokens,
+            };
+            let out = RequestOutput {
+                text: String::new(),
+                token_ids: vec![],
+                logprobs: vec![],
+                prompt_logprobs,
+                finished: Some(finished),
+            };
+            self.end(id, Some(Ok(out)));
+            return;
+        }
         self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
         let n_out = seq_len - r.prompt_len;
         let mut reason = None;
@@ -360,6 +397,7 @@ impl Core {
             text: r.text.take_sendable(finished.is_some()),
             token_ids: vec![token],
             logprobs: res.logprobs.into_iter().collect(),
+            prompt_logprobs,
             finished,
         };
         if finished.is_some() {

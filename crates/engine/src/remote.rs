@@ -292,7 +292,8 @@ pub fn accept_replicas(
 /// what the HTTP front reports for it anyway.
 fn finite(mut item: Result<RequestOutput, EngineError>) -> Result<RequestOutput, EngineError> {
     if let Ok(o) = &mut item {
-        for lp in &mut o.logprobs {
+        let prompt = o.prompt_logprobs.iter_mut().flatten().flatten();
+        for lp in o.logprobs.iter_mut().chain(prompt) {
             let fix = |v: &mut f32| *v = if v.is_finite() { *v } else { -9999.0 };
             fix(&mut lp.logprob);
             lp.top.iter_mut().for_each(|(_, v)| fix(v));

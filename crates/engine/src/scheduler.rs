@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use tessera_runner::{SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult};
+use tessera_runner::{PromptLogprobs, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult};
 
 use crate::kv::{CachedPrefix, KvCacheManager};
 
@@ -140,7 +140,8 @@ impl Scheduler {
     /// Blocks a sequence about to be admitted can start from: its fork parent's prompt blocks
     /// or the prefix cache, whichever covers more. The flag says whether they came from the cache.
     fn starting_blocks(&self, seq: &Sequence) -> (CachedPrefix, bool) {
-        if seq.num_computed > 0 {
+        // Prompt log-probabilities need every prompt position computed: no shared prefix.
+        if seq.num_computed > 0 || seq.sampling.prompt_logprobs.is_some() {
             return (CachedPrefix::default(), false);
         }
         let cached = self.kv.cached_prefix(&seq.tokens);
@@ -217,6 +218,13 @@ impl Scheduler {
                 history: if seq.sampling.needs_history() { seq.tokens.clone() } else { Vec::new() },
                 prompt_len: seq.prompt_len,
             }),
+            // Row `i` predicts the token at `num_computed + i + 1`, while that is a prompt token.
+            prompt_logprobs: seq.sampling.prompt_logprobs.filter(|_| seq.num_computed + 1 < seq.prompt_len).map(
+                |top| PromptLogprobs {
+                    top,
+                    targets: seq.tokens[seq.num_computed + 1..(end + 1).min(seq.prompt_len)].to_vec(),
+                },
+            ),
         }
     }
 
@@ -328,8 +336,8 @@ impl Scheduler {
             };
             seq.num_computed += n;
             self.kv.cache_full_blocks(id, &seq.tokens, seq.num_computed);
-            if let Some(r) = results.iter().find(|r| r.seq_id == id) {
-                seq.tokens.push(r.token);
+            if let Some((r, t)) = results.iter().find(|r| r.seq_id == id).and_then(|r| Some((r, r.token?))) {
+                seq.tokens.push(t);
                 appended.push(r.clone());
             }
         }

@@ -18,6 +18,7 @@ pub use requests::{
 pub use responses::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatLogprobs,
     ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse,
-    DetokenizeResponse, ErrorBody, ErrorResponse, ModelCard, ModelList, TokenizeResponse, TopLogprob, Usage,
+    DetokenizeResponse, ErrorBody, ErrorResponse, ModelCard, ModelList, PromptLogprob, PromptLogprobs,
+    TokenizeResponse, TopLogprob, Usage,
 };
 pub use sampling::{logprobs_count, FinishReason, ModelDefaults, SamplingParams, MAX_LOGPROBS};

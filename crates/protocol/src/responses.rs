@@ -40,14 +40,38 @@ pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
 }
 
-/// Completions `logprobs` (the legacy parallel-arrays shape).
+/// Completions `logprobs` (the legacy parallel-arrays shape). With `echo` the prompt's
+/// tokens come first, and the first of them has `null` log-probabilities.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
     pub text_offset: Vec<usize>,
 }
+
+impl CompletionLogprobs {
+    /// These entries followed by `more`'s.
+    pub fn extend(&mut self, more: CompletionLogprobs) {
+        self.tokens.extend(more.tokens);
+        self.token_logprobs.extend(more.token_logprobs);
+        self.top_logprobs.extend(more.top_logprobs);
+        self.text_offset.extend(more.text_offset);
+    }
+}
+
+/// One token of vLLM's `prompt_logprobs` map (keyed by token id).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PromptLogprob {
+    pub logprob: f32,
+    /// 1-based rank in the model's distribution.
+    pub rank: u32,
+    pub decoded_token: String,
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token (the first is `null`), the token itself and
+/// the most likely alternatives, keyed by token id.
+pub type PromptLogprobs = Vec<Option<BTreeMap<String, PromptLogprob>>>;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CompletionChoice {
@@ -55,6 +79,8 @@ pub struct CompletionChoice {
     pub text: String,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,6 +126,9 @@ pub struct ChatCompletionResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// vLLM's `prompt_logprobs` of the rendered conversation, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

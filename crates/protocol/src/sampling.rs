@@ -44,6 +44,9 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// Log-probabilities of each sampled token plus this many alternatives.
     pub logprobs: Option<usize>,
+    /// Log-probabilities of each prompt token (after the first) plus this many alternatives.
+    #[serde(default)]
+    pub prompt_logprobs: Option<usize>,
     /// Number of choices.
     pub n: usize,
     pub skip_special_tokens: bool,
@@ -70,6 +73,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             logit_bias: vec![],
             logprobs: None,
+            prompt_logprobs: None,
             n: 1,
             skip_special_tokens: true,
             priority: 0,
@@ -156,9 +160,10 @@ impl SamplingParams {
         };
         let max_tokens = match max_tokens {
             None => None,
-            Some(m) if m >= 1 => Some(m as usize),
+            // 0 is the legacy completions' scoring request (`echo` + `logprobs`): no new tokens.
+            Some(m) if m >= 0 => Some(m as usize),
             Some(m) => {
-                return Err(ProtocolError::param("max_tokens", format!("`max_tokens` must be at least 1, got {m}")))
+                return Err(ProtocolError::param("max_tokens", format!("`max_tokens` must be at least 0, got {m}")))
             }
         };
         let min_tokens = match c.min_tokens {
@@ -214,6 +219,7 @@ impl SamplingParams {
             },
             logit_bias,
             logprobs,
+            prompt_logprobs: c.prompt_logprobs.map(|k| logprobs_count("prompt_logprobs", k)).transpose()?,
             n: n as usize,
             skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
             priority,
@@ -222,7 +228,6 @@ impl SamplingParams {
 
     fn check_unsupported(c: &CommonParams) -> Result<(), ProtocolError> {
         unsupported("best_of", c.best_of.is_some_and(|b| Some(b) != c.n && b != 1), "use `n`")?;
-        unsupported("prompt_logprobs", c.prompt_logprobs.is_some(), "prompt log-probabilities are not computed")?;
         unsupported("use_beam_search", c.use_beam_search, "beam search is not implemented")?;
         let structured = "structured output is not implemented";
         let rf = c.response_format.as_ref().and_then(|v| v.get("type")).and_then(|t| t.as_str());
@@ -294,7 +299,8 @@ mod tests {
             (r#"{"logit_bias":{"abc":1}}"#, None, "logit_bias"),
             (r#"{"logit_bias":{"5":500}}"#, None, "logit_bias"),
             (r#"{"best_of":3}"#, None, "best_of"),
-            (r#"{"prompt_logprobs":1}"#, None, "prompt_logprobs"),
+            (r#"{"prompt_logprobs":21}"#, None, "prompt_logprobs"),
+            (r#"{"prompt_logprobs":-1}"#, None, "prompt_logprobs"),
             (r#"{"use_beam_search":true}"#, None, "use_beam_search"),
             (r#"{"response_format":{"type":"json_object"}}"#, None, "response_format"),
             (r#"{"guided_regex":"a+"}"#, None, "guided_regex"),

@@ -14,9 +14,9 @@ mod worker;
 
 pub use error::{Result, RunnerError};
 pub use lockstep::LockstepExecutor;
-pub use plan::{SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, TokenLogprobs};
+pub use plan::{PromptLogprobs, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, TokenLogprobs};
 pub use ranks::{decode_plan, encode_plan, follow_plans, TensorParallelExecutor};
-pub use sampler::sample;
+pub use sampler::{logprobs, sample};
 pub use worker::Worker;
 
 /// Something that executes step plans: the local [`Worker`], or a fan-out to several ranks.

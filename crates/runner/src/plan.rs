@@ -27,6 +27,9 @@ pub struct SamplingConfig {
     pub stop_ids: Vec<u32>,
     /// Return the sampled token's log-probability and this many alternatives.
     pub logprobs: Option<usize>,
+    /// Return every prompt token's log-probability (given the tokens before it) and this
+    /// many alternatives (vLLM's `prompt_logprobs`; `echo` with `logprobs`).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for SamplingConfig {
@@ -44,6 +47,7 @@ impl Default for SamplingConfig {
             min_tokens: 0,
             stop_ids: vec![],
             logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -79,6 +83,17 @@ pub struct SeqStep {
     /// Cache blocks covering positions `0..start_pos + tokens.len()`.
     pub block_table: Vec<u32>,
     pub sample: Option<SampleSpec>,
+    /// Log-probabilities wanted for the prompt tokens this chunk predicts.
+    pub prompt_logprobs: Option<PromptLogprobs>,
+}
+
+/// The prompt tokens a chunk's rows predict: row `i` (position `start_pos + i`) predicts
+/// `targets[i]`, the prompt token at `start_pos + i + 1`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprobs {
+    /// Alternatives to return per position.
+    pub top: usize,
+    pub targets: Vec<u32>,
 }
 
 /// Everything computed in one engine step.
@@ -97,14 +112,21 @@ impl StepPlan {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenLogprobs {
     pub logprob: f32,
+    /// 1-based rank of the token in the distribution (1 = most likely).
+    #[serde(default)]
+    pub rank: u32,
     /// The most likely tokens, most likely first.
     pub top: Vec<(u32, f32)>,
 }
 
-/// A sampled token for one sequence.
+/// What one sequence got from a step: a sampled token, and/or the log-probabilities of the
+/// prompt tokens its chunk predicts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepResult {
     pub seq_id: u64,
-    pub token: u32,
+    /// The sampled token, when the sequence sampled this step.
+    pub token: Option<u32>,
     pub logprobs: Option<TokenLogprobs>,
+    /// One entry per [`PromptLogprobs::targets`] of the step.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use tessera_models::Communicator;
 
-use crate::{Executor, Result, RunnerError, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, Worker};
+use crate::{
+    Executor, PromptLogprobs, Result, RunnerError, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, Worker,
+};
 
 /// The message of an idle pass (a plan message is at least 4 bytes).
 const IDLE: &[u8] = &[1];
@@ -18,8 +20,9 @@ fn put_u32(out: &mut Vec<u8>, v: usize) {
     out.extend_from_slice(&(v as u32).to_le_bytes());
 }
 
-/// The plan as the other ranks need it: tokens, positions, block tables, and which sequences
-/// want logits (sampling settings stay on rank 0).
+/// The plan as the other ranks need it: tokens, positions, block tables, and which rows
+/// want logits (sampling settings stay on rank 0; prompt log-probability targets travel so
+/// that every rank computes the same rows).
 pub fn encode_plan(plan: &StepPlan) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + plan.num_tokens() * 4);
     put_u32(&mut out, plan.seqs.len());
@@ -31,6 +34,15 @@ pub fn encode_plan(plan: &StepPlan) -> Vec<u8> {
         s.tokens.iter().for_each(|&t| put_u32(&mut out, t as usize));
         put_u32(&mut out, s.block_table.len());
         s.block_table.iter().for_each(|&b| put_u32(&mut out, b as usize));
+        match &s.prompt_logprobs {
+            None => out.push(0),
+            Some(p) => {
+                out.push(1);
+                put_u32(&mut out, p.top);
+                put_u32(&mut out, p.targets.len());
+                p.targets.iter().for_each(|&t| put_u32(&mut out, t as usize));
+            }
+        }
     }
     out
 }
@@ -71,7 +83,12 @@ pub fn decode_plan(b: &[u8]) -> Result<StepPlan> {
         let sample = r.take(1)?[0] != 0;
         let tokens = r.u32s()?;
         let block_table = r.u32s()?;
+        let prompt_logprobs = match r.take(1)?[0] {
+            0 => None,
+            _ => Some(PromptLogprobs { top: r.u32()? as usize, targets: r.u32s()? }),
+        };
         seqs.push(SeqStep {
+            prompt_logprobs,
             seq_id: id,
             tokens,
             start_pos,
@@ -177,7 +194,14 @@ mod tests {
     fn plans_round_trip_without_sampling_settings() {
         let plan = StepPlan {
             seqs: vec![
-                SeqStep { seq_id: 7, tokens: vec![1, 2, 3], start_pos: 0, block_table: vec![4, 5], sample: None },
+                SeqStep {
+                    seq_id: 7,
+                    tokens: vec![1, 2, 3],
+                    start_pos: 0,
+                    block_table: vec![4, 5],
+                    sample: None,
+                    prompt_logprobs: Some(PromptLogprobs { top: 2, targets: vec![2, 3, 11] }),
+                },
                 SeqStep {
                     seq_id: u64::MAX,
                     tokens: vec![9],
@@ -189,6 +213,7 @@ mod tests {
                         history: vec![],
                         prompt_len: 0,
                     }),
+                    prompt_logprobs: None,
                 },
             ],
         };

@@ -68,8 +68,8 @@ fn process(logits: &mut [f32], spec: &SampleSpec) {
     }
 }
 
-/// `token`'s log-probability and the `k` most likely tokens under softmax(`logits`).
-fn logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
+/// `token`'s log-probability and rank, and the `k` most likely tokens under softmax(`logits`).
+pub fn logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
     let lp = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |&x| x - lse);
@@ -82,7 +82,9 @@ fn logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
         idx.sort_unstable_by(by_logit_desc(logits));
         top = idx.into_iter().map(|t| (t, lp(t))).collect();
     }
-    TokenLogprobs { logprob: lp(token), top }
+    let own = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    let rank = 1 + logits.iter().filter(|&&x| x > own).count() as u32;
+    TokenLogprobs { logprob: lp(token), rank, top }
 }
 
 /// Choose the next token from one row of logits (and its log-probabilities when asked).

@@ -70,6 +70,12 @@ impl Worker {
                 q_len: s.tokens.len(),
                 context_slots: Tensor::new(ctx.as_slice(), &self.device)?,
             });
+            if !all_rows {
+                // Rows predicting prompt tokens (never the sampling row: a chunk that ends the
+                // prompt has one target fewer than tokens).
+                let n = s.prompt_logprobs.as_ref().map_or(0, |p| p.targets.len().min(s.tokens.len()));
+                rows.extend((q_start..q_start + n).map(|r| r as u32));
+            }
             if all_rows || s.sample.is_some() {
                 rows.push((tokens.len() - 1) as u32);
             }
@@ -126,20 +132,32 @@ impl Worker {
             return Ok(vec![]);
         }
         let logits = self.forward_micro_batched(plan, false)?;
-        let sampling: Vec<_> = plan.seqs.iter().filter(|s| s.sample.is_some()).collect();
-        if sampling.is_empty() {
+        if !plan.seqs.iter().any(|s| s.sample.is_some() || s.prompt_logprobs.is_some()) {
             return Ok(vec![]);
         }
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        Ok(sampling
-            .iter()
-            .zip(rows.iter())
-            .filter_map(|(s, row)| {
-                s.sample.as_ref().map(|spec| {
-                    let (token, logprobs) = sampler::sample(row, spec);
-                    StepResult { seq_id: s.seq_id, token, logprobs }
-                })
-            })
-            .collect())
+        let mut rows = rows.iter();
+        let mut out = Vec::new();
+        for s in &plan.seqs {
+            let mut prompt_logprobs = Vec::new();
+            if let Some(p) = &s.prompt_logprobs {
+                for &t in p.targets.iter().take(s.tokens.len()) {
+                    let row = rows.next().ok_or_else(|| RunnerError::Plan("fewer logit rows than planned".into()))?;
+                    prompt_logprobs.push(sampler::logprobs(row, t, p.top));
+                }
+            }
+            let (token, logprobs) = match &s.sample {
+                Some(spec) => {
+                    let row = rows.next().ok_or_else(|| RunnerError::Plan("fewer logit rows than planned".into()))?;
+                    let (t, lp) = sampler::sample(row, spec);
+                    (Some(t), lp)
+                }
+                None => (None, None),
+            };
+            if token.is_some() || !prompt_logprobs.is_empty() {
+                out.push(StepResult { seq_id: s.seq_id, token, logprobs, prompt_logprobs });
+            }
+        }
+        Ok(out)
     }
 }

@@ -24,7 +24,7 @@ fn run(s: &mut Scheduler) -> Scheduled {
         .seqs
         .iter()
         .filter(|st| st.sample.is_some())
-        .map(|st| StepResult { seq_id: st.seq_id, token: 7, logprobs: None })
+        .map(|st| StepResult { seq_id: st.seq_id, token: Some(7), logprobs: None, prompt_logprobs: vec![] })
         .collect();
     s.apply(&results);
     out

@@ -83,8 +83,19 @@ pub(crate) async fn handle(
         (true, k) => Some(logprobs_count("top_logprobs", k.unwrap_or(0))?),
     };
     let params = SamplingParams::from_common(&req.common, max_tokens, logprobs, &m.defaults)?;
+    if params.max_tokens == Some(0) {
+        let message = "`max_tokens` must be at least 1 for chat (0 is for scoring prompts on /v1/completions)";
+        return Err(ApiError::BadRequest { message: message.into(), param: Some("max_tokens".into()) });
+    }
+    if req.common.stream && params.prompt_logprobs.is_some() {
+        // As vLLM: the prompt's scores come with the whole response only.
+        let message = "`prompt_logprobs` are not available when `stream` is true";
+        return Err(ApiError::BadRequest { message: message.into(), param: Some("prompt_logprobs".into()) });
+    }
+    let prompt_k = params.prompt_logprobs;
     let prompt_text = render_messages(m, &req.messages, true)?;
     let prompt = encode(m, prompt_text, false).await?;
+    let prompt_ids = prompt.clone();
     let streams = submit(&st, m, &req.model, prompt, params)?;
     let (id, created, model) = (request_id("chatcmpl"), unix_now(), req.model.clone());
     if req.common.stream {
@@ -140,6 +151,10 @@ pub(crate) async fn handle(
     }
     let done = collect(streams).await?;
     let usage = usage(done.iter().map(|d| &d.finished));
+    let prompt_logprobs = prompt_k.map(|k| {
+        let lps = done.first().and_then(|d| d.prompt_logprobs.as_deref()).unwrap_or(&[]);
+        logprobs::prompt(m, &prompt_ids, lps, k)
+    });
     let choices = done
         .into_iter()
         .enumerate()
@@ -150,5 +165,7 @@ pub(crate) async fn handle(
             finish_reason: Some(d.finished.reason.as_str()),
         })
         .collect();
-    Ok(Json(ChatCompletionResponse { id, object: "chat.completion", created, model, choices, usage }).into_response())
+    let body =
+        ChatCompletionResponse { id, object: "chat.completion", created, model, choices, usage, prompt_logprobs };
+    Ok(Json(body).into_response())
 }

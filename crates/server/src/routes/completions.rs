@@ -29,10 +29,14 @@ pub(crate) async fn handle(
         return Err(bad("suffix", "`suffix` is not supported by this server (no fill-in-the-middle)"));
     }
     let logprobs = req.logprobs.map(|k| logprobs_count("logprobs", k)).transpose()?;
-    if req.echo && logprobs.is_some() {
-        return Err(bad("echo", "`echo` with `logprobs` needs prompt log-probabilities, which are not computed"));
+    let mut params = SamplingParams::from_common(&req.common, req.common.max_tokens, logprobs, &m.defaults)?;
+    // `echo` + `logprobs` scores the prompt too: the engine computes the prompt's
+    // log-probabilities with as many alternatives as either field asks for.
+    let echo_k = logprobs.filter(|_| req.echo);
+    let prompt_k = params.prompt_logprobs;
+    if let Some(k) = echo_k {
+        params.prompt_logprobs = Some(prompt_k.unwrap_or(0).max(k));
     }
-    let params = SamplingParams::from_common(&req.common, req.common.max_tokens, logprobs, &m.defaults)?;
     let (prompt, echo_text) = match req.prompt {
         Prompt::Text(s) => (encode(m, s.clone(), true).await?, s),
         Prompt::Tokens(t) => (t, String::new()),
@@ -51,6 +55,14 @@ pub(crate) async fn handle(
     } else {
         echo_text
     };
+    let prompt_ids = prompt.clone();
+    let scored = move |m: &crate::state::ServedModel, lps: Option<&[Option<tessera_runner::TokenLogprobs>]>| {
+        let lps = lps.unwrap_or(&[]);
+        (
+            echo_k.map(|k| logprobs::echo(m, &prompt_ids, lps, k)),
+            prompt_k.map(|k| logprobs::prompt(m, &prompt_ids, lps, k)),
+        )
+    };
     let streams = submit(&st, m, &req.model, prompt, params)?;
     let (id, created, model) = (request_id("cmpl"), unix_now(), req.model.clone());
     if req.common.stream {
@@ -63,11 +75,15 @@ pub(crate) async fn handle(
             choices,
             usage,
         };
+        // Without prompt scores the echo goes out at once; with them it waits for the first
+        // output, which carries the prompt's log-probabilities.
+        let waits = echo_k.is_some() || prompt_k.is_some();
         let mut first = Vec::new();
-        if !echo.is_empty() {
+        if !echo.is_empty() && !waits {
             for index in 0..streams.len() {
+                let text = echo.clone();
                 let c = chunk(
-                    vec![CompletionChoice { index, text: echo.clone(), logprobs: None, finish_reason: None }],
+                    vec![CompletionChoice { index, text, logprobs: None, finish_reason: None, prompt_logprobs: None }],
                     None,
                 );
                 first.push(serde_json::to_string(&c).map_err(|e| ApiError::Internal(e.to_string()))?);
@@ -75,19 +91,29 @@ pub(crate) async fn handle(
         }
         let st2 = st.clone();
         let mut offsets = vec![echo.len(); streams.len()];
+        let mut pending_echo = vec![waits; streams.len()];
         return Ok(sse(streams, first, include_usage, move |p| {
             let c = match p {
                 Piece::Output(index, o) => {
                     let finish_reason = o.finished.map(|f| f.reason.as_str());
-                    if o.text.is_empty() && finish_reason.is_none() && o.logprobs.is_empty() {
+                    let head = std::mem::take(&mut pending_echo[index]);
+                    if !head && o.text.is_empty() && finish_reason.is_none() && o.logprobs.is_empty() {
                         return None;
                     }
-                    let lp = st2.loaded().filter(|_| !o.logprobs.is_empty()).map(|m| {
-                        let lp = logprobs::completion(m, &o.token_ids, &o.logprobs, offsets[index]);
-                        offsets[index] += lp.tokens.iter().map(String::len).sum::<usize>();
-                        lp
-                    });
-                    chunk(vec![CompletionChoice { index, text: o.text.clone(), logprobs: lp, finish_reason }], None)
+                    let m = st2.loaded()?;
+                    let (echo_lp, prompt_logprobs) =
+                        if head { scored(m, o.prompt_logprobs.as_deref()) } else { (None, None) };
+                    let mut lp = echo_lp;
+                    if !o.logprobs.is_empty() {
+                        let more = logprobs::completion(m, &o.token_ids, &o.logprobs, offsets[index]);
+                        offsets[index] += more.tokens.iter().map(String::len).sum::<usize>();
+                        match &mut lp {
+                            Some(l) => l.extend(more),
+                            None => lp = Some(more),
+                        }
+                    }
+                    let text = if head { format!("{echo}{}", o.text) } else { o.text.clone() };
+                    chunk(vec![CompletionChoice { index, text, logprobs: lp, finish_reason, prompt_logprobs }], None)
                 }
                 Piece::Usage(u) => chunk(vec![], Some(u)),
             };
@@ -99,11 +125,23 @@ pub(crate) async fn handle(
     let choices = done
         .into_iter()
         .enumerate()
-        .map(|(index, d)| CompletionChoice {
-            index,
-            logprobs: logprobs.map(|_| logprobs::completion(m, &d.token_ids, &d.logprobs, echo.len())),
-            text: format!("{echo}{}", d.text),
-            finish_reason: Some(d.finished.reason.as_str()),
+        .map(|(index, d)| {
+            let (echo_lp, prompt_logprobs) = scored(m, d.prompt_logprobs.as_deref());
+            let generated = logprobs.map(|_| logprobs::completion(m, &d.token_ids, &d.logprobs, echo.len()));
+            let logprobs = match (echo_lp, generated) {
+                (Some(mut e), Some(g)) => {
+                    e.extend(g);
+                    Some(e)
+                }
+                (e, g) => e.or(g),
+            };
+            CompletionChoice {
+                index,
+                logprobs,
+                text: format!("{echo}{}", d.text),
+                finish_reason: Some(d.finished.reason.as_str()),
+                prompt_logprobs,
+            }
         })
         .collect();
     Ok(Json(CompletionResponse { id, object: "text_completion", created, model, choices, usage }).into_response())

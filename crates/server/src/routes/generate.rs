@@ -61,18 +61,23 @@ pub(crate) struct Collected {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<TokenLogprobs>,
+    /// Per prompt token, when prompt log-probabilities were asked for.
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     pub finished: Finished,
 }
 
 async fn collect_one(mut rs: RequestStream) -> Result<Collected, ApiError> {
-    let (mut text, mut token_ids, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+    let (mut text, mut token_ids, mut logprobs, mut prompt_logprobs) = (String::new(), Vec::new(), Vec::new(), None);
     while let Some(item) = rs.next().await {
         let out = item?;
         text.push_str(&out.text);
         token_ids.extend_from_slice(&out.token_ids);
         logprobs.extend(out.logprobs);
+        if out.prompt_logprobs.is_some() {
+            prompt_logprobs = out.prompt_logprobs;
+        }
         if let Some(finished) = out.finished {
-            return Ok(Collected { text, token_ids, logprobs, finished });
+            return Ok(Collected { text, token_ids, logprobs, prompt_logprobs, finished });
         }
     }
     Err(ApiError::Internal("the engine ended the request without a result".into()))

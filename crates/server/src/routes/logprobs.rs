@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use tessera_protocol::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob};
+use tessera_protocol::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptLogprob, PromptLogprobs, TopLogprob};
 use tessera_runner::TokenLogprobs;
 
 use crate::state::ServedModel;
@@ -54,9 +54,44 @@ pub(crate) fn completion(m: &ServedModel, ids: &[u32], lps: &[TokenLogprobs], of
         out.text_offset.push(at);
         at += token.len();
         out.tokens.push(token);
-        out.token_logprobs.push(finite(lp.logprob));
+        out.token_logprobs.push(Some(finite(lp.logprob)));
         let top: BTreeMap<String, f32> = lp.top.iter().map(|&(t, l)| (token_text(m, t), finite(l))).collect();
-        out.top_logprobs.push(top);
+        out.top_logprobs.push(Some(top));
     }
     out
+}
+
+/// The echoed prompt's entries (OpenAI's legacy `echo` + `logprobs`): offsets from 0, `k`
+/// alternatives, `null` where nothing predicts the token (the first).
+pub(crate) fn echo(m: &ServedModel, ids: &[u32], lps: &[Option<TokenLogprobs>], k: usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut at = 0;
+    for (i, &id) in ids.iter().enumerate() {
+        let token = token_text(m, id);
+        out.text_offset.push(at);
+        at += token.len();
+        out.tokens.push(token);
+        let lp = lps.get(i).and_then(Option::as_ref);
+        out.token_logprobs.push(lp.map(|l| finite(l.logprob)));
+        out.top_logprobs.push(lp.map(|l| l.top.iter().take(k).map(|&(t, v)| (token_text(m, t), finite(v))).collect()));
+    }
+    out
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token, itself and `k` alternatives by token id.
+pub(crate) fn prompt(m: &ServedModel, ids: &[u32], lps: &[Option<TokenLogprobs>], k: usize) -> PromptLogprobs {
+    ids.iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let lp = lps.get(i)?.as_ref()?;
+            let entry = |t: u32, logprob: f32, rank: u32| {
+                (t.to_string(), PromptLogprob { logprob: finite(logprob), rank, decoded_token: token_text(m, t) })
+            };
+            let mut map: BTreeMap<String, PromptLogprob> =
+                lp.top.iter().take(k).enumerate().map(|(r, &(t, v))| entry(t, v, r as u32 + 1)).collect();
+            let own = entry(id, lp.logprob, lp.rank);
+            map.insert(own.0, own.1);
+            Some(map)
+        })
+        .collect()
 }
