@@ -50,7 +50,7 @@ struct Welcome {
 
 #[derive(serde::Serialize, serde::Deserialize)]
 enum ToEngine {
-    Add { first_id: u64, req: EngineRequest },
+    Add { first_id: u64, req: Box<EngineRequest> },
     Abort { id: u64 },
     AbortAll { err: EngineError },
 }
@@ -130,7 +130,7 @@ impl Link {
                         p.txs.insert(first_id + i as u64, (tx, first_id));
                     }
                     p.unstarted.insert(first_id);
-                    ToEngine::Add { first_id, req: *req }
+                    ToEngine::Add { first_id, req }
                 }
                 Command::Abort(id) => {
                     let mut p = self.lock();
@@ -367,7 +367,7 @@ impl Joined {
                 Err(e) => break format!("the link to the leader at {leader} failed: {e}"),
             };
             match serde_json::from_str::<ToEngine>(&frame) {
-                Ok(ToEngine::Add { first_id, req }) => submit(&engine, first_id, req, &out, &tasks),
+                Ok(ToEngine::Add { first_id, req }) => submit(&engine, first_id, *req, &out, &tasks),
                 Ok(ToEngine::Abort { id }) => {
                     if let Some(t) = tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
                         t.abort();
