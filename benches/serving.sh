@@ -7,7 +7,11 @@
 #
 # Prints, for each server: output tok/s, TTFT p50/p99 and ITL p50/p99 at 1, 8 and 32 streamed
 # requests of 64 tokens, prefill tok/s on a 512-token prompt, peak RSS; then Tessera/llama.cpp
-# ratios. Builds llama.cpp once (benches/serving/llama-cpp.sh, cached) and Tessera in release.
+# ratios. Then the quality line: perplexity of llama.cpp's `llama-perplexity` and of Tessera
+# (prompt log-probabilities over HTTP, same tokens, same method) on the GPL-3 text, -c 512, on
+# the GGUF; and Tessera's f32 path (the derived safetensors copy) with the default f16 KV cache
+# and with an f32 one (QUALITY=0 skips this part; TEXT=file changes the text).
+# Builds llama.cpp once (benches/serving/llama-cpp.sh, cached) and Tessera in release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${MODEL:-$(scripts/fetch-models.sh)}"
@@ -64,6 +68,27 @@ done
 rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 echo "$(rss "$LPID")" >"$out/llama.rss"; echo "$(rss "$TPID")" >"$out/tessera.rss"
 
+if [ "${QUALITY:-1}" != 0 ]; then
+  TEXT="${TEXT:-/usr/share/common-licenses/GPL-3}"
+  HF="$(dirname "$MODEL")/SmolLM2-135M-Instruct-hf"
+  ppl() { python3 benches/serving/perplexity.py "$TEXT" --url "http://127.0.0.1:$1" --tokenizer-url "http://127.0.0.1:$LP" --ctx 512; }
+  LD_LIBRARY_PATH="$LLAMA_BIN" "$LLAMA_BIN/llama-perplexity" -m "$MODEL" -f "$TEXT" -c 512 -t "$THREADS" $LLAMA_EXTRA \
+    >"$out/llama.ppl.log" 2>&1
+  grep -o 'Final estimate: PPL = [0-9.]*' "$out/llama.ppl.log" | awk '{print "{\"ppl\": " $NF "}"}' >"$out/llama.ppl"
+  ppl "$TP" >"$out/tessera.ppl"
+  if [ -f "$HF/model.safetensors" ]; then
+    for kv in auto float32; do
+      FP=$(port)
+      target/release/tessera serve "$HF" --host 127.0.0.1 --port "$FP" --threads "$THREADS" --served-model-name smollm2 \
+        --max-model-len 2048 --kv-cache-dtype "$kv" >"$out/f32-$kv.log" 2>&1 &
+      pids+=($!)
+      wait_ready "$FP" "$!" "$out/f32-$kv.log"
+      ppl "$FP" >"$out/f32-$kv.ppl"
+      kill "$!" 2>/dev/null || true
+    done
+  fi
+fi
+
 python3 - "$out" <<'PY'
 import json, sys, os
 d = sys.argv[1]
@@ -85,4 +110,12 @@ print(f"  prefill tok/s {pre['tessera']['prefill_tok_s'] / pre['llama']['prefill
 t = {r["concurrency"]: r["output_tok_s"] for r in rows["tessera"]}
 if 1 in t and 32 in t:
     print(f"  tessera 32 streams / its own 1 stream: {t[32] / t[1]:.2f}x")
+ppl = lambda n: json.load(open(os.path.join(d, n + ".ppl")))["ppl"] if os.path.exists(os.path.join(d, n + ".ppl")) else None
+lp, tp = ppl("llama"), ppl("tessera")
+if lp and tp:
+    print(f"quality (GPL-3 text, -c 512, second half of each chunk scored): perplexity llama-perplexity {lp:.4f}, "
+          f"tessera {tp:.4f} ({(tp / lp - 1) * 100:+.2f}%) on the GGUF")
+f16, f32 = ppl("f32-auto"), ppl("f32-float32")
+if f16 and f32:
+    print(f"  tessera f32 weights: {f16:.4f} with the f16 KV cache, {f32:.4f} with an f32 one ({(f16 / f32 - 1) * 100:+.3f}%)")
 PY

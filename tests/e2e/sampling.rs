@@ -88,7 +88,7 @@ async fn sampling_options_change_the_output_as_specified() {
     assert_eq!(t, format!("{prompt}{plain}"));
 
     // Penalties change a repetitive continuation.
-    let rep = "one one one one one one one one";
+    let rep = "red red red red red red";
     let (base_rep, _, _) = api.complete(rep, json!({})).await;
     for extra in
         [json!({"repetition_penalty": 1.8}), json!({"frequency_penalty": 2.0}), json!({"presence_penalty": 2.0})]

@@ -183,9 +183,9 @@ async fn completions_seed_prefix_cache_models_metrics_and_errors() {
 /// every request still completes with its full length, and every block comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn preemption_under_a_small_cache_loses_nothing() {
-    // 0.70 MiB per 16-token block for SmolLM2 in f32: 20 MiB = 28 blocks = 448 tokens,
-    // while 8 requests of ~10 + 64 tokens need ~600.
-    let (running, base) = start(&["--kv-cache-memory", "20MiB", "--max-model-len", "256"]).await;
+    // 0.35 MiB per 16-token block for SmolLM2 in the default f16 cache: 10 MiB = 28 blocks =
+    // 448 tokens, while 8 requests of ~10 + 64 tokens need ~600.
+    let (running, base) = start(&["--kv-cache-memory", "10MiB", "--max-model-len", "256"]).await;
     let c = client();
     let tasks: Vec<_> = (0..8)
         .map(|i| {
