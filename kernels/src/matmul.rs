@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use crate::out::Out;
+use crate::quant::packed::GROUP;
 use crate::quant::{quantize_rows, quantize_rows_k, scalar, ActBlock, ActBlockK, QMatrix};
 use crate::{Isa, KernelError, Result};
 
@@ -37,6 +38,25 @@ impl QMatrix {
         let blocks = k / self.qtype().block_elems();
         let acts = if self.qtype().is_k() { Acts::K(quantize_rows_k(x, k)) } else { Acts::Q8(quantize_rows(x, k)) };
         let ptr = Out(out.as_mut_ptr());
+        if let (Acts::Q8(a), Some(p)) = (&acts, self.packed()) {
+            if let Some(gemm) = packed_gemm(isa, self.qtype()) {
+                let groups = p.groups;
+                let chunk = (chunk_rows(n) / GROUP).max(1);
+                let run = |c: usize| {
+                    let gs = c * chunk..((c + 1) * chunk).min(groups);
+                    // SAFETY: `packed_gemm` chose a path this CPU has for this type; each task
+                    // writes only its groups' columns, and the chunks are disjoint.
+                    unsafe { gemm(p, self.qtype(), gs, a, blocks, ptr.at(0), n) };
+                };
+                let chunks = groups.div_ceil(chunk);
+                if chunks == 1 {
+                    run(0);
+                } else {
+                    (0..chunks).into_par_iter().for_each(run);
+                }
+                return Ok(());
+            }
+        }
         let chunk = chunk_rows(n);
         let run = |c: usize| {
             let rows = c * chunk..((c + 1) * chunk).min(n);
@@ -55,6 +75,20 @@ impl QMatrix {
             (0..chunks).into_par_iter().for_each(run);
         }
         Ok(())
+    }
+}
+
+type PackedGemm =
+    unsafe fn(&crate::quant::packed::Packed, crate::QType, std::ops::Range<usize>, &[ActBlock], usize, *mut f32, usize);
+
+/// The packed GEMM for `ty` on `isa`, if there is one (Q8_0's needs VNNI).
+fn packed_gemm(isa: Isa, ty: crate::QType) -> Option<PackedGemm> {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if ty != crate::QType::Q8_0 => Some(crate::quant::x86_packed::avx2::gemm),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => Some(crate::quant::x86_packed::vnni::gemm),
+        _ => None,
     }
 }
 

@@ -6,11 +6,14 @@
 //! a minimum), and the products are integer dot products per block, scaled in f32.
 
 pub(crate) mod kquant;
+pub(crate) mod packed;
 pub(crate) mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_k;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_packed;
 
 pub use kquant::{quantize_row_k, quantize_rows_k, ActBlockK, QK_K};
 
@@ -136,6 +139,8 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     data: Vec<u8>,
+    /// The SIMD GEMM's layout of the same weights, where the CPU has SIMD and the type one.
+    packed: Option<packed::Packed>,
 }
 
 impl QMatrix {
@@ -153,7 +158,17 @@ impl QMatrix {
                 data.len()
             )));
         }
-        Ok(Self { ty, rows, cols, data })
+        let simd = crate::Isa::available().len() > 1;
+        let packed = (simd && packed::packable(ty)).then(|| {
+            let n = cols / be * ty.block_bytes();
+            packed::pack(ty, rows, cols, |r| &data[r * n..(r + 1) * n])
+        });
+        Ok(Self { ty, rows, cols, data, packed })
+    }
+
+    /// The packed layout, if this matrix has one.
+    pub(crate) fn packed(&self) -> Option<&packed::Packed> {
+        self.packed.as_ref()
     }
 
     /// Stack matrices with the same type and columns (fusing projections that share an input).
