@@ -48,9 +48,10 @@ impl KvElem for f32 {
 impl KvElem for f16 {
     #[inline(always)]
     fn load(src: &[f16], dst: &mut [f32]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.to_f32();
-        }
+        // half's slice conversion: F16C eight at a time where the CPU has it (one feature
+        // check per row, not per element).
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
     }
 }
 
@@ -104,9 +105,175 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// One (sequence, KV head) task.
+/// Tiles of query vectors per work item: a long prefill is split over several items (and
+/// threads); a decode step's few query heads are one tile.
+const TILES_PER_ITEM: usize = 4;
+
+/// The online-softmax update of one query vector's chunk of scores `r` (the first `valid`
+/// are real): scores become weights, and `(m, l)` the running maximum and sum. Returns the
+/// factor the accumulated output must be scaled by.
 #[inline(always)]
-fn task<E: KvElem>(q: &[f32], k: &[E], v: &[E], s: &SeqSpan, kvh: usize, shape: AttnShape, out: Out) {
+fn softmax_chunk(r: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32 {
+    if valid == 0 {
+        r.fill(0.0);
+        return 1.0;
+    }
+    let cmax = r[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mnew = m.max(cmax);
+    let corr = if *m == f32::NEG_INFINITY { 0.0 } else { (*m - mnew).exp() };
+    let mut sum = 0f32;
+    for x in r[..valid].iter_mut() {
+        *x = exp_neg(*x - mnew);
+        sum += *x;
+    }
+    r[valid..].fill(0.0);
+    *l = *l * corr + sum;
+    *m = mnew;
+    corr
+}
+
+/// Per-thread scratch of the work items (kept between calls: no allocation per item).
+struct Scratch {
+    kt: Vec<f32>,
+    vc: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> =
+        const { std::cell::RefCell::new(Scratch { kt: Vec::new(), vc: Vec::new(), acc: Vec::new() }) };
+}
+
+/// `v` as `N` arrays of `M` (grown to size; stale contents are finite values or zeros).
+fn arrays<const M: usize, const N: usize>(v: &mut Vec<f32>) -> &mut [[f32; M]; N] {
+    if v.len() < M * N {
+        v.resize(M * N, 0.0);
+    }
+    // SAFETY: `v` holds at least M·N f32s, and `[[f32; M]; N]` has f32's alignment.
+    unsafe { &mut *(v.as_mut_ptr() as *mut [[f32; M]; N]) }
+}
+
+/// Query vectors in a tile from which scores come from the transposed key block (below it,
+/// one dot product per query and key is cheaper than transposing).
+const TRANSPOSE_FROM: usize = 8;
+
+/// One work item for a head size known at compile time. For a tile of many query vectors
+/// (prefill), the keys of each context chunk are converted once into a transposed block, so
+/// a chunk's scores come from broadcast multiply-adds with no horizontal sums, and the values
+/// into a row block; each query's output stays in registers over the chunk. A tile of a
+/// few (decode) takes one dot product per query and key.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn task_d<E: KvElem, const D: usize>(
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    s: &SeqSpan,
+    kvh: usize,
+    shape: AttnShape,
+    tiles: std::ops::Range<usize>,
+    out: Out,
+) {
+    SCRATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let Scratch { kt, vc, acc } = &mut *guard;
+        let kt = arrays::<CHUNK, D>(kt);
+        let vc = arrays::<D, CHUNK>(vc);
+        let acc = arrays::<D, TILE>(acc);
+        let AttnShape { heads: h, kv_heads: kvn, .. } = shape;
+        let g = h / kvn;
+        let ctx = s.slots.len();
+        let scale = 1.0 / (D as f32).sqrt();
+        let pairs = s.q_len * g;
+        let mut qb = [[0f32; D]; TILE];
+        let mut sc = [[0f32; CHUNK]; TILE];
+        let mut row = [0f32; D];
+        let (mut m, mut l, mut lim) = ([f32::NEG_INFINITY; TILE], [0f32; TILE], [0usize; TILE]);
+        for t in tiles {
+            let t0 = t * TILE;
+            if t0 >= pairs {
+                break;
+            }
+            let tn = (pairs - t0).min(TILE);
+            for p in 0..tn {
+                let (i, hh) = ((t0 + p) / g, (t0 + p) % g);
+                let at = (s.q_start + i) * h * D + (kvh * g + hh) * D;
+                for (dst, src) in qb[p].iter_mut().zip(&q[at..at + D]) {
+                    *dst = src * scale;
+                }
+                lim[p] = ctx - s.q_len + i + 1;
+                m[p] = f32::NEG_INFINITY;
+                l[p] = 0.0;
+                acc[p] = [0.0; D];
+            }
+            let jmax = lim[..tn].iter().copied().max().unwrap_or(0);
+            let transpose = tn >= TRANSPOSE_FROM;
+            for j0 in (0..jmax).step_by(CHUNK) {
+                let jn = (jmax - j0).min(CHUNK);
+                for jj in 0..jn {
+                    let at = (s.slots[j0 + jj] as usize * kvn + kvh) * D;
+                    E::load(&k[at..at + D], &mut row);
+                    if transpose {
+                        for (e, x) in row.iter().enumerate() {
+                            kt[e][jj] = *x;
+                        }
+                    } else {
+                        for p in 0..tn {
+                            sc[p][jj] = dot(&qb[p], &row);
+                        }
+                    }
+                    E::load(&v[at..at + D], &mut vc[jj]);
+                }
+                for p in 0..tn {
+                    if transpose {
+                        let mut srow = [0f32; CHUNK];
+                        for (qv, kr) in qb[p].iter().zip(kt.iter()) {
+                            for (s, kx) in srow.iter_mut().zip(kr) {
+                                *s += qv * kx;
+                            }
+                        }
+                        sc[p] = srow;
+                    }
+                    let valid = lim[p].saturating_sub(j0).min(jn);
+                    let corr = softmax_chunk(&mut sc[p][..jn], valid, &mut m[p], &mut l[p]);
+                    let mut a = acc[p];
+                    if corr != 1.0 {
+                        a.iter_mut().for_each(|x| *x *= corr);
+                    }
+                    for (w, vr) in sc[p][..valid].iter().zip(vc.iter()) {
+                        for (x, y) in a.iter_mut().zip(vr) {
+                            *x += w * y;
+                        }
+                    }
+                    acc[p] = a;
+                }
+            }
+            for p in 0..tn {
+                let (i, hh) = ((t0 + p) / g, (t0 + p) % g);
+                let at = (s.q_start + i) * h * D + (kvh * g + hh) * D;
+                let inv = if l[p] > 0.0 { 1.0 / l[p] } else { 0.0 };
+                for (e, a) in acc[p].iter().enumerate() {
+                    // SAFETY: each item writes only its own (rows of its sequence and tiles,
+                    // heads of its KV head) cells, disjoint from every other item's.
+                    unsafe { *out.at(at + e) = a * inv };
+                }
+            }
+        }
+    })
+}
+
+/// One work item for any head size (heap buffers, per-query dot products).
+#[allow(clippy::too_many_arguments)]
+fn task_any<E: KvElem>(
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    s: &SeqSpan,
+    kvh: usize,
+    shape: AttnShape,
+    tiles: std::ops::Range<usize>,
+    out: Out,
+) {
     let AttnShape { heads: h, kv_heads: kvn, head_dim: d } = shape;
     let g = h / kvn;
     let ctx = s.slots.len();
@@ -117,7 +284,11 @@ fn task<E: KvElem>(q: &[f32], k: &[E], v: &[E], s: &SeqSpan, kvh: usize, shape: 
     let mut sc = vec![0f32; TILE * CHUNK];
     let mut row = vec![0f32; d];
     let (mut m, mut l, mut lim) = ([f32::NEG_INFINITY; TILE], [0f32; TILE], [0usize; TILE]);
-    for t0 in (0..pairs).step_by(TILE) {
+    for t in tiles {
+        let t0 = t * TILE;
+        if t0 >= pairs {
+            break;
+        }
         let tn = (pairs - t0).min(TILE);
         for p in 0..tn {
             let (i, hh) = ((t0 + p) / g, (t0 + p) % g);
@@ -142,22 +313,7 @@ fn task<E: KvElem>(q: &[f32], k: &[E], v: &[E], s: &SeqSpan, kvh: usize, shape: 
             }
             for p in 0..tn {
                 let valid = lim[p].saturating_sub(j0).min(jn);
-                let r = &mut sc[p * CHUNK..p * CHUNK + jn];
-                if valid == 0 {
-                    r.fill(0.0);
-                    continue;
-                }
-                let cmax = r[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mnew = m[p].max(cmax);
-                let corr = if m[p] == f32::NEG_INFINITY { 0.0 } else { (m[p] - mnew).exp() };
-                let mut sum = 0f32;
-                for x in r[..valid].iter_mut() {
-                    *x = exp_neg(*x - mnew);
-                    sum += *x;
-                }
-                r[valid..].fill(0.0);
-                l[p] = l[p] * corr + sum;
-                m[p] = mnew;
+                let corr = softmax_chunk(&mut sc[p * CHUNK..p * CHUNK + jn], valid, &mut m[p], &mut l[p]);
                 if corr != 1.0 {
                     acc[p * d..(p + 1) * d].iter_mut().for_each(|a| *a *= corr);
                 }
@@ -180,18 +336,47 @@ fn task<E: KvElem>(q: &[f32], k: &[E], v: &[E], s: &SeqSpan, kvh: usize, shape: 
             let at = (s.q_start + i) * h * d + (kvh * g + hh) * d;
             let inv = if l[p] > 0.0 { 1.0 / l[p] } else { 0.0 };
             for (e, a) in acc[p * d..(p + 1) * d].iter().enumerate() {
-                // SAFETY: each task writes only its own (rows of its sequence, heads of its KV
-                // head) cells, disjoint from every other task's.
+                // SAFETY: as in `task_d`.
                 unsafe { *out.at(at + e) = a * inv };
             }
         }
     }
 }
 
+/// One work item on the head size's best variant.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn task<E: KvElem>(
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    s: &SeqSpan,
+    kvh: usize,
+    shape: AttnShape,
+    tiles: std::ops::Range<usize>,
+    out: Out,
+) {
+    match shape.head_dim {
+        64 => task_d::<E, 64>(q, k, v, s, kvh, shape, tiles, out),
+        128 => task_d::<E, 128>(q, k, v, s, kvh, shape, tiles, out),
+        _ => task_any(q, k, v, s, kvh, shape, tiles, out),
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn task_avx2<E: KvElem>(q: &[f32], k: &[E], v: &[E], s: &SeqSpan, kvh: usize, shape: AttnShape, out: Out) {
-    task(q, k, v, s, kvh, shape, out)
+#[allow(clippy::too_many_arguments)]
+unsafe fn task_avx2<E: KvElem>(
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    s: &SeqSpan,
+    kvh: usize,
+    shape: AttnShape,
+    tiles: std::ops::Range<usize>,
+    out: Out,
+) {
+    task(q, k, v, s, kvh, shape, tiles, out)
 }
 
 /// Attention of every sequence: `q` is `[T, heads, head_dim]` f32, the caches
@@ -234,22 +419,32 @@ pub fn paged_attention<E: KvElem>(
         }
     }
     let o = Out(out.as_mut_ptr());
-    let run = |(si, kvh): (usize, usize)| {
+    let run = |(si, kvh, t): (usize, usize, usize)| {
         let s = &seqs[si];
+        let tiles = t..t + TILES_PER_ITEM;
         match isa {
             // SAFETY: AVX2+FMA+F16C are present when `Isa::available` lists an x86 SIMD path.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512Vnni => unsafe { task_avx2(q, k, v, s, kvh, shape, o) },
-            _ => task(q, k, v, s, kvh, shape, o),
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { task_avx2(q, k, v, s, kvh, shape, tiles, o) },
+            _ => task(q, k, v, s, kvh, shape, tiles, o),
         }
     };
     if !Isa::available().contains(&isa) {
         return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
     }
-    let tasks: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|s| (0..kv_heads).map(move |h| (s, h))).collect();
+    // Items: (sequence, KV head, first tile).
+    let group = heads / kv_heads;
+    let tasks: Vec<(usize, usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            let tiles = (s.q_len * group).div_ceil(TILE);
+            (0..kv_heads).flat_map(move |h| (0..tiles).step_by(TILES_PER_ITEM).map(move |t| (si, h, t)))
+        })
+        .collect();
     if tasks.len() == 1 {
         run(tasks[0]);
-    } else {
+    } else if !tasks.is_empty() {
         tasks.into_par_iter().for_each(run);
     }
     Ok(())

@@ -97,6 +97,9 @@ fn paged_attention_equals_plain_attention() {
     // Odd head size, no grouping, and full multi-head grouping.
     case(AttnShape { heads: 4, kv_heads: 4, head_dim: 13 }, &[(2, 9), (1, 66)], &mut rng);
     case(AttnShape { heads: 8, kv_heads: 1, head_dim: 16 }, &[(17, 17)], &mut rng);
+    // A long prefill split over several work items, and the 128-wide heads of larger models.
+    case(smol, &[(200, 300), (1, 9)], &mut rng);
+    case(AttnShape { heads: 8, kv_heads: 2, head_dim: 128 }, &[(33, 100), (1, 65)], &mut rng);
 }
 
 #[test]
