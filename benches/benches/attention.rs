@@ -1,7 +1,7 @@
 //! Paged attention over an f16 cache with SmolLM2-135M's heads (9 query heads, 3 KV heads,
 //! 64 dims): 32 sequences decoding one token each at contexts of 128 and 1024, slots
-//! scattered as a block table leaves them; our kernel on the active instruction set vs the
-//! scalar reference. Throughput is KV bytes read per call.
+//! scattered as a block table leaves them, and one 512-token causal prefill; our kernel on the
+//! active instruction set vs the scalar reference. Throughput is KV bytes read per call.
 
 use std::time::Duration;
 
@@ -36,6 +36,21 @@ fn attention(c: &mut Criterion) {
                 b.iter(|| paged_attention(isa, &q, &k, &v, &spans, shape, &mut out).expect("attention"))
             });
         }
+    }
+    // One sequence's 512-token prompt in one step (causal).
+    let ctx = 512usize;
+    let row = shape.kv_heads * shape.head_dim;
+    let k: Vec<f16> = (0..ctx * row).map(|i| f16::from_f32(((i * 7919 % 1000) as f32 / 500.0) - 1.0)).collect();
+    let v = k.clone();
+    let slots: Vec<u32> = (0..ctx as u32).collect();
+    let spans = [SeqSpan { q_start: 0, q_len: ctx, slots: &slots }];
+    let q: Vec<f32> = (0..ctx * shape.heads * shape.head_dim).map(|i| (i % 17) as f32 / 17.0).collect();
+    let mut out = vec![0f32; q.len()];
+    g.throughput(Throughput::Bytes((2 * ctx * row * 2) as u64));
+    for isa in [Isa::active(), Isa::Scalar] {
+        g.bench_function(BenchmarkId::new(format!("prefill/{isa:?}"), ctx), |b| {
+            b.iter(|| paged_attention(isa, &q, &k, &v, &spans, shape, &mut out).expect("attention"))
+        });
     }
     g.finish();
 }

@@ -36,6 +36,12 @@ pub struct AttnShape {
 pub trait KvElem: Copy + Send + Sync + 'static {
     /// `dst = src` as f32.
     fn load(src: &[Self], dst: &mut [f32]);
+
+    /// [`KvElem::load`] inside x86 code compiled with AVX2+F16C (it may use them).
+    #[inline(always)]
+    fn load_x86(src: &[Self], dst: &mut [f32]) {
+        Self::load(src, dst)
+    }
 }
 
 impl KvElem for f32 {
@@ -53,6 +59,29 @@ impl KvElem for f16 {
         use half::slice::HalfFloatSliceExt;
         src.convert_to_f32_slice(dst);
     }
+
+    #[inline(always)]
+    fn load_x86(src: &[f16], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            let n = src.len().min(dst.len());
+            let mut i = 0;
+            while i + 8 <= n {
+                // SAFETY: only called from the AVX2+F16C item (`task_avx2`); 8 values in range.
+                unsafe {
+                    let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                }
+                i += 8;
+            }
+            for j in i..n {
+                dst[j] = src[j].to_f32();
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Self::load(src, dst)
+    }
 }
 
 impl KvElem for bf16 {
@@ -69,33 +98,47 @@ const TILE: usize = 16;
 /// Context positions scored per softmax update.
 const CHUNK: usize = 64;
 
+/// `a·b + c`, fused where the item is compiled with FMA (`X`), plain otherwise (a fused
+/// multiply-add without the instruction is a slow library call).
+#[inline(always)]
+fn fma<const X: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if X {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// `exp(x)` for `x ≤ 0` (Cephes' polynomial; relative error below 2e-7 down to −87, where
 /// the result is below 1e-37), in a form the compiler vectorises.
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+fn exp_neg<const X: bool>(x: f32) -> f32 {
     let x = x.max(-87.0);
-    // Round to nearest through the float adder (vectorises, unlike `round`).
-    let fx = (x * std::f32::consts::LOG2_E + 12582912.0) - 12582912.0;
+    // Round to nearest through the float adder (vectorises, unlike `round`); the integer
+    // sits in the low mantissa bits of `t`.
+    let t = x * std::f32::consts::LOG2_E + 12582912.0;
+    let fx = t - 12582912.0;
+    let n = t.to_bits().wrapping_sub(0x4B40_0000);
     let r = x - fx * 0.693_359_4 - fx * -2.121_944_4e-4;
     let z = r * r;
     let mut y = 1.987_569_1e-4f32;
-    y = y * r + 1.398_199_9e-3;
-    y = y * r + 8.333_452e-3;
-    y = y * r + 4.166_579_6e-2;
-    y = y * r + 1.666_666_5e-1;
-    y = y * r + 0.5;
-    y = y * z + r + 1.0;
-    y * f32::from_bits(((fx as i32 + 127) as u32) << 23)
+    y = fma::<X>(y, r, 1.398_199_9e-3);
+    y = fma::<X>(y, r, 8.333_452e-3);
+    y = fma::<X>(y, r, 4.166_579_6e-2);
+    y = fma::<X>(y, r, 1.666_666_5e-1);
+    y = fma::<X>(y, r, 0.5);
+    y = fma::<X>(y, z, r + 1.0);
+    y * f32::from_bits(n.wrapping_add(127) << 23)
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<const X: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] = fma::<X>(x[l], y[l], acc[l]);
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
@@ -113,7 +156,7 @@ const TILES_PER_ITEM: usize = 4;
 /// are real): scores become weights, and `(m, l)` the running maximum and sum. Returns the
 /// factor the accumulated output must be scaled by.
 #[inline(always)]
-fn softmax_chunk(r: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32 {
+fn softmax_chunk<const X: bool>(r: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32 {
     if valid == 0 {
         r.fill(0.0);
         return 1.0;
@@ -121,12 +164,18 @@ fn softmax_chunk(r: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32 {
     let cmax = r[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mnew = m.max(cmax);
     let corr = if *m == f32::NEG_INFINITY { 0.0 } else { (*m - mnew).exp() };
-    let mut sum = 0f32;
     for x in r[..valid].iter_mut() {
-        *x = exp_neg(*x - mnew);
-        sum += *x;
+        *x = exp_neg::<X>(*x - mnew);
     }
     r[valid..].fill(0.0);
+    // Eight partial sums (vectorises; a single running sum would not).
+    let mut part = [0f32; 8];
+    for c in r.chunks(8) {
+        for (p, x) in part.iter_mut().zip(c) {
+            *p += x;
+        }
+    }
+    let sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
     *l = *l * corr + sum;
     *m = mnew;
     corr
@@ -164,7 +213,7 @@ const TRANSPOSE_FROM: usize = 8;
 /// few (decode) takes one dot product per query and key.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn task_d<E: KvElem, const D: usize>(
+fn task_d<E: KvElem, const D: usize, const X: bool>(
     q: &[f32],
     k: &[E],
     v: &[E],
@@ -173,10 +222,10 @@ fn task_d<E: KvElem, const D: usize>(
     shape: AttnShape,
     tiles: std::ops::Range<usize>,
     out: Out,
+    scratch: &mut Scratch,
 ) {
-    SCRATCH.with(|cell| {
-        let mut guard = cell.borrow_mut();
-        let Scratch { kt, vc, acc } = &mut *guard;
+    {
+        let Scratch { kt, vc, acc } = scratch;
         let kt = arrays::<CHUNK, D>(kt);
         let vc = arrays::<D, CHUNK>(vc);
         let acc = arrays::<D, TILE>(acc);
@@ -212,37 +261,45 @@ fn task_d<E: KvElem, const D: usize>(
                 let jn = (jmax - j0).min(CHUNK);
                 for jj in 0..jn {
                     let at = (s.slots[j0 + jj] as usize * kvn + kvh) * D;
-                    E::load(&k[at..at + D], &mut row);
+                    if X {
+                        E::load_x86(&k[at..at + D], &mut row);
+                    } else {
+                        E::load(&k[at..at + D], &mut row);
+                    }
                     if transpose {
                         for (e, x) in row.iter().enumerate() {
                             kt[e][jj] = *x;
                         }
                     } else {
                         for p in 0..tn {
-                            sc[p][jj] = dot(&qb[p], &row);
+                            sc[p][jj] = dot::<X>(&qb[p], &row);
                         }
                     }
-                    E::load(&v[at..at + D], &mut vc[jj]);
+                    if X {
+                        E::load_x86(&v[at..at + D], &mut vc[jj]);
+                    } else {
+                        E::load(&v[at..at + D], &mut vc[jj]);
+                    }
                 }
                 for p in 0..tn {
                     if transpose {
                         let mut srow = [0f32; CHUNK];
                         for (qv, kr) in qb[p].iter().zip(kt.iter()) {
                             for (s, kx) in srow.iter_mut().zip(kr) {
-                                *s += qv * kx;
+                                *s = fma::<X>(*qv, *kx, *s);
                             }
                         }
                         sc[p] = srow;
                     }
                     let valid = lim[p].saturating_sub(j0).min(jn);
-                    let corr = softmax_chunk(&mut sc[p][..jn], valid, &mut m[p], &mut l[p]);
+                    let corr = softmax_chunk::<X>(&mut sc[p][..jn], valid, &mut m[p], &mut l[p]);
                     let mut a = acc[p];
                     if corr != 1.0 {
                         a.iter_mut().for_each(|x| *x *= corr);
                     }
                     for (w, vr) in sc[p][..valid].iter().zip(vc.iter()) {
                         for (x, y) in a.iter_mut().zip(vr) {
-                            *x += w * y;
+                            *x = fma::<X>(*w, *y, *x);
                         }
                     }
                     acc[p] = a;
@@ -259,7 +316,7 @@ fn task_d<E: KvElem, const D: usize>(
                 }
             }
         }
-    })
+    }
 }
 
 /// One work item for any head size (heap buffers, per-query dot products).
@@ -308,12 +365,12 @@ fn task_any<E: KvElem>(
                 let at = (s.slots[j0 + jj] as usize * kvn + kvh) * d;
                 E::load(&k[at..at + d], &mut row);
                 for p in 0..tn {
-                    sc[p * CHUNK + jj] = dot(&qb[p * d..(p + 1) * d], &row);
+                    sc[p * CHUNK + jj] = dot::<false>(&qb[p * d..(p + 1) * d], &row);
                 }
             }
             for p in 0..tn {
                 let valid = lim[p].saturating_sub(j0).min(jn);
-                let corr = softmax_chunk(&mut sc[p * CHUNK..p * CHUNK + jn], valid, &mut m[p], &mut l[p]);
+                let corr = softmax_chunk::<false>(&mut sc[p * CHUNK..p * CHUNK + jn], valid, &mut m[p], &mut l[p]);
                 if corr != 1.0 {
                     acc[p * d..(p + 1) * d].iter_mut().for_each(|a| *a *= corr);
                 }
@@ -346,7 +403,7 @@ fn task_any<E: KvElem>(
 /// One work item on the head size's best variant.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn task<E: KvElem>(
+fn task<E: KvElem, const X: bool>(
     q: &[f32],
     k: &[E],
     v: &[E],
@@ -355,10 +412,11 @@ fn task<E: KvElem>(
     shape: AttnShape,
     tiles: std::ops::Range<usize>,
     out: Out,
+    scratch: &mut Scratch,
 ) {
     match shape.head_dim {
-        64 => task_d::<E, 64>(q, k, v, s, kvh, shape, tiles, out),
-        128 => task_d::<E, 128>(q, k, v, s, kvh, shape, tiles, out),
+        64 => task_d::<E, 64, X>(q, k, v, s, kvh, shape, tiles, out, scratch),
+        128 => task_d::<E, 128, X>(q, k, v, s, kvh, shape, tiles, out, scratch),
         _ => task_any(q, k, v, s, kvh, shape, tiles, out),
     }
 }
@@ -375,8 +433,9 @@ unsafe fn task_avx2<E: KvElem>(
     shape: AttnShape,
     tiles: std::ops::Range<usize>,
     out: Out,
+    scratch: &mut Scratch,
 ) {
-    task(q, k, v, s, kvh, shape, tiles, out)
+    task::<E, true>(q, k, v, s, kvh, shape, tiles, out, scratch)
 }
 
 /// Attention of every sequence: `q` is `[T, heads, head_dim]` f32, the caches
@@ -422,12 +481,17 @@ pub fn paged_attention<E: KvElem>(
     let run = |(si, kvh, t): (usize, usize, usize)| {
         let s = &seqs[si];
         let tiles = t..t + TILES_PER_ITEM;
-        match isa {
-            // SAFETY: AVX2+FMA+F16C are present when `Isa::available` lists an x86 SIMD path.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512Vnni => unsafe { task_avx2(q, k, v, s, kvh, shape, tiles, o) },
-            _ => task(q, k, v, s, kvh, shape, tiles, o),
-        }
+        // The scratch is taken here, outside the instruction-set function, so that the whole
+        // item compiles with its features (a closure inside it would not).
+        SCRATCH.with(|cell| {
+            let scratch = &mut *cell.borrow_mut();
+            match isa {
+                // SAFETY: AVX2+FMA+F16C are present when `Isa::available` lists an x86 SIMD path.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 | Isa::Avx512Vnni => unsafe { task_avx2(q, k, v, s, kvh, shape, tiles, o, scratch) },
+                _ => task::<E, false>(q, k, v, s, kvh, shape, tiles, o, scratch),
+            }
+        })
     };
     if !Isa::available().contains(&isa) {
         return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
