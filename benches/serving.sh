@@ -4,9 +4,11 @@
 #
 #   benches/serving.sh                 # SmolLM2-135M Q4_1 (scripts/fetch-models.sh)
 #   MODEL=path.gguf THREADS=2 benches/serving.sh
+#   LOAD_FLAGS=--repeat-prompts QUALITY=0 benches/serving.sh   # the same few prompts again and again
 #
 # Prints, for each server: output tok/s, TTFT p50/p99 and ITL p50/p99 at 1, 8 and 32 streamed
-# requests of 64 tokens, prefill tok/s on a 512-token prompt, peak RSS; then Tessera/llama.cpp
+# requests of 64 tokens (distinct prompts: benches/serving/load.py), prefill tok/s on a
+# 512-token prompt, peak RSS; then Tessera/llama.cpp
 # ratios. Then the quality line: perplexity of llama.cpp's `llama-perplexity` and of Tessera
 # (prompt log-probabilities over HTTP, same tokens, same method) on the GPL-3 text, -c 512, on
 # the GGUF; and Tessera's f32 path (the derived safetensors copy) with the default f16 KV cache
@@ -58,7 +60,7 @@ for c in $LEVELS; do
   n=$(( c * 2 > 8 ? c * 2 : 8 ))
   for name in llama tessera; do
     port=$([ $name = llama ] && echo "$LP" || echo "$TP")
-    python3 benches/serving/load.py "http://127.0.0.1:$port" --concurrency "$c" --requests "$n" >>"$out/$name.jsonl"
+    python3 benches/serving/load.py "http://127.0.0.1:$port" --concurrency "$c" --requests "$n" ${LOAD_FLAGS:-} >>"$out/$name.jsonl"
   done
 done
 for name in llama tessera; do

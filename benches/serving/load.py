@@ -4,6 +4,11 @@
     load.py BASE_URL --concurrency N --requests R [--max-tokens 64] [--model NAME]
     load.py BASE_URL --prefill-tokens 512           # one prompt of ~N tokens, max_tokens 1
 
+Every request's prompt is one of a few instructions under a tag unique to the run and the
+request (no server can answer it from a cached prompt: the figures measure batching and
+compute, as vLLM's serving benchmark does with its random prompts); `--repeat-prompts` sends
+the bare instructions again and again instead (a prompt-cache workload).
+
 Prints one JSON line: output tok/s over the run's wall time, TTFT and inter-token latency
 percentiles (ms), completed and failed requests. Each worker thread keeps one request in
 flight, so N threads hold the concurrency at N. Tokens are counted from the stream's chunks
@@ -69,6 +74,7 @@ def run(args):
     lock = threading.Lock()
     res = {"ttft": [], "itl": [], "tokens": 0, "done": 0, "failed": 0, "errors": []}
     counter = iter(range(args.requests))
+    run_tag = time.time_ns() % 1_000_000_007
 
     def worker():
         while True:
@@ -77,6 +83,8 @@ def run(args):
             if i is None:
                 return
             prompt = PROMPTS[i % len(PROMPTS)]
+            if not args.repeat_prompts:
+                prompt = f"[{run_tag}-{i}] {prompt}"
             try:
                 t0, times, n = one(args.base, args.model, prompt, args.max_tokens)
             except Exception as e:  # noqa: BLE001 - reported, not hidden
@@ -129,6 +137,7 @@ def main():
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prefill-tokens", type=int, default=0)
+    p.add_argument("--repeat-prompts", action="store_true")
     args = p.parse_args()
     if args.prefill_tokens:
         prefill(args)

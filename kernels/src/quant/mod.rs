@@ -106,27 +106,55 @@ pub struct ActBlock {
 /// ggml's `quantize_row_q8_0/q8_1` rules: `d = max|x| / 127`, `q = round(x / d)` (half away
 /// from zero), `d` stored as f16.
 pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::Isa::active() != crate::Isa::Scalar {
+        // SAFETY: a SIMD path is active, so the CPU has AVX2+FMA+F16C.
+        unsafe { quantize_row_avx2(x, out) };
+        return;
+    }
+    quantize_row_body(x, out)
+}
+
+/// The same arithmetic compiled with AVX2 (the rounding and maxima vectorise).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_row_avx2(x: &[f32], out: &mut [ActBlock]) {
+    quantize_row_body(x, out)
+}
+
+#[inline(always)]
+fn quantize_row_body(x: &[f32], out: &mut [ActBlock]) {
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
         for (q, &v) in b.qs.iter_mut().zip(xs) {
             *q = (v * id).round() as i8;
-            sum += *q as i32;
         }
+        let sum: i32 = b.qs.iter().map(|&q| q as i32).sum();
         b.d = f16::from_f32(d).to_f32();
         b.s = f16::from_f32(sum as f32 * d).to_f32();
         b.isum = sum;
     }
 }
 
-/// `m` rows of `k` activations quantized: `m × k/32` blocks, row-major.
+/// `m` rows of `k` activations quantized: `m × k/32` blocks, row-major (rows split over the
+/// pool when there are many).
 pub fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
+    use rayon::prelude::*;
     let blank = ActBlock { qs: [0; QK], d: 0.0, s: 0.0, isum: 0 };
     let mut out = vec![blank; x.len() / QK];
-    for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(k / QK)) {
-        quantize_row(row, o);
+    let per = k / QK;
+    if x.len() / k >= 16 {
+        out.par_chunks_mut(per * 8).zip(x.par_chunks(k * 8)).for_each(|(o, xs)| {
+            for (row, o) in xs.chunks_exact(k).zip(o.chunks_exact_mut(per)) {
+                quantize_row(row, o);
+            }
+        });
+    } else {
+        for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(per)) {
+            quantize_row(row, o);
+        }
     }
     out
 }
