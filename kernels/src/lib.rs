@@ -2,10 +2,11 @@
 //!
 //! Owns: every kernel the models call that is not a plain candle op, each with a plain scalar
 //! reference (the oracle the tests compare against) and SIMD versions chosen at run time from
-//! what the CPU has ([`Isa`]): today the quantized matrix product over GGUF blocks
-//! ([`QMatrix::matmul`]), with activations quantized once per call in ggml's block formats and
-//! integer dot products, split over a persistent thread pool by output columns; and paged
-//! attention read in place through slot lists ([`paged_attention`]).
+//! what the CPU has ([`Isa`]): the quantized matrix product over GGUF blocks (Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; [`QMatrix::matmul`]), with activations quantized once
+//! per call in ggml's block formats (Q8_0/Q8_1/Q8_K) and integer dot products, on a packed
+//! 8-column layout where the type has one, split over a persistent thread pool by output
+//! columns; and paged attention read in place through slot lists ([`paged_attention`]).
 //!
 //! Must not touch: tensors, devices, model layouts, files or the environment beyond the
 //! `TESSERA_KERNELS` override read by [`Isa::active`]. Models reach these kernels through one
