@@ -125,7 +125,14 @@ unsafe fn quantize_row_avx2(x: &[f32], out: &mut [ActBlock]) {
 #[inline(always)]
 fn quantize_row_body(x: &[f32], out: &mut [ActBlock]) {
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Eight lanes of maxima (vectorises; a single running maximum would not).
+        let mut lanes = [0f32; 8];
+        for c in xs.chunks_exact(8) {
+            for (m, v) in lanes.iter_mut().zip(c) {
+                *m = m.max(v.abs());
+            }
+        }
+        let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         for (q, &v) in b.qs.iter_mut().zip(xs) {

@@ -12,7 +12,7 @@ use super::packed::{Packed, GROUP};
 use super::{ActBlock, QType};
 
 macro_rules! packed_kernels {
-    ($name:ident, $features:literal, $dot8:item) => {
+    ($name:ident, $features:literal, $maxr:literal, $dot8:item) => {
         pub(crate) mod $name {
             use std::arch::x86_64::*;
             use std::ops::Range;
@@ -91,6 +91,12 @@ macro_rules! packed_kernels {
                     let cols = GROUP.min(n - g * GROUP);
                     let o = |i: usize| out.add(i * n + g * GROUP);
                     let mut i = 0;
+                    while $maxr >= 8 && m - i >= 8 {
+                        let (ai, oi): ([*const ActBlock; 8], [*mut f32; 8]) =
+                            (std::array::from_fn(|r| a(i + r)), std::array::from_fn(|r| o(i + r)));
+                        rows::<Q8, MIN, 8>(p, nb, g, ai, oi, cols);
+                        i += 8;
+                    }
                     while i < m {
                         match m - i {
                             1 => rows::<Q8, MIN, 1>(p, nb, g, [a(i)], [o(i)], cols),
@@ -135,9 +141,12 @@ macro_rules! packed_kernels {
     };
 }
 
+// Up to 4 activation rows per unpacked block with AVX2's 16 vector registers, 8 with
+// AVX-512's 32.
 packed_kernels!(
     avx2,
     "avx2,fma,f16c",
+    4,
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot8(w: &[__m256i; 8], a: *const i8) -> __m256i {
@@ -153,6 +162,7 @@ packed_kernels!(
 packed_kernels!(
     vnni,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    8,
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     unsafe fn dot8(w: &[__m256i; 8], a: *const i8) -> __m256i {
