@@ -38,8 +38,21 @@ impl QMatrix {
         let blocks = k / self.qtype().block_elems();
         let acts = if self.qtype().is_k() { Acts::K(quantize_rows_k(x, k)) } else { Acts::Q8(quantize_rows(x, k)) };
         let ptr = Out(out.as_mut_ptr());
-        if let (Acts::Q8(a), Some(p)) = (&acts, self.packed()) {
+        // Q4_K's packed form takes the Q8_K activations as blocks of 32.
+        let k_as_32 = match (&acts, self.packed()) {
+            (Acts::K(a), Some(_)) if packed_gemm(isa, self.qtype()).is_some() => {
+                Some(crate::quant::kquant::as_blocks_32(a))
+            }
+            _ => None,
+        };
+        let act32 = match (&acts, &k_as_32) {
+            (_, Some(a)) => Some(a.as_slice()),
+            (Acts::Q8(a), None) => Some(a.as_slice()),
+            _ => None,
+        };
+        if let (Some(a), Some(p)) = (act32, self.packed()) {
             if let Some(gemm) = packed_gemm(isa, self.qtype()) {
+                let blocks = k / crate::quant::QK;
                 let groups = p.groups;
                 let chunk = (chunk_rows(n) / GROUP).max(1);
                 let run = |c: usize| {

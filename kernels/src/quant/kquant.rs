@@ -68,6 +68,21 @@ pub fn quantize_rows_k(x: &[f32], k: usize) -> Vec<ActBlockK> {
     out
 }
 
+/// Q8_K super-blocks as blocks of 32 (same codes and scale; `s = d·Σq` exact in f32, not
+/// rounded through f16), for the packed GEMM.
+pub(crate) fn as_blocks_32(acts: &[ActBlockK]) -> Vec<super::ActBlock> {
+    let mut out = Vec::with_capacity(acts.len() * 8);
+    for a in acts {
+        for sub in 0..QK_K / 32 {
+            let mut qs = [0i8; 32];
+            qs.copy_from_slice(&a.qs[32 * sub..32 * sub + 32]);
+            let isum = a.bsums[2 * sub] as i32 + a.bsums[2 * sub + 1] as i32;
+            out.push(super::ActBlock { qs, d: a.d, s: a.d * isum as f32, isum });
+        }
+    }
+    out
+}
+
 /// ggml's `get_scale_min_k4`: the 6-bit scale and minimum of sub-block `j` (of 8) packed in
 /// 12 bytes.
 #[inline]

@@ -22,9 +22,23 @@ pub(crate) struct Packed {
     pub groups: usize,
 }
 
-/// Whether `ty` has a packed layout.
+/// Whether `ty` has a packed layout. Q4_K is packed as Q4_1 blocks of 32 (each sub-block's
+/// `d·scale` and `−dmin·min` as its scale and minimum), multiplied with Q8_K activations
+/// seen as 32-value blocks.
 pub(crate) fn packable(ty: QType) -> bool {
-    matches!(ty, QType::Q4_0 | QType::Q4_1 | QType::Q8_0)
+    matches!(ty, QType::Q4_0 | QType::Q4_1 | QType::Q8_0 | QType::Q4K)
+}
+
+/// Q4_K's super-block `blk` as 8 blocks in Q4_1 form: `(d, m, 16 bytes of nibble pairs)`,
+/// byte `i` holding codes `i` (low) and `16 + i` (high) of the 32.
+fn q4k_blocks(blk: &[u8]) -> [(f32, f32, [u8; 16]); 8] {
+    let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+    let (scales, qs) = (&blk[4..16], &blk[16..144]);
+    std::array::from_fn(|sub| {
+        let (sc, mn) = super::kquant::scale_min_k4(sub, scales);
+        let code = |l: usize| if sub % 2 == 0 { qs[32 * (sub / 2) + l] & 0xF } else { qs[32 * (sub / 2) + l] >> 4 };
+        (d * sc as f32, -dmin * mn as f32, std::array::from_fn(|i| code(i) | (code(16 + i) << 4)))
+    })
 }
 
 fn code_bytes(ty: QType) -> usize {
@@ -39,6 +53,8 @@ fn code_bytes(ty: QType) -> usize {
 pub(crate) fn pack<'a>(ty: QType, rows: usize, cols: usize, row: impl Fn(usize) -> &'a [u8]) -> Packed {
     let nb = cols / QK;
     let bb = ty.block_bytes();
+    // Blocks of 32 per stored block (8 for a K super-block).
+    let per = ty.block_elems() / QK;
     let stride = 2 * GROUP * 4 + code_bytes(ty);
     let groups = rows.div_ceil(GROUP);
     let mut data = vec![0u8; groups * nb * stride];
@@ -47,7 +63,16 @@ pub(crate) fn pack<'a>(ty: QType, rows: usize, cols: usize, row: impl Fn(usize) 
             let at = (g * nb + b) * stride;
             let (scales, codes) = data[at..at + stride].split_at_mut(2 * GROUP * 4);
             for j in 0..GROUP.min(rows - g * GROUP) {
-                let blk = &row(g * GROUP + j)[b * bb..(b + 1) * bb];
+                let blk = &row(g * GROUP + j)[b / per * bb..(b / per + 1) * bb];
+                if ty == QType::Q4K {
+                    let (d, m, nib) = q4k_blocks(blk)[b % per];
+                    scales[4 * j..4 * j + 4].copy_from_slice(&d.to_le_bytes());
+                    scales[4 * GROUP + 4 * j..4 * GROUP + 4 * j + 4].copy_from_slice(&m.to_le_bytes());
+                    for c in 0..4 {
+                        codes[32 * c + 4 * j..32 * c + 4 * j + 4].copy_from_slice(&nib[4 * c..4 * c + 4]);
+                    }
+                    continue;
+                }
                 let d = f16_at(blk, 0);
                 let m = match ty {
                     QType::Q4_1 => f16_at(blk, 2),

@@ -132,7 +132,7 @@ macro_rules! packed_kernels {
                 n: usize,
             ) {
                 match ty {
-                    QType::Q4_1 => gemm_t::<false, true>(p, groups, acts, nb, out, n),
+                    QType::Q4_1 | QType::Q4K => gemm_t::<false, true>(p, groups, acts, nb, out, n),
                     QType::Q8_0 => gemm_t::<true, false>(p, groups, acts, nb, out, n),
                     _ => gemm_t::<false, false>(p, groups, acts, nb, out, n),
                 }
