@@ -488,7 +488,9 @@ pub fn paged_attention<E: KvElem>(
             match isa {
                 // SAFETY: AVX2+FMA+F16C are present when `Isa::available` lists an x86 SIMD path.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 | Isa::Avx512Vnni => unsafe { task_avx2(q, k, v, s, kvh, shape, tiles, o, scratch) },
+                Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni => unsafe {
+                    task_avx2(q, k, v, s, kvh, shape, tiles, o, scratch)
+                },
                 _ => task::<E, false>(q, k, v, s, kvh, shape, tiles, o, scratch),
             }
         })

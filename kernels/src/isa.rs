@@ -1,5 +1,5 @@
 //! Which instruction set the kernels run on: detected once, may be lowered (never raised) by
-//! `TESSERA_KERNELS=scalar|avx2` for debugging and for the tests' forced-scalar runs.
+//! `TESSERA_KERNELS=scalar|avx2|avxvnni` for debugging and for the tests' forced-scalar runs.
 
 use std::sync::OnceLock;
 
@@ -10,6 +10,8 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C (Haswell / Zen and later).
     Avx2,
+    /// AVX2 code with AVX-VNNI's VEX-encoded `vpdpbusd` (Alder Lake, Sapphire Rapids, Zen 5).
+    AvxVnni,
     /// AVX2 code with the AVX-512 VNNI `vpdpbusd` integer dot product (256-bit, AVX512VL).
     Avx512Vnni,
 }
@@ -27,6 +29,9 @@ impl Isa {
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 out.push(Isa::Avx2);
+                if is_x86_feature_detected!("avxvnni") {
+                    out.push(Isa::AvxVnni);
+                }
                 if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
                     out.push(Isa::Avx512Vnni);
                 }
@@ -43,6 +48,7 @@ impl Isa {
             match std::env::var("TESSERA_KERNELS").ok().as_deref().map(str::to_ascii_lowercase).as_deref() {
                 Some("scalar") => Isa::Scalar,
                 Some("avx2") => best.min(Isa::Avx2),
+                Some("avxvnni") => best.min(Isa::AvxVnni),
                 _ => best,
             }
         })
@@ -53,6 +59,7 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar (no SIMD)",
             Isa::Avx2 => "AVX2+FMA",
+            Isa::AvxVnni => "AVX2+FMA with AVX-VNNI dot products",
             Isa::Avx512Vnni => "AVX2+FMA with AVX-512 VNNI dot products",
         }
     }

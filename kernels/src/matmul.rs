@@ -100,6 +100,8 @@ fn packed_gemm(isa: Isa, ty: crate::QType) -> Option<PackedGemm> {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if ty != crate::QType::Q8_0 => Some(crate::quant::x86_packed::avx2::gemm),
         #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => Some(crate::quant::x86_packed::avxvnni::gemm),
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => Some(crate::quant::x86_packed::vnni::gemm),
         _ => None,
     }
@@ -124,6 +126,8 @@ fn tile_k(
         // SAFETY: `matmul_on` checked that the CPU has this instruction set.
         Isa::Avx2 => unsafe { crate::quant::x86_k::avx2::tile(w, rows, acts, blocks, put) },
         #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => unsafe { crate::quant::x86_k::avxvnni::tile(w, rows, acts, blocks, put) },
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => unsafe { crate::quant::x86_k::vnni::tile(w, rows, acts, blocks, put) },
         _ => scalar::dot_tile_k(w, rows, acts, blocks, put),
     }
@@ -141,6 +145,8 @@ fn tile(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `matmul_on` checked that the CPU has this instruction set.
         Isa::Avx2 => unsafe { crate::quant::x86::avx2::tile(w, rows, acts, blocks, put) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => unsafe { crate::quant::x86::avxvnni::tile(w, rows, acts, blocks, put) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => unsafe { crate::quant::x86::vnni::tile(w, rows, acts, blocks, put) },
         _ => scalar::dot_tile(w, rows, acts, blocks, put),

@@ -214,6 +214,16 @@ isa_kernels!(
 );
 
 isa_kernels!(
+    avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(crate) unsafe fn mul_sum(w: __m256i, a: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
+    }
+);
+
+isa_kernels!(
     vnni,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     #[inline]

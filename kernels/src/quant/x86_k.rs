@@ -187,4 +187,5 @@ macro_rules! isa_kernels_k {
 }
 
 isa_kernels_k!(avx2, "avx2,fma,f16c");
+isa_kernels_k!(avxvnni, "avx2,fma,f16c,avxvnni");
 isa_kernels_k!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni");

@@ -160,6 +160,22 @@ packed_kernels!(
 );
 
 packed_kernels!(
+    avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    4,
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn dot8(w: &[__m256i; 8], a: *const i8) -> __m256i {
+        let mut s = _mm256_setzero_si256();
+        for (c, wc) in w.iter().enumerate() {
+            let av = _mm256_set1_epi32((a.add(4 * c) as *const i32).read_unaligned());
+            s = _mm256_dpbusd_avx_epi32(s, *wc, av);
+        }
+        s
+    }
+);
+
+packed_kernels!(
     vnni,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     8,
