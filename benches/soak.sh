@@ -7,7 +7,7 @@
 #
 # The KV cache's pages become resident as blocks are first used (the allocator hands out
 # fresh blocks before evicting cached ones), so RSS climbs to model + --kv-cache-memory and
-# stays there. The soak uses a KV budget (KV_MEMORY, default 512MiB) that the load fills
+# stays there. The soak uses a KV budget (KV_MEMORY, default 192MiB) that the load fills
 # within the 2-minute warm-up, so what it measures after that is everything else.
 #
 #   benches/soak.sh                       # SmolLM2-135M Q4_1 (scripts/fetch-models.sh)
@@ -21,7 +21,7 @@ cargo build --release --quiet -p tessera
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 log=$(mktemp)
 target/release/tessera serve "$MODEL" --host 127.0.0.1 --port "$PORT" --served-model-name smollm2 \
-  --max-model-len 2048 --kv-cache-memory "${KV_MEMORY:-512MiB}" >"$log" 2>&1 &
+  --max-model-len 2048 --kv-cache-memory "${KV_MEMORY:-192MiB}" >"$log" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; kill $(jobs -p) 2>/dev/null || true' EXIT
 for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break; sleep 0.5; done
