@@ -27,6 +27,40 @@ fn tag(ty: QType) -> u8 {
     }
 }
 
+/// The 1×R tile loop shared by the 32-element and the K-quant kernels: every weight row in
+/// `$rows` against the activation rows in groups of up to 4, through `$dots::<$t, R>`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! drive_1xr {
+    ($dots:ident, $t:ident, $w:ident, $rows:ident, $acts:ident, $blocks:ident, $put:ident) => {{
+        let m = $acts.len() / $blocks;
+        let a = |i: usize| $acts.as_ptr().add(i * $blocks);
+        let mut i = 0;
+        while i < m {
+            let left = m - i;
+            for j in $rows.clone() {
+                let row = $w.row(j).as_ptr();
+                match left {
+                    1 => $put(i, j, $dots::<$t, 1>(row, $blocks, [a(i)])[0]),
+                    2 => {
+                        let o = $dots::<$t, 2>(row, $blocks, [a(i), a(i + 1)]);
+                        (0..2).for_each(|r| $put(i + r, j, o[r]));
+                    }
+                    3 => {
+                        let o = $dots::<$t, 3>(row, $blocks, [a(i), a(i + 1), a(i + 2)]);
+                        (0..3).for_each(|r| $put(i + r, j, o[r]));
+                    }
+                    _ => {
+                        let o = $dots::<$t, 4>(row, $blocks, [a(i), a(i + 1), a(i + 2), a(i + 3)]);
+                        (0..4).for_each(|r| $put(i + r, j, o[r]));
+                    }
+                }
+            }
+            i += left.min(4);
+        }
+    }};
+}
+
 macro_rules! isa_kernels {
     ($name:ident, $features:literal, $mul_sum:item) => {
         pub(crate) mod $name {
@@ -150,32 +184,7 @@ macro_rules! isa_kernels {
                 blocks: usize,
                 put: &mut dyn FnMut(usize, usize, f32),
             ) {
-                let m = acts.len() / blocks;
-                let a = |i: usize| acts.as_ptr().add(i * blocks);
-                let mut i = 0;
-                while i < m {
-                    let left = m - i;
-                    for j in rows.clone() {
-                        let row = w.row(j).as_ptr();
-                        match left {
-                            1 => put(i, j, dots::<T, 1>(row, blocks, [a(i)])[0]),
-                            2 => {
-                                let o = dots::<T, 2>(row, blocks, [a(i), a(i + 1)]);
-                                put(i, j, o[0]);
-                                put(i + 1, j, o[1]);
-                            }
-                            3 => {
-                                let o = dots::<T, 3>(row, blocks, [a(i), a(i + 1), a(i + 2)]);
-                                (0..3).for_each(|r| put(i + r, j, o[r]));
-                            }
-                            _ => {
-                                let o = dots::<T, 4>(row, blocks, [a(i), a(i + 1), a(i + 2), a(i + 3)]);
-                                (0..4).for_each(|r| put(i + r, j, o[r]));
-                            }
-                        }
-                    }
-                    i += left.min(4);
-                }
+                crate::drive_1xr!(dots, T, w, rows, acts, blocks, put);
             }
 
             /// Rows `rows` of `w` times every activation row: `put(act_row, out_row, value)`.

@@ -137,31 +137,7 @@ macro_rules! isa_kernels_k {
                 blocks: usize,
                 put: &mut dyn FnMut(usize, usize, f32),
             ) {
-                let m = acts.len() / blocks;
-                let a = |i: usize| acts.as_ptr().add(i * blocks);
-                let mut i = 0;
-                while i < m {
-                    let left = m - i;
-                    for j in rows.clone() {
-                        let row = w.row(j).as_ptr();
-                        match left {
-                            1 => put(i, j, dots::<T, 1>(row, blocks, [a(i)])[0]),
-                            2 => {
-                                let o = dots::<T, 2>(row, blocks, [a(i), a(i + 1)]);
-                                (0..2).for_each(|r| put(i + r, j, o[r]));
-                            }
-                            3 => {
-                                let o = dots::<T, 3>(row, blocks, [a(i), a(i + 1), a(i + 2)]);
-                                (0..3).for_each(|r| put(i + r, j, o[r]));
-                            }
-                            _ => {
-                                let o = dots::<T, 4>(row, blocks, [a(i), a(i + 1), a(i + 2), a(i + 3)]);
-                                (0..4).for_each(|r| put(i + r, j, o[r]));
-                            }
-                        }
-                    }
-                    i += left.min(4);
-                }
+                crate::drive_1xr!(dots, T, w, rows, acts, blocks, put);
             }
 
             /// Rows `rows` of a K-quant `w` times every Q8_K activation row.
