@@ -31,6 +31,7 @@ end=$(( $(date +%s) + DURATION ))
 ( while [ "$(date +%s)" -lt "$end" ]; do
     python3 benches/serving/load.py "http://127.0.0.1:$PORT" --concurrency 32 --requests 64 >>"$log.load"
   done ) &
+LOAD=$!
 samples=()
 while [ "$(date +%s)" -lt "$end" ]; do
   sleep 15
@@ -38,7 +39,7 @@ while [ "$(date +%s)" -lt "$end" ]; do
   samples+=("$r")
   echo "t+$(( DURATION - end + $(date +%s) ))s RSS $(( r / 1024 )) MiB"
 done
-wait
+wait "$LOAD"
 failed=$(python3 -c 'import json,sys; print(sum(json.loads(l)["failed"] for l in open(sys.argv[1])))' "$log.load")
 done_=$(python3 -c 'import json,sys; print(sum(json.loads(l)["done"] for l in open(sys.argv[1])))' "$log.load")
 warm=$(( 120 / 15 )); [ "${#samples[@]}" -gt "$warm" ] || warm=0
