@@ -202,6 +202,39 @@ fn arrays<const M: usize, const N: usize>(v: &mut Vec<f32>) -> &mut [[f32; M]; N
     unsafe { &mut *(v.as_mut_ptr() as *mut [[f32; M]; N]) }
 }
 
+/// Query vector `pair` (query row × grouped head) of a sequence's item: its row within the
+/// sequence and its offset in `q` and `out`.
+#[inline(always)]
+fn pair_at(s: &SeqSpan, shape: AttnShape, kvh: usize, pair: usize) -> (usize, usize) {
+    let (d, g) = (shape.head_dim, shape.heads / shape.kv_heads);
+    let (i, hh) = (pair / g, pair % g);
+    (i, (s.q_start + i) * shape.heads * d + (kvh * g + hh) * d)
+}
+
+/// Put query vector `pair`, scaled by 1/√d, into `qb`; returns its causal limit (how many
+/// context positions it sees).
+#[inline(always)]
+fn start_query(q: &[f32], s: &SeqSpan, shape: AttnShape, kvh: usize, pair: usize, qb: &mut [f32]) -> usize {
+    let (i, at) = pair_at(s, shape, kvh, pair);
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    for (dst, src) in qb.iter_mut().zip(&q[at..at + shape.head_dim]) {
+        *dst = src * scale;
+    }
+    s.slots.len() - s.q_len + i + 1
+}
+
+/// Write query vector `pair`'s output: its accumulated values over the softmax sum `l`.
+#[inline(always)]
+fn finish_query(out: Out, s: &SeqSpan, shape: AttnShape, kvh: usize, pair: usize, acc: &[f32], l: f32) {
+    let (_, at) = pair_at(s, shape, kvh, pair);
+    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+    for (e, a) in acc.iter().enumerate() {
+        // SAFETY: each item writes only its own (rows of its sequence and tiles, heads of its
+        // KV head) cells, disjoint from every other item's.
+        unsafe { *out.at(at + e) = a * inv };
+    }
+}
+
 /// Query vectors in a tile from which scores come from the transposed key block (below it,
 /// one dot product per query and key is cheaper than transposing).
 const TRANSPOSE_FROM: usize = 8;
@@ -224,97 +257,80 @@ fn task_d<E: KvElem, const D: usize, const X: bool>(
     out: Out,
     scratch: &mut Scratch,
 ) {
-    {
-        let Scratch { kt, vc, acc } = scratch;
-        let kt = arrays::<CHUNK, D>(kt);
-        let vc = arrays::<D, CHUNK>(vc);
-        let acc = arrays::<D, TILE>(acc);
-        let AttnShape { heads: h, kv_heads: kvn, .. } = shape;
-        let g = h / kvn;
-        let ctx = s.slots.len();
-        let scale = 1.0 / (D as f32).sqrt();
-        let pairs = s.q_len * g;
-        let mut qb = [[0f32; D]; TILE];
-        let mut sc = [[0f32; CHUNK]; TILE];
-        let mut row = [0f32; D];
-        let (mut m, mut l, mut lim) = ([f32::NEG_INFINITY; TILE], [0f32; TILE], [0usize; TILE]);
-        for t in tiles {
-            let t0 = t * TILE;
-            if t0 >= pairs {
-                break;
-            }
-            let tn = (pairs - t0).min(TILE);
-            for p in 0..tn {
-                let (i, hh) = ((t0 + p) / g, (t0 + p) % g);
-                let at = (s.q_start + i) * h * D + (kvh * g + hh) * D;
-                for (dst, src) in qb[p].iter_mut().zip(&q[at..at + D]) {
-                    *dst = src * scale;
+    let Scratch { kt, vc, acc } = scratch;
+    let kt = arrays::<CHUNK, D>(kt);
+    let vc = arrays::<D, CHUNK>(vc);
+    let acc = arrays::<D, TILE>(acc);
+    let kvn = shape.kv_heads;
+    let pairs = s.q_len * (shape.heads / kvn);
+    let mut qb = [[0f32; D]; TILE];
+    let mut sc = [[0f32; CHUNK]; TILE];
+    let mut row = [0f32; D];
+    let (mut m, mut l, mut lim) = ([f32::NEG_INFINITY; TILE], [0f32; TILE], [0usize; TILE]);
+    for t in tiles {
+        let t0 = t * TILE;
+        if t0 >= pairs {
+            break;
+        }
+        let tn = (pairs - t0).min(TILE);
+        for p in 0..tn {
+            lim[p] = start_query(q, s, shape, kvh, t0 + p, &mut qb[p]);
+            m[p] = f32::NEG_INFINITY;
+            l[p] = 0.0;
+            acc[p] = [0.0; D];
+        }
+        let jmax = lim[..tn].iter().copied().max().unwrap_or(0);
+        let transpose = tn >= TRANSPOSE_FROM;
+        for j0 in (0..jmax).step_by(CHUNK) {
+            let jn = (jmax - j0).min(CHUNK);
+            for jj in 0..jn {
+                let at = (s.slots[j0 + jj] as usize * kvn + kvh) * D;
+                if X {
+                    E::load_x86(&k[at..at + D], &mut row);
+                } else {
+                    E::load(&k[at..at + D], &mut row);
                 }
-                lim[p] = ctx - s.q_len + i + 1;
-                m[p] = f32::NEG_INFINITY;
-                l[p] = 0.0;
-                acc[p] = [0.0; D];
-            }
-            let jmax = lim[..tn].iter().copied().max().unwrap_or(0);
-            let transpose = tn >= TRANSPOSE_FROM;
-            for j0 in (0..jmax).step_by(CHUNK) {
-                let jn = (jmax - j0).min(CHUNK);
-                for jj in 0..jn {
-                    let at = (s.slots[j0 + jj] as usize * kvn + kvh) * D;
-                    if X {
-                        E::load_x86(&k[at..at + D], &mut row);
-                    } else {
-                        E::load(&k[at..at + D], &mut row);
+                if transpose {
+                    for (e, x) in row.iter().enumerate() {
+                        kt[e][jj] = *x;
                     }
-                    if transpose {
-                        for (e, x) in row.iter().enumerate() {
-                            kt[e][jj] = *x;
-                        }
-                    } else {
-                        for p in 0..tn {
-                            sc[p][jj] = dot::<X>(&qb[p], &row);
-                        }
-                    }
-                    if X {
-                        E::load_x86(&v[at..at + D], &mut vc[jj]);
-                    } else {
-                        E::load(&v[at..at + D], &mut vc[jj]);
+                } else {
+                    for p in 0..tn {
+                        sc[p][jj] = dot::<X>(&qb[p], &row);
                     }
                 }
-                for p in 0..tn {
-                    if transpose {
-                        let mut srow = [0f32; CHUNK];
-                        for (qv, kr) in qb[p].iter().zip(kt.iter()) {
-                            for (s, kx) in srow.iter_mut().zip(kr) {
-                                *s = fma::<X>(*qv, *kx, *s);
-                            }
-                        }
-                        sc[p] = srow;
-                    }
-                    let valid = lim[p].saturating_sub(j0).min(jn);
-                    let corr = softmax_chunk::<X>(&mut sc[p][..jn], valid, &mut m[p], &mut l[p]);
-                    let mut a = acc[p];
-                    if corr != 1.0 {
-                        a.iter_mut().for_each(|x| *x *= corr);
-                    }
-                    for (w, vr) in sc[p][..valid].iter().zip(vc.iter()) {
-                        for (x, y) in a.iter_mut().zip(vr) {
-                            *x = fma::<X>(*w, *y, *x);
-                        }
-                    }
-                    acc[p] = a;
+                if X {
+                    E::load_x86(&v[at..at + D], &mut vc[jj]);
+                } else {
+                    E::load(&v[at..at + D], &mut vc[jj]);
                 }
             }
             for p in 0..tn {
-                let (i, hh) = ((t0 + p) / g, (t0 + p) % g);
-                let at = (s.q_start + i) * h * D + (kvh * g + hh) * D;
-                let inv = if l[p] > 0.0 { 1.0 / l[p] } else { 0.0 };
-                for (e, a) in acc[p].iter().enumerate() {
-                    // SAFETY: each item writes only its own (rows of its sequence and tiles,
-                    // heads of its KV head) cells, disjoint from every other item's.
-                    unsafe { *out.at(at + e) = a * inv };
+                if transpose {
+                    let mut srow = [0f32; CHUNK];
+                    for (qv, kr) in qb[p].iter().zip(kt.iter()) {
+                        for (s, kx) in srow.iter_mut().zip(kr) {
+                            *s = fma::<X>(*qv, *kx, *s);
+                        }
+                    }
+                    sc[p] = srow;
                 }
+                let valid = lim[p].saturating_sub(j0).min(jn);
+                let corr = softmax_chunk::<X>(&mut sc[p][..jn], valid, &mut m[p], &mut l[p]);
+                let mut a = acc[p];
+                if corr != 1.0 {
+                    a.iter_mut().for_each(|x| *x *= corr);
+                }
+                for (w, vr) in sc[p][..valid].iter().zip(vc.iter()) {
+                    for (x, y) in a.iter_mut().zip(vr) {
+                        *x = fma::<X>(*w, *y, *x);
+                    }
+                }
+                acc[p] = a;
             }
+        }
+        for p in 0..tn {
+            finish_query(out, s, shape, kvh, t0 + p, &acc[p], l[p]);
         }
     }
 }
@@ -331,11 +347,8 @@ fn task_any<E: KvElem>(
     tiles: std::ops::Range<usize>,
     out: Out,
 ) {
-    let AttnShape { heads: h, kv_heads: kvn, head_dim: d } = shape;
-    let g = h / kvn;
-    let ctx = s.slots.len();
-    let scale = 1.0 / (d as f32).sqrt();
-    let pairs = s.q_len * g;
+    let (kvn, d) = (shape.kv_heads, shape.head_dim);
+    let pairs = s.q_len * (shape.heads / kvn);
     let mut qb = vec![0f32; TILE * d];
     let mut acc = vec![0f32; TILE * d];
     let mut sc = vec![0f32; TILE * CHUNK];
@@ -348,12 +361,7 @@ fn task_any<E: KvElem>(
         }
         let tn = (pairs - t0).min(TILE);
         for p in 0..tn {
-            let (i, hh) = ((t0 + p) / g, (t0 + p) % g);
-            let at = (s.q_start + i) * h * d + (kvh * g + hh) * d;
-            for (dst, src) in qb[p * d..(p + 1) * d].iter_mut().zip(&q[at..at + d]) {
-                *dst = src * scale;
-            }
-            lim[p] = ctx - s.q_len + i + 1;
+            lim[p] = start_query(q, s, shape, kvh, t0 + p, &mut qb[p * d..(p + 1) * d]);
             m[p] = f32::NEG_INFINITY;
             l[p] = 0.0;
             acc[p * d..(p + 1) * d].fill(0.0);
@@ -389,13 +397,7 @@ fn task_any<E: KvElem>(
             }
         }
         for p in 0..tn {
-            let (i, hh) = ((t0 + p) / g, (t0 + p) % g);
-            let at = (s.q_start + i) * h * d + (kvh * g + hh) * d;
-            let inv = if l[p] > 0.0 { 1.0 / l[p] } else { 0.0 };
-            for (e, a) in acc[p * d..(p + 1) * d].iter().enumerate() {
-                // SAFETY: as in `task_d`.
-                unsafe { *out.at(at + e) = a * inv };
-            }
+            finish_query(out, s, shape, kvh, t0 + p, &acc[p * d..(p + 1) * d], l[p]);
         }
     }
 }

@@ -5,8 +5,9 @@
 use rayon::prelude::*;
 
 use crate::out::Out;
+use crate::quant::kquant::as_blocks_32;
 use crate::quant::packed::GROUP;
-use crate::quant::{quantize_rows, quantize_rows_k, scalar, ActBlock, ActBlockK, QMatrix};
+use crate::quant::{quantize_rows, quantize_rows_k, scalar, ActBlock, ActBlockK, QMatrix, QK};
 use crate::{Isa, KernelError, Result};
 
 /// Output rows per task: small enough to balance two to a few dozen threads, large enough
@@ -35,44 +36,21 @@ impl QMatrix {
         if !Isa::available().contains(&isa) {
             return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
         }
-        let blocks = k / self.qtype().block_elems();
-        let acts = if self.qtype().is_k() { Acts::K(quantize_rows_k(x, k)) } else { Acts::Q8(quantize_rows(x, k)) };
+        let ty = self.qtype();
         let ptr = Out(out.as_mut_ptr());
-        // Q4_K's packed form takes the Q8_K activations as blocks of 32.
-        let k_as_32 = match (&acts, self.packed()) {
-            (Acts::K(a), Some(_)) if packed_gemm(isa, self.qtype()).is_some() => {
-                Some(crate::quant::kquant::as_blocks_32(a))
-            }
-            _ => None,
-        };
-        let act32 = match (&acts, &k_as_32) {
-            (_, Some(a)) => Some(a.as_slice()),
-            (Acts::Q8(a), None) => Some(a.as_slice()),
-            _ => None,
-        };
-        if let (Some(a), Some(p)) = (act32, self.packed()) {
-            if let Some(gemm) = packed_gemm(isa, self.qtype()) {
-                let blocks = k / crate::quant::QK;
-                let groups = p.groups;
-                let chunk = (chunk_rows(n) / GROUP).max(1);
-                let run = |c: usize| {
-                    let gs = c * chunk..((c + 1) * chunk).min(groups);
-                    // SAFETY: `packed_gemm` chose a path this CPU has for this type; each task
-                    // writes only its groups' columns, and the chunks are disjoint.
-                    unsafe { gemm(p, self.qtype(), gs, a, blocks, ptr.at(0), n) };
-                };
-                let chunks = groups.div_ceil(chunk);
-                if chunks == 1 {
-                    run(0);
-                } else {
-                    (0..chunks).into_par_iter().for_each(run);
-                }
-                return Ok(());
-            }
+        if let (Some(p), Some(gemm)) = (self.packed(), packed_gemm(isa, ty)) {
+            // Q4_K's packed form takes its Q8_K activations as blocks of 32.
+            let acts = if ty.is_k() { as_blocks_32(&quantize_rows_k(x, k)) } else { quantize_rows(x, k) };
+            split(p.groups, (chunk_rows(n) / GROUP).max(1), |groups| {
+                // SAFETY: `packed_gemm` chose a path this CPU has for this type; each task
+                // writes only its groups' columns, and the chunks are disjoint.
+                unsafe { gemm(p, ty, groups, &acts, k / QK, ptr.at(0), n) };
+            });
+            return Ok(());
         }
-        let chunk = chunk_rows(n);
-        let run = |c: usize| {
-            let rows = c * chunk..((c + 1) * chunk).min(n);
+        let blocks = k / ty.block_elems();
+        let acts = if ty.is_k() { Acts::K(quantize_rows_k(x, k)) } else { Acts::Q8(quantize_rows(x, k)) };
+        split(n, chunk_rows(n), |rows| {
             // SAFETY: each task writes only the columns `rows` of every output row, and the
             // chunks are disjoint; `out` outlives the parallel loop.
             let mut put = |i: usize, j: usize, v: f32| unsafe { *ptr.at(i * n + j) = v };
@@ -80,14 +58,17 @@ impl QMatrix {
                 Acts::Q8(a) => tile(isa, self, rows, a, blocks, &mut put),
                 Acts::K(a) => tile_k(isa, self, rows, a, blocks, &mut put),
             }
-        };
-        let chunks = n.div_ceil(chunk);
-        if chunks == 1 {
-            run(0);
-        } else {
-            (0..chunks).into_par_iter().for_each(run);
-        }
+        });
         Ok(())
+    }
+}
+
+/// `run` over `0..total` in chunks of `chunk`, on the pool when there is more than one.
+fn split(total: usize, chunk: usize, run: impl Fn(std::ops::Range<usize>) + Sync) {
+    let part = |c: usize| run(c * chunk..((c + 1) * chunk).min(total));
+    match total.div_ceil(chunk) {
+        0 | 1 => part(0),
+        chunks => (0..chunks).into_par_iter().for_each(part),
     }
 }
 
