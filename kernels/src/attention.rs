@@ -10,6 +10,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::math::{exp_neg, fma};
 use crate::out::Out;
 use crate::{Isa, KernelError, Result};
 
@@ -97,39 +98,6 @@ impl KvElem for bf16 {
 const TILE: usize = 16;
 /// Context positions scored per softmax update.
 const CHUNK: usize = 64;
-
-/// `a·b + c`, fused where the item is compiled with FMA (`X`), plain otherwise (a fused
-/// multiply-add without the instruction is a slow library call).
-#[inline(always)]
-fn fma<const X: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if X {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// `exp(x)` for `x ≤ 0` (Cephes' polynomial; relative error below 2e-7 down to −87, where
-/// the result is below 1e-37), in a form the compiler vectorises.
-#[inline(always)]
-fn exp_neg<const X: bool>(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    // Round to nearest through the float adder (vectorises, unlike `round`); the integer
-    // sits in the low mantissa bits of `t`.
-    let t = x * std::f32::consts::LOG2_E + 12582912.0;
-    let fx = t - 12582912.0;
-    let n = t.to_bits().wrapping_sub(0x4B40_0000);
-    let r = x - fx * 0.693_359_4 - fx * -2.121_944_4e-4;
-    let z = r * r;
-    let mut y = 1.987_569_1e-4f32;
-    y = fma::<X>(y, r, 1.398_199_9e-3);
-    y = fma::<X>(y, r, 8.333_452e-3);
-    y = fma::<X>(y, r, 4.166_579_6e-2);
-    y = fma::<X>(y, r, 1.666_666_5e-1);
-    y = fma::<X>(y, r, 0.5);
-    y = fma::<X>(y, z, r + 1.0);
-    y * f32::from_bits(n.wrapping_add(127) << 23)
-}
 
 #[inline(always)]
 fn dot<const X: bool>(a: &[f32], b: &[f32]) -> f32 {

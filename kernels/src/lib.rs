@@ -6,20 +6,24 @@
 //! Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; [`QMatrix::matmul`]), with activations quantized once
 //! per call in ggml's block formats (Q8_0/Q8_1/Q8_K) and integer dot products, on a packed
 //! 8-column layout where the type has one, split over a persistent thread pool by output
-//! columns; and paged attention read in place through slot lists ([`paged_attention`]).
+//! columns; paged attention read in place through slot lists ([`paged_attention`]); and the
+//! fused element-wise ops of the step ([`silu_mul`]).
 //!
 //! Must not touch: tensors, devices, model layouts, files or the environment beyond the
 //! `TESSERA_KERNELS` override read by [`Isa::active`]. Models reach these kernels through one
 //! seam (`tessera_models::Linear`), never through `std::arch` themselves.
 
 pub mod attention;
+mod elementwise;
 mod error;
 mod isa;
+mod math;
 mod matmul;
 mod out;
 pub mod quant;
 
 pub use attention::{paged_attention, AttnShape, KvElem, SeqSpan};
+pub use elementwise::silu_mul;
 pub use error::{KernelError, Result};
 pub use isa::Isa;
 pub use quant::{ActBlock, QMatrix, QType};

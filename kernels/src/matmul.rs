@@ -23,21 +23,32 @@ impl QMatrix {
         self.matmul_on(Isa::active(), x, m, out)
     }
 
+    /// [`QMatrix::matmul`] into uninitialised memory: on success every one of the `m × rows`
+    /// outputs is written (callers may then treat them as initialised).
+    pub fn matmul_uninit(&self, x: &[f32], m: usize, out: &mut [std::mem::MaybeUninit<f32>]) -> Result<()> {
+        self.matmul_raw(Isa::active(), x, m, out.as_mut_ptr().cast(), out.len())
+    }
+
     /// [`QMatrix::matmul`] on a chosen instruction set (tests compare each with the reference).
     pub fn matmul_on(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        self.matmul_raw(isa, x, m, out.as_mut_ptr(), out.len())
+    }
+
+    /// The product into `len` cells at `out`, each written exactly once (never read).
+    fn matmul_raw(&self, isa: Isa, x: &[f32], m: usize, out: *mut f32, len: usize) -> Result<()> {
         let (n, k) = (self.rows(), self.cols());
-        if x.len() != m * k || out.len() != m * n {
+        if x.len() != m * k || len != m * n {
             return Err(KernelError::Shape(format!(
                 "matmul of [{m}, {k}] by [{n}, {k}]ᵀ: input holds {} values, output {}",
                 x.len(),
-                out.len()
+                len
             )));
         }
         if !Isa::available().contains(&isa) {
             return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
         }
         let ty = self.qtype();
-        let ptr = Out(out.as_mut_ptr());
+        let ptr = Out(out);
         if let (Some(p), Some(gemm)) = (self.packed(), packed_gemm(isa, ty)) {
             // Q4_K's packed form takes its Q8_K activations as blocks of 32.
             let acts = if ty.is_k() { as_blocks_32(&quantize_rows_k(x, k)) } else { quantize_rows(x, k) };

@@ -166,21 +166,45 @@ fn kernel_forward(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
     if k != w.cols() {
         return Err(ModelError::Config(format!("linear of {} inputs applied to {k}", w.cols())));
     }
-    let mut out = vec![0f32; m * w.rows()];
-    {
-        let (storage, layout) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Err(ModelError::Config("the quantized kernel runs on the CPU only".into()));
-        };
-        let start = layout.start_offset();
-        let data = &cpu.as_slice::<f32>()?[start..start + m * k];
-        w.matmul(data, m, &mut out).map_err(kernel_err)?;
-    }
+    let out = with_cpu_f32(&x, |data| {
+        let mut out = Vec::with_capacity(m * w.rows());
+        w.matmul_uninit(data, m, out.spare_capacity_mut()).map_err(kernel_err)?;
+        // SAFETY: `matmul_uninit` wrote all `m × rows` outputs (it fails otherwise).
+        unsafe { out.set_len(m * w.rows()) };
+        Ok(out)
+    })?;
     let mut shape = dims;
     if let Some(last) = shape.last_mut() {
         *last = w.rows();
     }
     Ok(Tensor::from_vec(out, shape, x.device())?.to_dtype(dtype)?)
+}
+
+/// `f` over the values of a contiguous f32 tensor on the CPU, read in place.
+pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    if !t.is_contiguous() {
+        return Err(ModelError::Config("a CPU kernel was handed a non-contiguous tensor".into()));
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(ModelError::Config("a CPU kernel was handed a tensor on another device".into()));
+    };
+    let start = layout.start_offset();
+    f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()])
+}
+
+/// `silu(gate) · up` from the fused gate/up output `[.., 2·inter]` (f32, CPU) in one pass.
+fn cpu_silu_mul(gu: &Tensor, inter: usize) -> Result<Tensor> {
+    let mut dims = gu.dims().to_vec();
+    let rows = gu.elem_count() / (2 * inter);
+    let mut out = vec![0f32; rows * inter];
+    with_cpu_f32(gu, |data| {
+        tessera_kernels::silu_mul(tessera_kernels::Isa::active(), data, rows, inter, &mut out).map_err(kernel_err)
+    })?;
+    if let Some(last) = dims.last_mut() {
+        *last = inter;
+    }
+    Ok(Tensor::from_vec(out, dims, gu.device())?)
 }
 
 /// Root-mean-square layer norm.
@@ -283,6 +307,14 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // On the CPU the fused projection's rows feed one silu·mul pass (no split copies).
+        if let SharedInput::Fused { w, widths } = &self.gate_up {
+            if let (&[g, u], true) = (&widths[..], x.device().is_cpu() && x.dtype() == DType::F32) {
+                if g == u {
+                    return self.down.forward(&cpu_silu_mul(&w.forward(x)?, g)?);
+                }
+            }
+        }
         let [g, u]: [Tensor; 2] =
             self.gate_up.forward(x)?.try_into().map_err(|_| ModelError::Config("gate/up projection count".into()))?;
         self.down.forward(&(g.silu()? * u)?)

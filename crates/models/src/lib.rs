@@ -23,7 +23,7 @@ pub use attention::{AttentionMetadata, SeqAttention};
 pub use config::{ModelConfig, MoeConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv::KvCache;
-pub use layers::{Linear, RmsNorm};
+pub use layers::{with_cpu_f32, Linear, RmsNorm};
 pub use llama::Llama;
 pub use parallel::{part, shard_byte_runs, HeadLayout, PipelineParallel, Shard, TensorParallel};
 pub use rotary::Rotary;

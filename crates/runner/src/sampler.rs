@@ -11,13 +11,17 @@ use crate::{SampleSpec, SamplingConfig, TokenLogprobs};
 
 /// First index of the maximum (ties resolve to the lowest id, like llama.cpp).
 fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
+    // The maximum over eight lanes (vectorises), then its first position; NaNs never win.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = logits.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    logits.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
 fn needs_processing(c: &SamplingConfig, output_index: u64) -> bool {

@@ -1,6 +1,7 @@
 //! One rank's worker: model + physical KV cache; executes step plans.
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use tessera_models::{AttentionMetadata, BatchInput, KvCache, Llama, SeqAttention};
 
 use crate::{sampler, Result, RunnerError, StepPlan, StepResult};
@@ -135,29 +136,55 @@ impl Worker {
         if !plan.seqs.iter().any(|s| s.sample.is_some() || s.prompt_logprobs.is_some()) {
             return Ok(vec![]);
         }
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        let mut rows = rows.iter();
-        let mut out = Vec::new();
+        // Which logit row each sequence reads: its prompt-logprob rows, then its sampling row.
+        let mut next = 0usize;
+        let mut jobs = Vec::with_capacity(plan.seqs.len());
         for s in &plan.seqs {
-            let mut prompt_logprobs = Vec::new();
-            if let Some(p) = &s.prompt_logprobs {
-                for &t in p.targets.iter().take(s.tokens.len()) {
-                    let row = rows.next().ok_or_else(|| RunnerError::Plan("fewer logit rows than planned".into()))?;
-                    prompt_logprobs.push(sampler::logprobs(row, t, p.top));
-                }
-            }
-            let (token, logprobs) = match &s.sample {
-                Some(spec) => {
-                    let row = rows.next().ok_or_else(|| RunnerError::Plan("fewer logit rows than planned".into()))?;
-                    let (t, lp) = sampler::sample(row, spec);
-                    (Some(t), lp)
-                }
-                None => (None, None),
-            };
-            if token.is_some() || !prompt_logprobs.is_empty() {
-                out.push(StepResult { seq_id: s.seq_id, token, logprobs, prompt_logprobs });
-            }
+            let targets = s.prompt_logprobs.as_ref().map_or(0, |p| p.targets.len().min(s.tokens.len()));
+            let sample_row = s.sample.as_ref().map(|_| next + targets);
+            jobs.push((s, next, sample_row));
+            next += targets + usize::from(sample_row.is_some());
         }
+        let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+        let (n, vocab) = logits.dims2()?;
+        if n < next {
+            return Err(RunnerError::Plan(format!("{n} logit rows for {next} planned")));
+        }
+        let on_cpu = logits.device().is_cpu();
+        let copy = if on_cpu { Vec::new() } else { logits.flatten_all()?.to_vec1::<f32>()? };
+        let sample_all = |all: &[f32]| -> Vec<StepResult> {
+            let row = |r: usize| &all[r * vocab..(r + 1) * vocab];
+            // Rows are independent (each sequence has its own seeded stream): sample in parallel.
+            jobs.par_iter()
+                .filter_map(|&(s, first, sample_row)| {
+                    let prompt_logprobs: Vec<_> = match &s.prompt_logprobs {
+                        Some(p) => p
+                            .targets
+                            .iter()
+                            .take(s.tokens.len())
+                            .enumerate()
+                            .map(|(i, &t)| sampler::logprobs(row(first + i), t, p.top))
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    let (token, logprobs) = match (&s.sample, sample_row) {
+                        (Some(spec), Some(r)) => {
+                            let (t, lp) = sampler::sample(row(r), spec);
+                            (Some(t), lp)
+                        }
+                        _ => (None, None),
+                    };
+                    (token.is_some() || !prompt_logprobs.is_empty()).then_some(StepResult {
+                        seq_id: s.seq_id,
+                        token,
+                        logprobs,
+                        prompt_logprobs,
+                    })
+                })
+                .collect()
+        };
+        let out =
+            if on_cpu { tessera_models::with_cpu_f32(&logits, |all| Ok(sample_all(all)))? } else { sample_all(&copy) };
         Ok(out)
     }
 }
