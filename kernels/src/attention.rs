@@ -38,6 +38,9 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     /// `dst = src` as f32.
     fn load(src: &[Self], dst: &mut [f32]);
 
+    /// `dst = src` rounded to this type (to nearest, ties to even, as candle's casts).
+    fn store(src: &[f32], dst: &mut [Self]);
+
     /// [`KvElem::load`] inside x86 code compiled with AVX2+F16C (it may use them).
     #[inline(always)]
     fn load_x86(src: &[Self], dst: &mut [f32]) {
@@ -50,6 +53,11 @@ impl KvElem for f32 {
     fn load(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
+
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
 }
 
 impl KvElem for f16 {
@@ -59,6 +67,12 @@ impl KvElem for f16 {
         // check per row, not per element).
         use half::slice::HalfFloatSliceExt;
         src.convert_to_f32_slice(dst);
+    }
+
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [f16]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
     }
 
     #[inline(always)]
@@ -92,6 +106,29 @@ impl KvElem for bf16 {
             *d = f32::from_bits((s.to_bits() as u32) << 16);
         }
     }
+
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [bf16]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+/// The paged cache write ("reshape and cache"): row `i` of `rows` (`row_len` values each,
+/// one token's KV heads) stored at slot `slots[i]` of `cache`, converted to its element type.
+pub fn write_cache_rows<E: KvElem>(cache: &mut [E], rows: &[f32], slots: &[u32], row_len: usize) -> Result<()> {
+    if rows.len() != slots.len() * row_len {
+        return Err(KernelError::Shape(format!("{} cache rows of {row_len} given {} values", slots.len(), rows.len())));
+    }
+    let capacity = cache.len() / row_len.max(1);
+    if let Some(bad) = slots.iter().find(|&&s| s as usize >= capacity) {
+        return Err(KernelError::Shape(format!("cache slot {bad} is outside the cache's {capacity} slots")));
+    }
+    for (row, &slot) in rows.chunks(row_len.max(1)).zip(slots) {
+        let at = slot as usize * row_len;
+        E::store(row, &mut cache[at..at + row_len]);
+    }
+    Ok(())
 }
 
 /// Query vectors handled together (sharing each K/V row load).

@@ -60,6 +60,63 @@ unsafe fn row_avx2(gu: &[f32], out: &mut [f32]) {
     row::<true>(gu, out)
 }
 
+/// The residual stream's step between sub-layers, in one pass per row: `x_out = x + delta`
+/// and `h = rms_norm(x_out) · w` (`eps` inside the root), for `rows` rows of `w.len()` values.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm(
+    isa: Isa,
+    x: &[f32],
+    delta: &[f32],
+    w: &[f32],
+    eps: f32,
+    x_out: &mut [f32],
+    h: &mut [f32],
+) -> Result<()> {
+    let dim = w.len();
+    if dim == 0 || x.len() % dim != 0 || [delta.len(), x_out.len(), h.len()].iter().any(|&l| l != x.len()) {
+        return Err(KernelError::Shape(format!(
+            "add+RMSNorm over rows of {dim}: x {}, delta {}, outputs {} and {}",
+            x.len(),
+            delta.len(),
+            x_out.len(),
+            h.len()
+        )));
+    }
+    if !Isa::available().contains(&isa) {
+        return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
+    }
+    for (((x, d), xo), h) in x.chunks(dim).zip(delta.chunks(dim)).zip(x_out.chunks_mut(dim)).zip(h.chunks_mut(dim)) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: checked above that the CPU has this instruction set (AVX2+FMA at least).
+            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni => unsafe { add_norm_row_avx2(x, d, w, eps, xo, h) },
+            _ => add_norm_row::<false>(x, d, w, eps, xo, h),
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn add_norm_row<const X: bool>(x: &[f32], d: &[f32], w: &[f32], eps: f32, xo: &mut [f32], h: &mut [f32]) {
+    // Eight partial sums of squares (vectorises; a single running sum would not).
+    let mut part = [0f32; 8];
+    for (i, ((o, &a), &b)) in xo.iter_mut().zip(x).zip(d).enumerate() {
+        *o = a + b;
+        part[i % 8] = fma::<X>(*o, *o, part[i % 8]);
+    }
+    let ss = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    let scale = 1.0 / (ss / w.len() as f32 + eps).sqrt();
+    for ((h, &v), &g) in h.iter_mut().zip(xo.iter()).zip(w) {
+        *h = v * scale * g;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_norm_row_avx2(x: &[f32], d: &[f32], w: &[f32], eps: f32, xo: &mut [f32], h: &mut [f32]) {
+    add_norm_row::<true>(x, d, w, eps, xo, h)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +149,33 @@ mod tests {
                 silu_mul(isa, &gu, rows, inter, &mut got).unwrap();
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{isa:?} {rows}×{inter} at {i}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// Every instruction set against the naive formula in f64, over odd widths.
+    #[test]
+    fn add_rms_norm_matches_the_naive_formula() {
+        for (rows, dim) in [(1, 1), (2, 7), (3, 64), (33, 576)] {
+            let (x, d, w) = (rand(rows * dim, 1), rand(rows * dim, 2), rand(dim, 3));
+            let eps = 1e-5f32;
+            for &isa in Isa::available() {
+                let (mut xo, mut h) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows * dim]);
+                add_rms_norm(isa, &x, &d, &w, eps, &mut xo, &mut h).unwrap();
+                for r in 0..rows {
+                    let sum: Vec<f64> = (0..dim).map(|j| x[r * dim + j] as f64 + d[r * dim + j] as f64).collect();
+                    let ms = sum.iter().map(|v| v * v).sum::<f64>() / dim as f64;
+                    let scale = 1.0 / (ms + eps as f64).sqrt();
+                    for j in 0..dim {
+                        let (want_x, want_h) = (sum[j], sum[j] * scale * w[j] as f64);
+                        assert_eq!(xo[r * dim + j], want_x as f32, "{isa:?} sum at {r},{j}");
+                        let got = h[r * dim + j] as f64;
+                        assert!(
+                            (got - want_h).abs() <= 1e-5 * want_h.abs().max(1.0),
+                            "{isa:?} {r},{j}: {got} vs {want_h}"
+                        );
+                    }
                 }
             }
         }

@@ -7,7 +7,7 @@
 //! per call in ggml's block formats (Q8_0/Q8_1/Q8_K) and integer dot products, on a packed
 //! 8-column layout where the type has one, split over a persistent thread pool by output
 //! columns; paged attention read in place through slot lists ([`paged_attention`]); and the
-//! fused element-wise ops of the step ([`silu_mul`]).
+//! fused element-wise ops of the step ([`silu_mul`], [`add_rms_norm`], [`write_cache_rows`]).
 //!
 //! Must not touch: tensors, devices, model layouts, files or the environment beyond the
 //! `TESSERA_KERNELS` override read by [`Isa::active`]. Models reach these kernels through one
@@ -22,8 +22,8 @@ mod matmul;
 mod out;
 pub mod quant;
 
-pub use attention::{paged_attention, AttnShape, KvElem, SeqSpan};
-pub use elementwise::silu_mul;
+pub use attention::{paged_attention, write_cache_rows, AttnShape, KvElem, SeqSpan};
+pub use elementwise::{add_rms_norm, silu_mul};
 pub use error::{KernelError, Result};
 pub use isa::Isa;
 pub use quant::{ActBlock, QMatrix, QType};

@@ -36,19 +36,78 @@ fn causal_mask(q_len: usize, ctx: usize, dtype: DType, dev: &Device) -> Result<T
     Ok(Tensor::from_vec(mask, (q_len, ctx), dev)?.to_dtype(dtype)?)
 }
 
-/// Write `k`, `v` (`[T, kv_heads, head_dim]`) into the cache at `write_index`
-/// (the slot mapping broadcast to `[T, kv_heads, head_dim]`).
-pub(crate) fn write_cache(
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    write_index: &Tensor,
-) -> Result<()> {
-    // The cache may hold a narrower type than the model computes in (`--kv-cache-dtype`).
-    k_cache.scatter_set(write_index, &k.to_dtype(k_cache.dtype())?.contiguous()?, 0)?;
-    v_cache.scatter_set(write_index, &v.to_dtype(v_cache.dtype())?.contiguous()?, 0)?;
-    Ok(())
+/// Where a step's new keys/values go: on the CPU the slots on the host (our cache-write
+/// kernel, in place, converting to the cache's type); elsewhere the slot mapping broadcast to
+/// `[T, kv_heads, head_dim]` for candle's `scatter_set`.
+pub(crate) enum CacheWriter {
+    Host(Vec<u32>),
+    Scatter(Tensor),
+}
+
+impl CacheWriter {
+    pub(crate) fn new(meta: &AttentionMetadata, kv_heads: usize, head_dim: usize) -> Result<Self> {
+        let slots = &meta.slot_mapping;
+        if slots.device().is_cpu() {
+            return Ok(Self::Host(slots.to_vec1::<u32>()?));
+        }
+        let t = slots.dim(0)?;
+        Ok(Self::Scatter(slots.reshape((t, 1, 1))?.broadcast_as((t, kv_heads, head_dim))?.contiguous()?))
+    }
+
+    /// Write `k`, `v` (`[T, kv_heads, head_dim]`) into their slots of the layer's caches
+    /// (which may hold a narrower type than the model computes in: `--kv-cache-dtype`).
+    pub(crate) fn write(&self, k_cache: &Tensor, v_cache: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        match self {
+            Self::Host(slots) if k.dtype() == DType::F32 => {
+                k_cache.inplace_op2(&k.contiguous()?, &HostWrite(slots))?;
+                v_cache.inplace_op2(&v.contiguous()?, &HostWrite(slots))?;
+            }
+            Self::Host(slots) => {
+                let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+                k_cache.inplace_op2(&k.contiguous()?, &HostWrite(slots))?;
+                v_cache.inplace_op2(&v.contiguous()?, &HostWrite(slots))?;
+            }
+            Self::Scatter(index) => {
+                k_cache.scatter_set(index, &k.to_dtype(k_cache.dtype())?.contiguous()?, 0)?;
+                v_cache.scatter_set(index, &v.to_dtype(v_cache.dtype())?.contiguous()?, 0)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The in-place CPU cache write of one step's f32 rows at their host slots.
+struct HostWrite<'a>(&'a [u32]);
+
+impl candle_core::InplaceOp2 for HostWrite<'_> {
+    fn name(&self) -> &'static str {
+        "tessera-cache-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut candle_core::CpuStorage,
+        cl: &candle_core::Layout,
+        rows: &candle_core::CpuStorage,
+        rl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
+        use tessera_kernels::write_cache_rows;
+        let (CpuStorage::F32(src), true, true) = (rows, rl.is_contiguous(), cl.is_contiguous()) else {
+            candle_core::bail!("the cache write takes contiguous f32 rows into a contiguous cache")
+        };
+        let n = rl.shape().elem_count();
+        let src = &src[rl.start_offset()..rl.start_offset() + n];
+        let row = n / self.0.len().max(1);
+        let o = cl.start_offset();
+        let r = match cache {
+            CpuStorage::F32(c) => write_cache_rows(&mut c[o..], src, self.0, row),
+            CpuStorage::F16(c) => write_cache_rows(&mut c[o..], src, self.0, row),
+            CpuStorage::BF16(c) => write_cache_rows(&mut c[o..], src, self.0, row),
+            _ => candle_core::bail!("KV cache dtype without a CPU cache write"),
+        };
+        r.map_err(|e| candle_core::Error::Msg(format!("cache write: {e}")))
+    }
 }
 
 /// The slot lists of a step's sequences on the host, read once per step (not per layer) for
@@ -186,7 +245,13 @@ mod tests {
         // Non-contiguous slots, as a block table would give.
         let slots = Tensor::new(&[9u32, 10, 11, 2, 3], &dev)?;
         let idx = slots.reshape((t, 1, 1))?.broadcast_as((t, kvh, d))?.contiguous()?;
-        write_cache(&kc, &vc, &k, &v, &idx)?;
+        // The scatter path (other devices) and the host path write the same cells.
+        let (kc2, vc2) = (kc.zeros_like()?, vc.zeros_like()?);
+        CacheWriter::Scatter(idx).write(&kc, &vc, &k, &v)?;
+        CacheWriter::Host(slots.to_vec1()?).write(&kc2, &vc2, &k, &v)?;
+        for (a, b) in [(&kc, &kc2), (&vc, &vc2)] {
+            assert_eq!(a.to_vec3::<f32>()?, b.to_vec3::<f32>()?);
+        }
         // Two steps: a prefill of 3 then 2 more tokens, attending over the cache.
         let meta1 = AttentionMetadata {
             slot_mapping: slots.narrow(0, 0, 3)?,

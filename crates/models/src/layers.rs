@@ -223,6 +223,28 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.w, self.eps)?)
     }
+
+    /// The residual step: `(x + delta, norm(x + delta))`, in one pass on the CPU.
+    pub fn add_forward(&self, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor)> {
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+        if !(f32_cpu(x) && f32_cpu(delta) && f32_cpu(&self.w) && x.dims() == delta.dims()) {
+            let x = (x + delta)?;
+            let h = self.forward(&x)?;
+            return Ok((x, h));
+        }
+        let n = x.elem_count();
+        let (mut xo, mut h) = (vec![0f32; n], vec![0f32; n]);
+        with_cpu_f32(x, |xs| {
+            with_cpu_f32(delta, |ds| {
+                with_cpu_f32(&self.w, |w| {
+                    let isa = tessera_kernels::Isa::active();
+                    tessera_kernels::add_rms_norm(isa, xs, ds, w, self.eps, &mut xo, &mut h).map_err(kernel_err)
+                })
+            })
+        })?;
+        let dims = x.dims();
+        Ok((Tensor::from_vec(xo, dims, x.device())?, Tensor::from_vec(h, dims, x.device())?))
+    }
 }
 
 /// Token embedding table `[vocab, hidden]` (kept dense for cheap row gathers), or one

@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{paged_attention, write_cache, HostSlots};
+use crate::attention::{paged_attention, CacheWriter, HostSlots};
 use crate::layers::{Embedding, GatedMlp, SharedInput};
 use crate::moe::Moe;
 use crate::{
@@ -246,14 +246,19 @@ impl Llama {
         }
         let (hd, nh, nkv) = (cfg.head_dim, self.heads.heads, self.heads.kv_heads);
         let (cos, sin) = self.rotary.tables_for(&input.positions)?;
-        let write_index = input.attn.slot_mapping.reshape((t, 1, 1))?.broadcast_as((t, nkv, hd))?.contiguous()?;
+        let writer = CacheWriter::new(&input.attn, nkv, hd)?;
         let host = HostSlots::new(&input.attn)?;
         let mut x = match &self.embed {
             Some(e) => self.tp.all_reduce(&e.forward(&input.tokens)?)?,
             None => self.pp.recv_activations()?,
         };
+        // `h` is the normed input of the next sub-layer; the residual add and the next norm
+        // are one step (fused on the CPU).
+        let mut h = match self.blocks.first() {
+            Some(b) => b.attn_norm.forward(&x)?,
+            None => x.clone(),
+        };
         for (i, b) in self.blocks.iter().enumerate() {
-            let h = b.attn_norm.forward(&x)?;
             let [q, k, v]: [Tensor; 3] =
                 b.attn.qkv.forward(&h)?.try_into().map_err(|_| ModelError::Config("q/k/v count".into()))?;
             let q = q.reshape((t, nh, hd))?;
@@ -262,15 +267,17 @@ impl Llama {
             let q = self.rotary.apply(&q, &cos, &sin)?;
             let k = self.rotary.apply(&k, &cos, &sin)?;
             let (kc, vc) = cache.layer(i);
-            write_cache(kc, vc, &k, &v, &write_index)?;
+            writer.write(kc, vc, &k, &v)?;
             let a = paged_attention(&q, kc, vc, &input.attn, nkv, host.as_ref())?;
-            x = (x + self.tp.all_reduce(&b.attn.o.forward(&a)?)?)?;
-            let h = b.mlp_norm.forward(&x)?;
+            let (x1, h1) = b.mlp_norm.add_forward(&x, &self.tp.all_reduce(&b.attn.o.forward(&a)?)?)?;
             let m = match &b.mlp {
-                Mlp::Dense(d) => self.tp.all_reduce(&d.forward(&h)?)?,
-                Mlp::Moe(moe) => moe.forward(&h, &self.tp)?,
+                Mlp::Dense(d) => self.tp.all_reduce(&d.forward(&h1)?)?,
+                Mlp::Moe(moe) => moe.forward(&h1, &self.tp)?,
             };
-            x = (x + m)?;
+            (x, h) = match self.blocks.get(i + 1) {
+                Some(next) => next.attn_norm.add_forward(&x1, &m)?,
+                None => ((x1 + m)?, h1),
+            };
         }
         let logits = match (&self.norm, &self.lm_head) {
             (Some(norm), Some(head)) => {

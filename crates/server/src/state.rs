@@ -35,7 +35,8 @@ pub struct ServedModel {
     pub engine: EngineHandle,
     /// Further data-parallel replicas.
     pub replicas: Vec<EngineHandle>,
-    pub tokenizer: Tokenizer,
+    /// Shared: requests tokenise on the blocking pool without copying it.
+    pub tokenizer: std::sync::Arc<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     pub defaults: ModelDefaults,
     pub vocab_size: usize,

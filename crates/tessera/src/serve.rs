@@ -440,7 +440,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
     Ok(ServedModel {
         engine,
         replicas: engines,
-        tokenizer: tok.tokenizer,
+        tokenizer: std::sync::Arc::new(tok.tokenizer),
         chat_template: template,
         defaults: ModelDefaults {
             temperature: tok.defaults.temperature,

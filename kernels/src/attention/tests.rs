@@ -114,3 +114,26 @@ fn bad_inputs_are_errors() {
     let s = [SeqSpan { q_start: 0, q_len: 3, slots: &slots[..1] }];
     assert!(paged_attention(Isa::Scalar, &q, &k, &v, &s, shape, &mut out).is_err(), "more queries than context");
 }
+
+/// The cache write stores each row at its slot, rounded as the cache type rounds, touches
+/// nothing else, and refuses a slot outside the cache.
+#[test]
+fn cache_rows_land_in_their_slots() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (slots, row) = ([5u32, 0, 3], 6);
+    let rows: Vec<f32> = (0..slots.len() * row).map(|_| rng.gen_range(-4.0..4.0)).collect();
+    let mut c32 = vec![-1f32; 8 * row];
+    let mut c16 = vec![f16::from_f32(-1.0); 8 * row];
+    write_cache_rows(&mut c32, &rows, &slots, row).unwrap();
+    write_cache_rows(&mut c16, &rows, &slots, row).unwrap();
+    for s in 0..8 {
+        let src = slots.iter().position(|&x| x as usize == s).map(|i| &rows[i * row..(i + 1) * row]);
+        for j in 0..row {
+            let want = src.map_or(-1.0, |r| r[j]);
+            assert_eq!(c32[s * row + j], want, "f32 slot {s}");
+            assert_eq!(c16[s * row + j], f16::from_f32(want), "f16 slot {s}");
+        }
+    }
+    assert!(matches!(write_cache_rows(&mut c32, &rows[..row], &[8], row), Err(KernelError::Shape(_))));
+    assert!(matches!(write_cache_rows(&mut c32, &rows[..row], &[1, 2], row), Err(KernelError::Shape(_))));
+}
