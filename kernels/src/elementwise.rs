@@ -73,7 +73,7 @@ pub fn add_rms_norm(
     h: &mut [f32],
 ) -> Result<()> {
     let dim = w.len();
-    if dim == 0 || x.len() % dim != 0 || [delta.len(), x_out.len(), h.len()].iter().any(|&l| l != x.len()) {
+    if dim == 0 || !x.len().is_multiple_of(dim) || [delta.len(), x_out.len(), h.len()].iter().any(|&l| l != x.len()) {
         return Err(KernelError::Shape(format!(
             "add+RMSNorm over rows of {dim}: x {}, delta {}, outputs {} and {}",
             x.len(),
