@@ -121,7 +121,7 @@ fn bad_inputs_are_errors() {
 fn cache_rows_land_in_their_slots() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let (slots, row) = ([5u32, 0, 3], 6);
-    let rows: Vec<f32> = (0..slots.len() * row).map(|_| rng.gen_range(-4.0..4.0)).collect();
+    let rows: Vec<f32> = (0..slots.len() * row).map(|_| rng.random_range(-4.0..4.0)).collect();
     let mut c32 = vec![-1f32; 8 * row];
     let mut c16 = vec![f16::from_f32(-1.0); 8 * row];
     write_cache_rows(&mut c32, &rows, &slots, row).unwrap();
