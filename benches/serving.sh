@@ -5,6 +5,7 @@
 #   benches/serving.sh                 # SmolLM2-135M Q4_1 (scripts/fetch-models.sh)
 #   MODEL=path.gguf THREADS=2 benches/serving.sh
 #   LOAD_FLAGS=--repeat-prompts QUALITY=0 benches/serving.sh   # the same few prompts again and again
+#   ROUNDS=5 benches/serving.sh        # rounds per level (default 3; the median is shown)
 #
 # Prints, for each server: output tok/s, TTFT p50/p99 and ITL p50/p99 at 1, 8 and 32 streamed
 # requests of 64 tokens (distinct prompts: benches/serving/load.py), prefill tok/s on a
@@ -56,16 +57,20 @@ for name in llama tessera; do
   # Warm-up: one short request.
   python3 benches/serving/load.py "http://127.0.0.1:$port" --concurrency 1 --requests 1 --max-tokens 8 >/dev/null
 done
-for c in $LEVELS; do
-  n=$(( c * 2 > 8 ? c * 2 : 8 ))
+# ROUNDS rounds, the two servers in turn at each level: the table shows each level's median
+# round (shared machines drift; one round can be hit by a noisy neighbour).
+for _ in $(seq 1 "${ROUNDS:-3}"); do
+  for c in $LEVELS; do
+    n=$(( c * 2 > 8 ? c * 2 : 8 ))
+    for name in llama tessera; do
+      port=$([ $name = llama ] && echo "$LP" || echo "$TP")
+      python3 benches/serving/load.py "http://127.0.0.1:$port" --concurrency "$c" --requests "$n" ${LOAD_FLAGS:-} >>"$out/$name.jsonl"
+    done
+  done
   for name in llama tessera; do
     port=$([ $name = llama ] && echo "$LP" || echo "$TP")
-    python3 benches/serving/load.py "http://127.0.0.1:$port" --concurrency "$c" --requests "$n" ${LOAD_FLAGS:-} >>"$out/$name.jsonl"
+    python3 benches/serving/load.py "http://127.0.0.1:$port" --prefill-tokens 512 >>"$out/$name.prefill"
   done
-done
-for name in llama tessera; do
-  port=$([ $name = llama ] && echo "$LP" || echo "$TP")
-  python3 benches/serving/load.py "http://127.0.0.1:$port" --prefill-tokens 512 >"$out/$name.prefill"
 done
 rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 echo "$(rss "$LPID")" >"$out/llama.rss"; echo "$(rss "$TPID")" >"$out/tessera.rss"
@@ -94,15 +99,29 @@ fi
 python3 - "$out" <<'PY'
 import json, sys, os
 d = sys.argv[1]
-rows = {n: [json.loads(l) for l in open(os.path.join(d, n + ".jsonl"))] for n in ("llama", "tessera")}
-pre = {n: json.load(open(os.path.join(d, n + ".prefill"))) for n in rows}
+def median_by(items, key):
+    items = sorted(items, key=key)
+    return items[len(items) // 2], items
+runs = {n: [json.loads(l) for l in open(os.path.join(d, n + ".jsonl"))] for n in ("llama", "tessera")}
+rows, spread = {}, {}
+for n, rs in runs.items():
+    rows[n] = []
+    for c in dict.fromkeys(r["concurrency"] for r in rs):
+        med, all_ = median_by([r for r in rs if r["concurrency"] == c], lambda r: r["output_tok_s"])
+        rows[n].append(med)
+        spread[n, c] = (all_[0]["output_tok_s"], all_[-1]["output_tok_s"], len(all_))
+pre = {n: median_by([json.loads(l) for l in open(os.path.join(d, n + ".prefill"))], lambda r: r["prefill_tok_s"])[0]
+       for n in rows}
 rss = {n: int(open(os.path.join(d, n + ".rss")).read().strip() or 0) for n in rows}
 f = lambda v: "-" if v is None else f"{v:.1f}"
-print(f"{'server':9} {'conc':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'failed':>6}")
+print("each level: the median of its rounds by tok/s (that round's latencies), and the rounds' tok/s range")
+print(f"{'server':9} {'conc':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'failed':>6}  rounds")
 for n in rows:
     for r in rows[n]:
+        lo, hi, k = spread[n, r["concurrency"]]
+        failed = sum(x["failed"] for x in runs[n] if x["concurrency"] == r["concurrency"])
         print(f"{n:9} {r['concurrency']:>4} {f(r['output_tok_s']):>8} {f(r['ttft_p50_ms']):>9} {f(r['ttft_p99_ms']):>9} "
-              f"{f(r['itl_p50_ms']):>8} {f(r['itl_p99_ms']):>8} {r['failed']:>6}")
+              f"{f(r['itl_p50_ms']):>8} {f(r['itl_p99_ms']):>8} {failed:>6}  {k}: {lo:.1f}-{hi:.1f}")
     print(f"{n:9} prefill 512 tokens: {pre[n]['prefill_tok_s']:.0f} tok/s; peak RSS {rss[n] / 1024:.0f} MiB")
 print("ratios tessera / llama-server:")
 for a, b in zip(rows["tessera"], rows["llama"]):
