@@ -1,6 +1,6 @@
 //! Paged attention over an f16 cache with SmolLM2-135M's heads (9 query heads, 3 KV heads,
-//! 64 dims): 32 sequences decoding one token each at contexts of 128 and 1024, slots
-//! scattered as a block table leaves them, and one 512-token causal prefill; our kernel on the
+//! 64 dims): 32 sequences decoding one token each at contexts of 128 and 1024, their blocks
+//! interleaved as an allocator serving them together leaves them, and one 512-token causal prefill; our kernel on the
 //! active instruction set vs the scalar reference. Throughput is KV bytes read per call.
 
 use std::time::Duration;
@@ -10,7 +10,7 @@ use half::f16;
 use tessera_kernels::{paged_attention, AttnShape, Isa, SeqSpan};
 
 fn attention(c: &mut Criterion) {
-    let shape = AttnShape { heads: 9, kv_heads: 3, head_dim: 64 };
+    let shape = AttnShape { heads: 9, kv_heads: 3, head_dim: 64, block_size: 16 };
     let (seqs, block) = (32usize, 16usize);
     let mut g = c.benchmark_group("paged_attention");
     g.sample_size(10).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
@@ -22,12 +22,11 @@ fn attention(c: &mut Criterion) {
         let k: Vec<f16> = (0..total_slots * row).map(val).collect();
         let v: Vec<f16> = (0..total_slots * row).map(|i| val(i + 13)).collect();
         // Interleave the sequences' blocks, as an allocator serving them together would.
-        let slots: Vec<Vec<u32>> = (0..seqs)
-            .map(|s| (0..ctx).map(|p| (((p / block) * seqs + s) * block + p % block) as u32).collect())
-            .collect();
+        let tables: Vec<Vec<u32>> =
+            (0..seqs).map(|s| (0..blocks_per_seq).map(|b| (b * seqs + s) as u32).collect()).collect();
         debug_assert!(blocks_per_seq * seqs * block == total_slots);
         let spans: Vec<SeqSpan> =
-            slots.iter().enumerate().map(|(i, s)| SeqSpan { q_start: i, q_len: 1, slots: s }).collect();
+            tables.iter().enumerate().map(|(i, t)| SeqSpan { q_start: i, q_len: 1, ctx, blocks: t }).collect();
         let q: Vec<f32> = (0..seqs * shape.heads * shape.head_dim).map(|i| (i % 17) as f32 / 17.0).collect();
         let mut out = vec![0f32; q.len()];
         g.throughput(Throughput::Bytes((2 * total_slots * row * 2) as u64));
@@ -42,8 +41,8 @@ fn attention(c: &mut Criterion) {
     let row = shape.kv_heads * shape.head_dim;
     let k: Vec<f16> = (0..ctx * row).map(|i| f16::from_f32(((i * 7919 % 1000) as f32 / 500.0) - 1.0)).collect();
     let v = k.clone();
-    let slots: Vec<u32> = (0..ctx as u32).collect();
-    let spans = [SeqSpan { q_start: 0, q_len: ctx, slots: &slots }];
+    let table: Vec<u32> = (0..ctx.div_ceil(block) as u32).collect();
+    let spans = [SeqSpan { q_start: 0, q_len: ctx, ctx, blocks: &table }];
     let q: Vec<f32> = (0..ctx * shape.heads * shape.head_dim).map(|i| (i % 17) as f32 / 17.0).collect();
     let mut out = vec![0f32; q.len()];
     g.throughput(Throughput::Bytes((2 * ctx * row * 2) as u64));

@@ -1,5 +1,5 @@
 //! Paged attention on the CPU: each sequence's queries attend over its context read in place
-//! from the paged cache through its slot list (no gather, no mask tensor), with an online
+//! from the paged cache through its block table (no gather, no mask tensor), with an online
 //! softmax, causal for chunked prefill, the query heads of one KV head sharing every K/V row
 //! load. Tasks are (sequence, KV head) pairs on the rayon pool.
 //!
@@ -21,16 +21,38 @@ pub struct SeqSpan<'a> {
     pub q_start: usize,
     /// Its query tokens in this step (the last `q_len` positions of the context).
     pub q_len: usize,
-    /// Cache slot of every context position (cached prefix and this step's tokens).
-    pub slots: &'a [u32],
+    /// Its context length (cached prefix and this step's tokens).
+    pub ctx: usize,
+    /// Its block table: context position `j` is cache slot
+    /// `blocks[j / block_size] · block_size + j % block_size`.
+    pub blocks: &'a [u32],
 }
 
-/// Heads and head size.
+impl SeqSpan<'_> {
+    /// The cache slots of context positions `j0..j0 + n` into `out` (one division per block).
+    #[inline(always)]
+    fn slots(&self, block_size: usize, j0: usize, n: usize, out: &mut [usize]) {
+        let (mut j, mut i) = (j0, 0);
+        while i < n {
+            let (b, off) = (j / block_size, j % block_size);
+            let run = (block_size - off).min(n - i);
+            let base = self.blocks[b] as usize * block_size + off;
+            for (r, o) in out[i..i + run].iter_mut().enumerate() {
+                *o = base + r;
+            }
+            i += run;
+            j += run;
+        }
+    }
+}
+
+/// Heads, head size, and the cache's tokens per block.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    pub block_size: usize,
 }
 
 /// A KV cache element type.
@@ -225,7 +247,7 @@ fn start_query(q: &[f32], s: &SeqSpan, shape: AttnShape, kvh: usize, pair: usize
     for (dst, src) in qb.iter_mut().zip(&q[at..at + shape.head_dim]) {
         *dst = src * scale;
     }
-    s.slots.len() - s.q_len + i + 1
+    s.ctx - s.q_len + i + 1
 }
 
 /// Write query vector `pair`'s output: its accumulated values over the softmax sum `l`.
@@ -286,10 +308,12 @@ fn task_d<E: KvElem, const D: usize, const X: bool>(
         }
         let jmax = lim[..tn].iter().copied().max().unwrap_or(0);
         let transpose = tn >= TRANSPOSE_FROM;
+        let mut slot = [0usize; CHUNK];
         for j0 in (0..jmax).step_by(CHUNK) {
             let jn = (jmax - j0).min(CHUNK);
+            s.slots(shape.block_size, j0, jn, &mut slot);
             for jj in 0..jn {
-                let at = (s.slots[j0 + jj] as usize * kvn + kvh) * D;
+                let at = (slot[jj] * kvn + kvh) * D;
                 if X {
                     E::load_x86(&k[at..at + D], &mut row);
                 } else {
@@ -312,13 +336,23 @@ fn task_d<E: KvElem, const D: usize, const X: bool>(
             }
             for p in 0..tn {
                 if transpose {
-                    let mut srow = [0f32; CHUNK];
-                    for (qv, kr) in qb[p].iter().zip(kt.iter()) {
-                        for (s, kx) in srow.iter_mut().zip(kr) {
-                            *s = fma::<X>(*qv, *kx, *s);
+                    // Eight partial sums per key over the inputs `e ≡ l (mod 8)`, combined as
+                    // `dot` combines its lanes: the scores equal the per-key dot products to the
+                    // bit, so a query's result does not depend on the tile it fell in (nor a
+                    // prompt's scores on how it was chunked).
+                    let mut part = [[0f32; CHUNK]; 8];
+                    for (l, pl) in part.iter_mut().enumerate() {
+                        for e in (l..D).step_by(8) {
+                            let (qv, kr) = (qb[p][e], &kt[e]);
+                            for (s, kx) in pl.iter_mut().zip(kr) {
+                                *s = fma::<X>(qv, *kx, *s);
+                            }
                         }
                     }
-                    sc[p] = srow;
+                    for (j, s) in sc[p].iter_mut().enumerate() {
+                        *s = ((part[0][j] + part[4][j]) + (part[1][j] + part[5][j]))
+                            + ((part[2][j] + part[6][j]) + (part[3][j] + part[7][j]));
+                    }
                 }
                 let valid = lim[p].saturating_sub(j0).min(jn);
                 let corr = softmax_chunk::<X>(&mut sc[p][..jn], valid, &mut m[p], &mut l[p]);
@@ -372,10 +406,12 @@ fn task_any<E: KvElem>(
             acc[p * d..(p + 1) * d].fill(0.0);
         }
         let jmax = lim[..tn].iter().copied().max().unwrap_or(0);
+        let mut slot = [0usize; CHUNK];
         for j0 in (0..jmax).step_by(CHUNK) {
             let jn = (jmax - j0).min(CHUNK);
+            s.slots(shape.block_size, j0, jn, &mut slot);
             for jj in 0..jn {
-                let at = (s.slots[j0 + jj] as usize * kvn + kvh) * d;
+                let at = (slot[jj] * kvn + kvh) * d;
                 E::load(&k[at..at + d], &mut row);
                 for p in 0..tn {
                     sc[p * CHUNK + jj] = dot::<false>(&qb[p * d..(p + 1) * d], &row);
@@ -389,7 +425,7 @@ fn task_any<E: KvElem>(
                 }
             }
             for jj in 0..jn {
-                let at = (s.slots[j0 + jj] as usize * kvn + kvh) * d;
+                let at = (slot[jj] * kvn + kvh) * d;
                 E::load(&v[at..at + d], &mut row);
                 for p in 0..tn {
                     let w = sc[p * CHUNK + jj];
@@ -446,7 +482,7 @@ unsafe fn task_avx2<E: KvElem>(
 }
 
 /// Attention of every sequence: `q` is `[T, heads, head_dim]` f32, the caches
-/// `[slots, kv_heads, head_dim]` (already holding this step's keys/values), `out` is
+/// `[blocks · block_size, kv_heads, head_dim]` (already holding this step's keys/values), `out` is
 /// `[T, heads · head_dim]`. Rows of `out` no sequence covers are left as they are.
 pub fn paged_attention<E: KvElem>(
     isa: Isa,
@@ -457,8 +493,9 @@ pub fn paged_attention<E: KvElem>(
     shape: AttnShape,
     out: &mut [f32],
 ) -> Result<()> {
-    let AttnShape { heads, kv_heads, head_dim } = shape;
+    let AttnShape { heads, kv_heads, head_dim, block_size } = shape;
     if kv_heads == 0
+        || block_size == 0
         || !heads.is_multiple_of(kv_heads)
         || q.len() != out.len()
         || !q.len().is_multiple_of(heads * head_dim)
@@ -470,18 +507,21 @@ pub fn paged_attention<E: KvElem>(
         )));
     }
     let rows = q.len() / (heads * head_dim);
-    let slots = k.len() / (kv_heads * head_dim);
+    let blocks = k.len() / (kv_heads * head_dim) / block_size;
     for s in seqs {
-        if s.q_start + s.q_len > rows || s.q_len > s.slots.len() || v.len() != k.len() {
+        let table = s.ctx.div_ceil(block_size);
+        if s.q_start + s.q_len > rows || s.q_len > s.ctx || table > s.blocks.len() || v.len() != k.len() {
             return Err(KernelError::Shape(format!(
-                "attention: sequence rows {}..{} of {rows}, context {}",
+                "attention: sequence rows {}..{} of {rows}, context {} in {} blocks of {block_size}",
                 s.q_start,
                 s.q_start + s.q_len,
-                s.slots.len()
+                s.ctx,
+                s.blocks.len()
             )));
         }
-        if let Some(bad) = s.slots.iter().find(|&&x| x as usize >= slots) {
-            return Err(KernelError::Shape(format!("attention: slot {bad} outside the cache's {slots}")));
+        // O(blocks), not O(context): the block table is checked once per call.
+        if let Some(bad) = s.blocks[..table].iter().find(|&&b| b as usize >= blocks) {
+            return Err(KernelError::Shape(format!("attention: block {bad} outside the cache's {blocks}")));
         }
     }
     let o = Out(out.as_mut_ptr());

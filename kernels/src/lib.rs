@@ -6,7 +6,7 @@
 //! Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; [`QMatrix::matmul`]), with activations quantized once
 //! per call in ggml's block formats (Q8_0/Q8_1/Q8_K) and integer dot products, on a packed
 //! 8-column layout where the type has one, split over a persistent thread pool by output
-//! columns; paged attention read in place through slot lists ([`paged_attention`]); and the
+//! columns; paged attention read in place through block tables ([`paged_attention`]); and the
 //! fused element-wise ops of the step ([`silu_mul`], [`add_rms_norm`], [`write_cache_rows`]).
 //!
 //! Must not touch: tensors, devices, model layouts, files or the environment beyond the

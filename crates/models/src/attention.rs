@@ -15,8 +15,19 @@ pub struct SeqAttention {
     pub q_start: usize,
     /// Number of query tokens of this sequence in this step.
     pub q_len: usize,
-    /// Cache slots of the whole context (cached prefix + this step's tokens), `[ctx]` u32.
-    pub context_slots: Tensor,
+    /// Length of the whole context (cached prefix + this step's tokens).
+    pub ctx_len: usize,
+    /// The blocks holding the context (at least `ctx_len / block_size`, rounded up), on the host:
+    /// a step costs O(blocks) per sequence, not O(context).
+    pub block_table: Vec<u32>,
+}
+
+impl SeqAttention {
+    /// Cache slot of every context position (the non-CPU path gathers through them).
+    fn context_slots(&self, block_size: usize) -> Vec<u32> {
+        let bs = block_size as u32;
+        (0..self.ctx_len as u32).map(|j| self.block_table[(j / bs) as usize] * bs + j % bs).collect()
+    }
 }
 
 /// Per-batch attention inputs, shared by all layers.
@@ -24,6 +35,8 @@ pub struct SeqAttention {
 pub struct AttentionMetadata {
     /// Cache slot for each new token, `[T]` u32.
     pub slot_mapping: Tensor,
+    /// Tokens per cache block.
+    pub block_size: usize,
     /// One entry per sequence, in batch order.
     pub seqs: Vec<SeqAttention>,
 }
@@ -110,16 +123,22 @@ impl candle_core::InplaceOp2 for HostWrite<'_> {
     }
 }
 
-/// The slot lists of a step's sequences on the host, read once per step (not per layer) for
-/// the CPU kernel; `None` off the CPU.
-pub(crate) struct HostSlots(Vec<Vec<u32>>);
+/// Off the CPU, each sequence's context slots as a device tensor for candle's gather, built
+/// once per step (not per layer); `None` on the CPU, where the kernel reads the block tables.
+pub(crate) struct DeviceSlots(Vec<Tensor>);
 
-impl HostSlots {
-    pub(crate) fn new(meta: &AttentionMetadata) -> Result<Option<Self>> {
-        if meta.seqs.iter().any(|s| !s.context_slots.device().is_cpu()) {
+impl DeviceSlots {
+    pub(crate) fn new(meta: &AttentionMetadata, dev: &Device) -> Result<Option<Self>> {
+        if dev.is_cpu() {
             return Ok(None);
         }
-        Ok(Some(Self(meta.seqs.iter().map(|s| s.context_slots.to_vec1::<u32>()).collect::<candle_core::Result<_>>()?)))
+        Ok(Some(Self::build(meta, dev)?))
+    }
+
+    /// The slot tensors on `dev`, whatever the device (tests take the gather path on the CPU).
+    fn build(meta: &AttentionMetadata, dev: &Device) -> Result<Self> {
+        let slots = meta.seqs.iter().map(|s| Tensor::new(s.context_slots(meta.block_size).as_slice(), dev));
+        Ok(Self(slots.collect::<candle_core::Result<_>>()?))
     }
 }
 
@@ -129,7 +148,6 @@ fn cpu_paged_attention(
     k_cache: &Tensor,
     v_cache: &Tensor,
     meta: &AttentionMetadata,
-    host: &HostSlots,
     num_kv_heads: usize,
 ) -> Result<Tensor> {
     use candle_core::{CpuStorage, Storage};
@@ -137,9 +155,12 @@ fn cpu_paged_attention(
     let (t, heads, hd) = q.dims3()?;
     let dtype = q.dtype();
     let q = q.to_dtype(DType::F32)?.contiguous()?;
-    let shape = AttnShape { heads, kv_heads: num_kv_heads, head_dim: hd };
-    let seqs: Vec<SeqSpan> =
-        meta.seqs.iter().zip(&host.0).map(|(s, slots)| SeqSpan { q_start: s.q_start, q_len: s.q_len, slots }).collect();
+    let shape = AttnShape { heads, kv_heads: num_kv_heads, head_dim: hd, block_size: meta.block_size };
+    let seqs: Vec<SeqSpan> = meta
+        .seqs
+        .iter()
+        .map(|s| SeqSpan { q_start: s.q_start, q_len: s.q_len, ctx: s.ctx_len, blocks: &s.block_table })
+        .collect();
     let mut out = vec![0f32; t * heads * hd];
     {
         let (qs, ql) = q.storage_and_layout();
@@ -169,29 +190,30 @@ fn cpu_paged_attention(
 }
 
 /// Attention for every sequence of the batch. `q` is `[T, heads, head_dim]`; the cache
-/// already holds this step's keys/values. Returns `[T, heads * head_dim]`. On the CPU (with
-/// `host` slot lists) our kernel reads the cache in place; elsewhere candle ops gather it.
+/// already holds this step's keys/values. Returns `[T, heads * head_dim]`. On the CPU our
+/// kernel reads the cache in place through the block tables; elsewhere (with `device` slot
+/// tensors) candle ops gather it.
 pub(crate) fn paged_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     meta: &AttentionMetadata,
     num_kv_heads: usize,
-    host: Option<&HostSlots>,
+    device: Option<&DeviceSlots>,
 ) -> Result<Tensor> {
-    if let Some(host) = host {
-        return cpu_paged_attention(q, k_cache, v_cache, meta, host, num_kv_heads);
-    }
+    let Some(device) = device else {
+        return cpu_paged_attention(q, k_cache, v_cache, meta, num_kv_heads);
+    };
     let (_t, heads, hd) = q.dims3()?;
     let group = heads / num_kv_heads;
     let scale = 1.0 / (hd as f64).sqrt();
     let mut outs = Vec::with_capacity(meta.seqs.len());
-    for s in &meta.seqs {
-        let ctx = s.context_slots.dim(0)?;
+    for (s, context_slots) in meta.seqs.iter().zip(&device.0) {
+        let ctx = s.ctx_len;
         let qs = q.narrow(0, s.q_start, s.q_len)?; // [q, H, D]
         let qs = qs.transpose(0, 1)?.contiguous()?.reshape((num_kv_heads, group * s.q_len, hd))?;
         let gather = |c: &Tensor| -> Result<Tensor> {
-            Ok(c.index_select(&s.context_slots, 0)?.to_dtype(q.dtype())?.transpose(0, 1)?.contiguous()?)
+            Ok(c.index_select(context_slots, 0)?.to_dtype(q.dtype())?.transpose(0, 1)?.contiguous()?)
         };
         let (k, v) = (gather(k_cache)?, gather(v_cache)?); // [KVH, ctx, D]
         let mut scores = (qs.matmul(&k.t()?)? * scale)?; // [KVH, g*q, ctx]
@@ -242,8 +264,9 @@ mod tests {
         let v = Tensor::randn(0f32, 1., (t, kvh, d), &dev)?;
         let kc = Tensor::zeros((16, kvh, d), DType::F32, &dev)?;
         let vc = Tensor::zeros((16, kvh, d), DType::F32, &dev)?;
-        // Non-contiguous slots, as a block table would give.
-        let slots = Tensor::new(&[9u32, 10, 11, 2, 3], &dev)?;
+        // Blocks of 4: the table [2, 0] puts positions 0..4 in slots 8..12 and position 4 in slot 0.
+        let (bs, table) = (4, vec![2u32, 0]);
+        let slots = Tensor::new(&[8u32, 9, 10, 11, 0], &dev)?;
         let idx = slots.reshape((t, 1, 1))?.broadcast_as((t, kvh, d))?.contiguous()?;
         // The scatter path (other devices) and the host path write the same cells.
         let (kc2, vc2) = (kc.zeros_like()?, vc.zeros_like()?);
@@ -255,18 +278,21 @@ mod tests {
         // Two steps: a prefill of 3 then 2 more tokens, attending over the cache.
         let meta1 = AttentionMetadata {
             slot_mapping: slots.narrow(0, 0, 3)?,
-            seqs: vec![SeqAttention { q_start: 0, q_len: 3, context_slots: slots.narrow(0, 0, 3)? }],
+            block_size: bs,
+            seqs: vec![SeqAttention { q_start: 0, q_len: 3, ctx_len: 3, block_table: table[..1].to_vec() }],
         };
-        let host1 = HostSlots::new(&meta1)?;
-        let a = paged_attention(&q.narrow(0, 0, 3)?, &kc, &vc, &meta1, kvh, None)?;
-        let a_cpu = paged_attention(&q.narrow(0, 0, 3)?, &kc, &vc, &meta1, kvh, host1.as_ref())?;
+        let gather1 = DeviceSlots::build(&meta1, &dev)?;
+        let a = paged_attention(&q.narrow(0, 0, 3)?, &kc, &vc, &meta1, kvh, Some(&gather1))?;
+        let a_cpu = paged_attention(&q.narrow(0, 0, 3)?, &kc, &vc, &meta1, kvh, None)?;
         let meta2 = AttentionMetadata {
             slot_mapping: slots.narrow(0, 3, 2)?,
-            seqs: vec![SeqAttention { q_start: 0, q_len: 2, context_slots: slots.clone() }],
+            block_size: bs,
+            seqs: vec![SeqAttention { q_start: 0, q_len: 2, ctx_len: 5, block_table: table.clone() }],
         };
-        let host2 = HostSlots::new(&meta2)?;
-        let b = paged_attention(&q.narrow(0, 3, 2)?, &kc, &vc, &meta2, kvh, None)?;
-        let b_cpu = paged_attention(&q.narrow(0, 3, 2)?, &kc, &vc, &meta2, kvh, host2.as_ref())?;
+        assert_eq!(meta2.seqs[0].context_slots(bs), slots.to_vec1::<u32>()?);
+        let gather2 = DeviceSlots::build(&meta2, &dev)?;
+        let b = paged_attention(&q.narrow(0, 3, 2)?, &kc, &vc, &meta2, kvh, Some(&gather2))?;
+        let b_cpu = paged_attention(&q.narrow(0, 3, 2)?, &kc, &vc, &meta2, kvh, None)?;
         let want = dense_causal_attention(&q, &k, &v)?;
         for (path, got) in [("candle ops", Tensor::cat(&[a, b], 0)?), ("CPU kernel", Tensor::cat(&[a_cpu, b_cpu], 0)?)]
         {

@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{paged_attention, CacheWriter, HostSlots};
+use crate::attention::{paged_attention, CacheWriter, DeviceSlots};
 use crate::layers::{Embedding, GatedMlp, SharedInput};
 use crate::moe::Moe;
 use crate::{
@@ -247,7 +247,7 @@ impl Llama {
         let (hd, nh, nkv) = (cfg.head_dim, self.heads.heads, self.heads.kv_heads);
         let (cos, sin) = self.rotary.tables_for(&input.positions)?;
         let writer = CacheWriter::new(&input.attn, nkv, hd)?;
-        let host = HostSlots::new(&input.attn)?;
+        let gather = DeviceSlots::new(&input.attn, input.tokens.device())?;
         let mut x = match &self.embed {
             Some(e) => self.tp.all_reduce(&e.forward(&input.tokens)?)?,
             None => self.pp.recv_activations()?,
@@ -268,7 +268,7 @@ impl Llama {
             let k = self.rotary.apply(&k, &cos, &sin)?;
             let (kc, vc) = cache.layer(i);
             writer.write(kc, vc, &k, &v)?;
-            let a = paged_attention(&q, kc, vc, &input.attn, nkv, host.as_ref())?;
+            let a = paged_attention(&q, kc, vc, &input.attn, nkv, gather.as_ref())?;
             let (x1, h1) = b.mlp_norm.add_forward(&x, &self.tp.all_reduce(&b.attn.o.forward(&a)?)?)?;
             let m = match &b.mlp {
                 Mlp::Dense(d) => self.tp.all_reduce(&d.forward(&h1)?)?,

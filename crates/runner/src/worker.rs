@@ -65,11 +65,11 @@ impl Worker {
             tokens.extend_from_slice(&s.tokens);
             positions.extend((s.start_pos..end).map(|p| p as u32));
             slots.extend((s.start_pos..end).map(slot));
-            let ctx: Vec<u32> = (0..end).map(slot).collect();
             seqs.push(SeqAttention {
                 q_start,
                 q_len: s.tokens.len(),
-                context_slots: Tensor::new(ctx.as_slice(), &self.device)?,
+                ctx_len: end,
+                block_table: s.block_table[..end.div_ceil(bs)].to_vec(),
             });
             if !all_rows {
                 // Rows predicting prompt tokens (never the sampling row: a chunk that ends the
@@ -85,7 +85,7 @@ impl Worker {
         Ok(BatchInput {
             tokens: Tensor::new(tokens.as_slice(), dev)?,
             positions: Tensor::new(positions.as_slice(), dev)?,
-            attn: AttentionMetadata { slot_mapping: Tensor::new(slots.as_slice(), dev)?, seqs },
+            attn: AttentionMetadata { slot_mapping: Tensor::new(slots.as_slice(), dev)?, block_size: bs, seqs },
             logits_indices: Tensor::new(rows.as_slice(), dev)?,
         })
     }

@@ -10,8 +10,10 @@ use super::*;
 
 /// Plain attention of one sequence in f64: `out[i, h]` = softmax over positions ≤ its own.
 fn reference(q: &[f32], k: &[f32], v: &[f32], s: &SeqSpan, shape: AttnShape) -> Vec<f64> {
-    let AttnShape { heads: h, kv_heads: kvn, head_dim: d } = shape;
-    let ctx = s.slots.len();
+    let AttnShape { heads: h, kv_heads: kvn, head_dim: d, block_size: bs } = shape;
+    let ctx = s.ctx;
+    // The block table spelled out, position by position.
+    let slots: Vec<usize> = (0..ctx).map(|j| s.blocks[j / bs] as usize * bs + j % bs).collect();
     let mut out = vec![0f64; s.q_len * h * d];
     for i in 0..s.q_len {
         for hh in 0..h {
@@ -20,7 +22,7 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], s: &SeqSpan, shape: AttnShape) -> 
             let lim = ctx - s.q_len + i + 1;
             let scores: Vec<f64> = (0..lim)
                 .map(|j| {
-                    let kr = &k[(s.slots[j] as usize * kvn + kvh) * d..][..d];
+                    let kr = &k[(slots[j] * kvn + kvh) * d..][..d];
                     qv.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()
                 })
                 .collect();
@@ -28,7 +30,7 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], s: &SeqSpan, shape: AttnShape) -> 
             let e: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
             let z: f64 = e.iter().sum();
             for (j, w) in e.iter().enumerate() {
-                let vr = &v[(s.slots[j] as usize * kvn + kvh) * d..][..d];
+                let vr = &v[(slots[j] * kvn + kvh) * d..][..d];
                 for c in 0..d {
                     out[(i * h + hh) * d + c] += w / z * vr[c] as f64;
                 }
@@ -39,28 +41,29 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], s: &SeqSpan, shape: AttnShape) -> 
 }
 
 fn case(shape: AttnShape, spans: &[(usize, usize)], rng: &mut ChaCha8Rng) {
-    let AttnShape { heads: h, kv_heads: kvn, head_dim: d } = shape;
-    let total_slots = spans.iter().map(|s| s.1).sum::<usize>() + 7;
+    let AttnShape { heads: h, kv_heads: kvn, head_dim: d, block_size: bs } = shape;
+    let total_blocks = spans.iter().map(|s| s.1.div_ceil(bs)).sum::<usize>() + 3;
+    let total_slots = total_blocks * bs;
     let k: Vec<f32> = (0..total_slots * kvn * d).map(|_| rng.random_range(-1.5f32..1.5)).collect();
     let v: Vec<f32> = (0..total_slots * kvn * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    // Each sequence gets a random, scattered set of slots.
-    let mut free: Vec<u32> = (0..total_slots as u32).collect();
-    let mut slot_lists = Vec::new();
+    // Each sequence gets a random, scattered block table.
+    let mut free: Vec<u32> = (0..total_blocks as u32).collect();
+    let mut tables = Vec::new();
     for &(_, ctx) in spans {
         let mut l = Vec::new();
-        for _ in 0..ctx {
+        for _ in 0..ctx.div_ceil(bs) {
             l.push(free.swap_remove(rng.random_range(0..free.len())));
         }
-        slot_lists.push(l);
+        tables.push(l);
     }
     let rows: usize = spans.iter().map(|s| s.0).sum();
     let q: Vec<f32> = (0..rows * h * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     let mut at = 0;
     let seqs: Vec<SeqSpan> = spans
         .iter()
-        .zip(&slot_lists)
-        .map(|(&(q_len, _), slots)| {
-            let s = SeqSpan { q_start: at, q_len, slots };
+        .zip(&tables)
+        .map(|(&(q_len, ctx), blocks)| {
+            let s = SeqSpan { q_start: at, q_len, ctx, blocks };
             at += q_len;
             s
         })
@@ -89,30 +92,36 @@ fn case(shape: AttnShape, spans: &[(usize, usize)], rng: &mut ChaCha8Rng) {
 #[test]
 fn paged_attention_equals_plain_attention() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let smol = AttnShape { heads: 9, kv_heads: 3, head_dim: 64 };
+    let smol = AttnShape { heads: 9, kv_heads: 3, head_dim: 64, block_size: 16 };
     // Decode steps (one query each) over short and long contexts, beside a prefill chunk.
     case(smol, &[(1, 1), (1, 17), (1, 200), (5, 5), (3, 70)], &mut rng);
     // Chunked prefill: 40 new tokens after 90 cached, crossing the softmax chunk.
     case(smol, &[(40, 130)], &mut rng);
-    // Odd head size, no grouping, and full multi-head grouping.
-    case(AttnShape { heads: 4, kv_heads: 4, head_dim: 13 }, &[(2, 9), (1, 66)], &mut rng);
-    case(AttnShape { heads: 8, kv_heads: 1, head_dim: 16 }, &[(17, 17)], &mut rng);
+    // Odd head size, no grouping, and full multi-head grouping; blocks of 5, 1 and 64 tokens.
+    case(AttnShape { heads: 4, kv_heads: 4, head_dim: 13, block_size: 5 }, &[(2, 9), (1, 66)], &mut rng);
+    case(AttnShape { heads: 8, kv_heads: 1, head_dim: 16, block_size: 1 }, &[(17, 17)], &mut rng);
+    case(AttnShape { heads: 8, kv_heads: 1, head_dim: 16, block_size: 64 }, &[(3, 150)], &mut rng);
     // A long prefill split over several work items, and the 128-wide heads of larger models.
     case(smol, &[(200, 300), (1, 9)], &mut rng);
-    case(AttnShape { heads: 8, kv_heads: 2, head_dim: 128 }, &[(33, 100), (1, 65)], &mut rng);
+    case(AttnShape { heads: 8, kv_heads: 2, head_dim: 128, block_size: 16 }, &[(33, 100), (1, 65)], &mut rng);
 }
 
 #[test]
 fn bad_inputs_are_errors() {
-    let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 4 };
+    let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 4, block_size: 1 };
     let (k, v) = (vec![0f32; 8], vec![0f32; 8]);
     let q = vec![0f32; 8];
     let mut out = vec![0f32; 8];
-    let slots = [0u32, 5];
-    let s = [SeqSpan { q_start: 0, q_len: 1, slots: &slots }];
-    assert!(paged_attention(Isa::Scalar, &q, &k, &v, &s, shape, &mut out).is_err(), "slot outside the cache");
-    let s = [SeqSpan { q_start: 0, q_len: 3, slots: &slots[..1] }];
+    let blocks = [0u32, 5];
+    let s = [SeqSpan { q_start: 0, q_len: 1, ctx: 2, blocks: &blocks }];
+    assert!(paged_attention(Isa::Scalar, &q, &k, &v, &s, shape, &mut out).is_err(), "block outside the cache");
+    let s = [SeqSpan { q_start: 0, q_len: 3, ctx: 1, blocks: &blocks[..1] }];
     assert!(paged_attention(Isa::Scalar, &q, &k, &v, &s, shape, &mut out).is_err(), "more queries than context");
+    let s = [SeqSpan { q_start: 0, q_len: 1, ctx: 3, blocks: &blocks }];
+    assert!(paged_attention(Isa::Scalar, &q, &k, &v, &s, shape, &mut out).is_err(), "context beyond the table");
+    let zero = AttnShape { block_size: 0, ..shape };
+    let s = [SeqSpan { q_start: 0, q_len: 1, ctx: 1, blocks: &blocks[..1] }];
+    assert!(paged_attention(Isa::Scalar, &q, &k, &v, &s, zero, &mut out).is_err(), "blocks of no tokens");
 }
 
 /// The cache write stores each row at its slot, rounded as the cache type rounds, touches
@@ -136,4 +145,33 @@ fn cache_rows_land_in_their_slots() {
     }
     assert!(matches!(write_cache_rows(&mut c32, &rows[..row], &[8], row), Err(KernelError::Shape(_))));
     assert!(matches!(write_cache_rows(&mut c32, &rows[..row], &[1, 2], row), Err(KernelError::Shape(_))));
+}
+
+/// A query's output does not depend on the tile it is computed in: the last query of a
+/// 40-token chunk (scored with its tile's transposed keys) equals the same query computed
+/// alone (scored by dot products), to the bit, on every instruction set. This is what makes a
+/// prompt's scores independent of how its prefill was chunked.
+#[test]
+fn a_query_is_computed_the_same_in_any_tile() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for (d, kvn, heads) in [(64, 3, 9), (128, 2, 8)] {
+        let shape = AttnShape { heads, kv_heads: kvn, head_dim: d, block_size: 16 };
+        let ctx = 150usize;
+        let table: Vec<u32> = (0..ctx.div_ceil(16) as u32).rev().collect();
+        let slots = table.len() * 16;
+        let k: Vec<f32> = (0..slots * kvn * d).map(|_| rng.random_range(-1.5f32..1.5)).collect();
+        let v: Vec<f32> = (0..slots * kvn * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let q_len = 40;
+        let q: Vec<f32> = (0..q_len * heads * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let last = &q[(q_len - 1) * heads * d..];
+        for &isa in Isa::available() {
+            let mut chunk = vec![0f32; q.len()];
+            let s = [SeqSpan { q_start: 0, q_len, ctx, blocks: &table }];
+            paged_attention(isa, &q, &k, &v, &s, shape, &mut chunk).unwrap();
+            let mut alone = vec![0f32; last.len()];
+            let s = [SeqSpan { q_start: 0, q_len: 1, ctx, blocks: &table }];
+            paged_attention(isa, last, &k, &v, &s, shape, &mut alone).unwrap();
+            assert_eq!(&chunk[(q_len - 1) * heads * d..], &alone[..], "{isa:?}, head size {d}");
+        }
+    }
 }
