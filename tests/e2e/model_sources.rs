@@ -48,7 +48,20 @@ fn set_vars(vars: &[(&str, String)]) {
     }
 }
 
+/// A fresh folder for this test process. The folders live as long as the process's tests
+/// need them; the first call of a process removes those left by earlier runs whose process
+/// has ended (each run stores ~1 GiB of models and S3 copies).
 fn scratch(name: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| {
+        for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("tessera-src-").and_then(|r| r.split('-').next()?.parse::<u32>().ok());
+            if pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
     let d = std::env::temp_dir().join(format!("tessera-src-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
