@@ -283,6 +283,11 @@ impl Core {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("engine step failed: {e}");
+                // A dead executor is recorded before anyone is answered, so that /health is
+                // already 503 when a client sees its request fail.
+                if let Some(why) = self.executor.failure() {
+                    self.stats.set_failure(why);
+                }
                 for s in &out.plan.seqs {
                     self.end(s.seq_id, Some(Err(EngineError::Step(e.to_string()))));
                 }
