@@ -129,6 +129,19 @@ impl Worker {
 
     /// Run one step and sample a token for every sequence that asks for one.
     pub fn execute(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>> {
+        let tp = self.model.tensor_parallel();
+        if tp.world() == 1 && self.model.pipeline_stages() == 1 && !tp.experts_span_replicas() {
+            // A lone rank runs its whole step on a compute-pool thread: the step's serial parts
+            // and its parallel kernels then share the pool's threads, instead of a third thread
+            // contending with workers that spin between kernels. (Ranks that wait on each
+            // other in collectives stay on their own threads: a pool thread blocked in a
+            // collective could starve the rank it waits for.)
+            return rayon::scope(|_| self.execute_here(plan));
+        }
+        self.execute_here(plan)
+    }
+
+    fn execute_here(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>> {
         if plan.seqs.is_empty() {
             return Ok(vec![]);
         }
