@@ -212,6 +212,10 @@ pub struct ServeArgs {
     /// Accepted for vLLM compatibility (nothing remote is ever executed).
     #[arg(long)]
     pub trust_remote_code: bool,
+    /// Prefill/decode role, vLLM's `KVTransferConfig` JSON, e.g.
+    /// `{"kv_connector":"TesseraConnector","kv_role":"kv_producer"}` (`kv_consumer`, `kv_both`).
+    #[arg(long, value_parser = crate::kv_transfer::parse, env = "TESSERA_KV_TRANSFER_CONFIG")]
+    pub kv_transfer_config: Option<crate::kv_transfer::KvTransferConfig>,
 }
 
 impl ServeArgs {
@@ -224,13 +228,19 @@ impl ServeArgs {
     }
 }
 
-/// vLLM's single-dash short forms (`-tp 2`, `-pp 2`) as their long flags, so that
-/// command lines written for `vllm serve` parse.
+/// vLLM's single-dash short forms (`-tp 2`, `-pp 2`) as their long flags, and its
+/// underscore spellings of long flags (`--kv_transfer_config`, as KServe's samples write
+/// it) with dashes, so that command lines written for `vllm serve` parse. Values are left
+/// alone.
 pub fn normalize_argv(argv: impl IntoIterator<Item = String>) -> Vec<String> {
     argv.into_iter()
         .map(|a| match a.as_str() {
             "-tp" => "--tensor-parallel-size".to_string(),
             "-pp" => "--pipeline-parallel-size".to_string(),
+            long if long.starts_with("--") => match long.split_once('=') {
+                Some((key, value)) => format!("{}={value}", key.replace('_', "-")),
+                None => long.replace('_', "-"),
+            },
             _ => a,
         })
         .collect()
@@ -307,5 +317,29 @@ mod tests {
         let Command::Serve(a) = cli.command else { panic!("not serve") };
         assert_eq!(a.served_model_name, vec!["m", "publishers/ns/models/m"]);
         assert!(a.prefix_caching() && a.chunked_prefill());
+    }
+
+    /// The operator's prefill/decode presets and KServe's samples (underscore spelling).
+    #[test]
+    fn kv_transfer_config_parses_in_every_spelling() {
+        let serve = |extra: &[&str]| {
+            let argv = ["tessera", "serve", "/mnt/models"].iter().chain(extra).map(|s| s.to_string());
+            match Cli::try_parse_from(normalize_argv(argv)) {
+                Ok(Cli { command: Command::Serve(a), .. }) => Ok(a.kv_transfer_config),
+                Ok(_) => panic!("not serve"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let producer = r#"{"kv_connector":"TesseraConnector","kv_role":"kv_producer"}"#;
+        assert!(serve(&["--kv-transfer-config", producer]).unwrap().is_some_and(|c| c.produces()));
+        let both = r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#;
+        assert!(serve(&["--kv_transfer_config", both]).unwrap().is_some_and(|c| c.consumes()));
+        let eq = format!("--kv_transfer_config={producer}");
+        assert!(serve(&[&eq]).unwrap().is_some());
+        assert_eq!(serve(&[]).unwrap(), None);
+        // A value with underscores keeps them; a bad role names the flag and the value.
+        let bad = serve(&["--kv-transfer-config", r#"{"kv_connector":"TesseraConnector","kv_role":"decode"}"#]);
+        let e = bad.unwrap_err();
+        assert!(e.contains("--kv-transfer-config") && e.contains("decode"), "{e}");
     }
 }

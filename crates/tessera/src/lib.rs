@@ -8,6 +8,7 @@
 pub mod args;
 mod dp;
 mod error;
+pub mod kv_transfer;
 pub mod ranks;
 mod serve;
 pub mod tls;

@@ -473,6 +473,18 @@ pub(crate) fn configure_threads(threads: Option<usize>) {
 pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
     validate(&a)?;
     configure_threads(a.threads);
+    if let Some(kv) = &a.kv_transfer_config {
+        if kv.kv_connector != crate::kv_transfer::CONNECTOR {
+            tracing::warn!("kv_connector {} is served by {}", kv.kv_connector, crate::kv_transfer::CONNECTOR);
+        }
+        // The role is parsed and reported; moving blocks between workers is not built yet, so
+        // every request is prefilled where it runs (the split path's text equals the
+        // monolithic one, without its saving).
+        tracing::warn!(
+            "prefill/decode role {:?}: KV block transfer is not implemented yet; requests are prefilled locally",
+            kv.kv_role
+        );
+    }
     let mut info = ModelInfo::new(served_names(&a), a.model.clone());
     for c in &a.criticality {
         match &c.name {
