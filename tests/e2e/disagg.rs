@@ -3,7 +3,7 @@
 //! two legs the sidecar sends give the monolithic answer. The first leg is a one-token,
 //! non-streamed prefill with `kv_transfer_params.do_remote_decode`. The second is the original
 //! request with the prefill's `kv_transfer_params` (absent until blocks move between workers,
-//! so null).
+//! so null). The prefill leg answers exactly one token whatever other limit the body carries.
 //! Block transfer itself is not built yet; when it is, these legs must also skip the decode
 //! side's prefill.
 
@@ -81,6 +81,19 @@ async fn sidecar_shaped_legs_answer_like_a_monolithic_worker() {
             assert_eq!(got, want, "{path} stream={stream}: {prompt}");
         }
     }
+    // The older sidecar sets only `max_tokens: 1` on chat: a leftover `max_completion_tokens`
+    // must not make the prefill worker generate more than the one token.
+    let chat = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Count to ten."}],
+                      "max_completion_tokens": 40, "temperature": 0});
+    let first: Value =
+        post(&c, format!("{p}/v1/chat/completions"), &prefill_leg(&chat)).await.json().await.expect("JSON");
+    assert_eq!(first["usage"]["completion_tokens"], 1, "{first}");
+    // Both flags at once is a client error naming the field.
+    let mut bad = chat.clone();
+    bad["kv_transfer_params"] = json!({"do_remote_decode": true, "do_remote_prefill": true});
+    let r = c.post(format!("{d}/v1/chat/completions")).json(&bad).send().await.expect("response");
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap_or_default().contains("kv_transfer_params"));
     for w in [prefill, decode, mono] {
         w.stop().await.expect("stop");
     }

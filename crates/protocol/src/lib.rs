@@ -5,11 +5,13 @@
 //! Must not touch: I/O, tokenisation, the engine or HTTP status mapping.
 
 mod error;
+mod kv_transfer;
 mod requests;
 mod responses;
 mod sampling;
 
 pub use error::ProtocolError;
+pub use kv_transfer::{KvIntent, KvTransferParams};
 pub use requests::CommonParams;
 pub use requests::{
     ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, MessageContent, Prompt, StopSpec,

@@ -68,6 +68,8 @@ pub struct CommonParams {
     pub include_stop_str_in_output: bool,
     /// Lower runs first (needs `--scheduling-policy priority`).
     pub priority: Option<i64>,
+    /// llm-d's prefill/decode leg marker (null: an ordinary request).
+    pub kv_transfer_params: Option<crate::KvTransferParams>,
     // Known fields this server cannot honour: refused with a 400 naming them when set.
     pub best_of: Option<i64>,
     pub prompt_logprobs: Option<i64>,

@@ -52,6 +52,9 @@ pub struct SamplingParams {
     pub skip_special_tokens: bool,
     /// Lower runs first (`--scheduling-policy priority`).
     pub priority: i64,
+    /// The prefill/decode leg this request is (`kv_transfer_params`).
+    #[serde(default)]
+    pub kv: crate::KvIntent,
 }
 
 impl Default for SamplingParams {
@@ -77,6 +80,7 @@ impl Default for SamplingParams {
             n: 1,
             skip_special_tokens: true,
             priority: 0,
+            kv: crate::KvIntent::Local,
         }
     }
 }
@@ -158,7 +162,11 @@ impl SamplingParams {
                 return Err(ProtocolError::param("top_k", format!("`top_k` must be -1 (disabled) or >= 1, got {k}")))
             }
         };
+        let kv = crate::KvTransferParams::intent(c.kv_transfer_params.as_ref())?;
         let max_tokens = match max_tokens {
+            // The prefill leg answers one token, whatever limit the caller left in the body
+            // (llm-d's older sidecar sets `max_tokens: 1` but not `max_completion_tokens`).
+            _ if kv == crate::KvIntent::RemoteDecode => Some(1),
             None => None,
             // 0 is the legacy completions' scoring request (`echo` + `logprobs`): no new tokens.
             Some(m) if m >= 0 => Some(m as usize),
@@ -167,6 +175,7 @@ impl SamplingParams {
             }
         };
         let min_tokens = match c.min_tokens {
+            _ if kv == crate::KvIntent::RemoteDecode => 0,
             None => 0,
             Some(m) if m < 0 => {
                 return Err(ProtocolError::param("min_tokens", format!("`min_tokens` must be >= 0, got {m}")))
@@ -223,6 +232,7 @@ impl SamplingParams {
             n: n as usize,
             skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
             priority,
+            kv,
         })
     }
 
