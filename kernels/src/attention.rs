@@ -542,9 +542,7 @@ pub fn paged_attention<E: KvElem>(
             }
         })
     };
-    if !Isa::available().contains(&isa) {
-        return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
-    }
+    isa.ensure_available()?;
     // Items: (sequence, KV head, first tile).
     let group = heads / kv_heads;
     let tasks: Vec<(usize, usize, usize)> = seqs

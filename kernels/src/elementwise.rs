@@ -23,9 +23,7 @@ pub fn silu_mul(isa: Isa, gu: &[f32], rows: usize, inter: usize, out: &mut [f32]
             out.len()
         )));
     }
-    if !Isa::available().contains(&isa) {
-        return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
-    }
+    isa.ensure_available()?;
     if inter == 0 {
         return Ok(());
     }
@@ -82,9 +80,7 @@ pub fn add_rms_norm(
             h.len()
         )));
     }
-    if !Isa::available().contains(&isa) {
-        return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
-    }
+    isa.ensure_available()?;
     for (((x, d), xo), h) in x.chunks(dim).zip(delta.chunks(dim)).zip(x_out.chunks_mut(dim)).zip(h.chunks_mut(dim)) {
         match isa {
             #[cfg(target_arch = "x86_64")]

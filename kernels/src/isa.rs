@@ -17,6 +17,14 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// An error unless this CPU can run `self` (kernels check it before any unsafe dispatch).
+    pub fn ensure_available(self) -> crate::Result<()> {
+        if Self::available().contains(&self) {
+            return Ok(());
+        }
+        Err(crate::KernelError::Unsupported(format!("{self:?} is not available on this CPU")))
+    }
+
     /// Every path this CPU can run, best last (the tests run each of them); detected once.
     pub fn available() -> &'static [Isa] {
         static AVAILABLE: OnceLock<Vec<Isa>> = OnceLock::new();

@@ -44,9 +44,7 @@ impl QMatrix {
                 len
             )));
         }
-        if !Isa::available().contains(&isa) {
-            return Err(KernelError::Unsupported(format!("{isa:?} is not available on this CPU")));
-        }
+        isa.ensure_available()?;
         let ty = self.qtype();
         let ptr = Out(out);
         if let (Some(p), Some(gemm)) = (self.packed(), packed_gemm(isa, ty)) {

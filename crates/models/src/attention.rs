@@ -71,14 +71,10 @@ impl CacheWriter {
     /// (which may hold a narrower type than the model computes in: `--kv-cache-dtype`).
     pub(crate) fn write(&self, k_cache: &Tensor, v_cache: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
         match self {
-            Self::Host(slots) if k.dtype() == DType::F32 => {
-                k_cache.inplace_op2(&k.contiguous()?, &HostWrite(slots))?;
-                v_cache.inplace_op2(&v.contiguous()?, &HostWrite(slots))?;
-            }
             Self::Host(slots) => {
-                let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-                k_cache.inplace_op2(&k.contiguous()?, &HostWrite(slots))?;
-                v_cache.inplace_op2(&v.contiguous()?, &HostWrite(slots))?;
+                // The kernel takes f32 rows (a no-op cast when they already are).
+                k_cache.inplace_op2(&k.to_dtype(DType::F32)?.contiguous()?, &HostWrite(slots))?;
+                v_cache.inplace_op2(&v.to_dtype(DType::F32)?.contiguous()?, &HostWrite(slots))?;
             }
             Self::Scatter(index) => {
                 k_cache.scatter_set(index, &k.to_dtype(k_cache.dtype())?.contiguous()?, 0)?;

@@ -6,6 +6,15 @@ use tessera_models::{AttentionMetadata, BatchInput, KvCache, Llama, SeqAttention
 
 use crate::{sampler, Result, RunnerError, StepPlan, StepResult};
 
+/// The logit rows a step computes for a sequence (unless all rows are asked for): one per
+/// prompt token whose log-probability it scores (never the sampling row: a chunk that ends the
+/// prompt has one target fewer than tokens), then its sampling row if it samples. The batch
+/// builder and the sampler both read the rows by this rule.
+fn logit_rows(s: &crate::SeqStep) -> (usize, bool) {
+    let targets = s.prompt_logprobs.as_ref().map_or(0, |p| p.targets.len().min(s.tokens.len()));
+    (targets, s.sample.is_some())
+}
+
 /// Owns the model and the KV memory of one rank.
 pub struct Worker {
     model: Llama,
@@ -71,14 +80,14 @@ impl Worker {
                 ctx_len: end,
                 block_table: s.block_table[..end.div_ceil(bs)].to_vec(),
             });
-            if !all_rows {
-                // Rows predicting prompt tokens (never the sampling row: a chunk that ends the
-                // prompt has one target fewer than tokens).
-                let n = s.prompt_logprobs.as_ref().map_or(0, |p| p.targets.len().min(s.tokens.len()));
-                rows.extend((q_start..q_start + n).map(|r| r as u32));
-            }
-            if all_rows || s.sample.is_some() {
+            if all_rows {
                 rows.push((tokens.len() - 1) as u32);
+            } else {
+                let (targets, samples) = logit_rows(s);
+                rows.extend((q_start..q_start + targets).map(|r| r as u32));
+                if samples {
+                    rows.push((tokens.len() - 1) as u32);
+                }
             }
         }
         let dev = &self.device;
@@ -153,10 +162,9 @@ impl Worker {
         let mut next = 0usize;
         let mut jobs = Vec::with_capacity(plan.seqs.len());
         for s in &plan.seqs {
-            let targets = s.prompt_logprobs.as_ref().map_or(0, |p| p.targets.len().min(s.tokens.len()));
-            let sample_row = s.sample.as_ref().map(|_| next + targets);
-            jobs.push((s, next, sample_row));
-            next += targets + usize::from(sample_row.is_some());
+            let (targets, samples) = logit_rows(s);
+            jobs.push((s, next, samples.then_some(next + targets)));
+            next += targets + usize::from(samples);
         }
         let logits = logits.to_dtype(DType::F32)?.contiguous()?;
         let (n, vocab) = logits.dims2()?;
