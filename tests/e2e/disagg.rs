@@ -1,14 +1,12 @@
-//! Prefill/decode roles as KServe's presets and llm-d's routing sidecar use them: workers
-//! started with `--kv-transfer-config` (both spellings, both connector names) serve, and the
-//! two legs the sidecar sends give the monolithic answer. The first leg is a one-token,
-//! non-streamed prefill with `kv_transfer_params.do_remote_decode`. The second is the original
-//! request with the prefill's `kv_transfer_params` (absent until blocks move between workers,
-//! so null). The prefill leg answers exactly one token whatever other limit the body carries.
-//! Block transfer itself is not built yet; when it is, these legs must also skip the decode
-//! side's prefill.
+//! Prefill/decode disaggregation as KServe's presets and llm-d's routing sidecar drive it:
+//! workers started with `--kv-transfer-config` (both spellings, both connector names), the
+//! two legs the sidecar sends (a one-token, non-streamed prefill with
+//! `kv_transfer_params.do_remote_decode`, then the original request with the prefill's
+//! `kv_transfer_params`), the KV blocks pulled between them, and the faults: a used token,
+//! pins nobody pulls, a prefill worker that is gone.
 
 use serde_json::{json, Value};
-use tessera_tests::{client, start_smollm2 as start};
+use tessera_tests::{client, metric, start_smollm2 as start};
 
 async fn post(c: &reqwest::Client, url: String, body: &Value) -> reqwest::Response {
     let r = c.post(url).json(body).send().await.expect("response");
@@ -50,50 +48,133 @@ fn prefill_leg(original: &Value) -> Value {
     leg
 }
 
+async fn metrics(c: &reqwest::Client, base: &str) -> String {
+    c.get(format!("{base}/metrics")).send().await.expect("metrics").text().await.expect("text")
+}
+
+async fn counter(c: &reqwest::Client, base: &str, name: &str) -> f64 {
+    metric(&metrics(c, base).await, name).unwrap_or_else(|| panic!("{name} missing"))
+}
+
+/// The `reason` sample of the fallback counter.
+async fn fallbacks(c: &reqwest::Client, base: &str, reason: &str) -> f64 {
+    let text = metrics(c, base).await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("tessera:kv_transfer_fallbacks_total{") && l.contains(&format!("reason=\"{reason}\"")))
+        .unwrap_or_else(|| panic!("no fallback sample for {reason}"));
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("value")
+}
+
+fn original(prompt: &str, chat: bool, stream: bool) -> Value {
+    let mut o = json!({"model": "smollm2", "max_tokens": 12, "temperature": 0, "stream": stream});
+    if chat {
+        o["messages"] = json!([{"role": "user", "content": prompt}]);
+    } else {
+        o["prompt"] = json!(prompt);
+    }
+    o
+}
+
+fn kv_config(role: &str, extra: &str) -> String {
+    format!(
+        r#"{{"kv_connector":"TesseraConnector","kv_role":"{role}","kv_ip":"127.0.0.1","kv_port":0,
+            "kv_connector_extra_config":{{{extra}}}}}"#
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sidecar_shaped_legs_answer_like_a_monolithic_worker() {
-    let producer = r#"{"kv_connector":"TesseraConnector","kv_role":"kv_producer","kv_port":0}"#;
+async fn sidecar_shaped_legs_move_the_prompts_kv_and_answer_like_a_monolithic_worker() {
+    let producer = kv_config("kv_producer", r#""pin_timeout": 3"#);
     let consumer = r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer","kv_port":0}"#;
-    let (prefill, p) = start(&["--kv-transfer-config", producer]).await;
+    let (prefill, p) = start(&["--kv-transfer-config", &producer]).await;
     let (decode, d) = start(&["--kv_transfer_config", consumer]).await;
     let (mono, m) = start(&[]).await;
     let c = client();
     let prompts = ["The capital of France is", "Water boils at", "List three colours:"];
+    let mut replay = None;
     for (i, prompt) in prompts.iter().enumerate() {
         for (path, chat) in [("/v1/completions", false), ("/v1/chat/completions", true)] {
             let stream = i % 2 == 1;
-            let mut original = json!({"model": "smollm2", "max_tokens": 12, "temperature": 0, "stream": stream});
-            if chat {
-                original["messages"] = json!([{"role": "user", "content": prompt}]);
-            } else {
-                original["prompt"] = json!(prompt);
-            }
+            let original = original(prompt, chat, stream);
             let want = text_of(post(&c, format!("{m}{path}"), &original).await, chat, stream).await;
 
             let first: Value =
                 post(&c, format!("{p}{path}"), &prefill_leg(&original)).await.json().await.expect("JSON");
             assert_eq!(first["choices"][0]["finish_reason"], "length", "{first}");
             assert_eq!(first["usage"]["completion_tokens"], 1, "{first}");
+            let kv = &first["kv_transfer_params"];
+            assert_eq!(kv["do_remote_prefill"], true, "{first}");
+            assert_eq!(kv["remote_host"], "127.0.0.1", "{first}");
+            assert!(kv["remote_port"].as_u64().is_some_and(|p| p > 0), "{first}");
+            assert!(kv["remote_block_ids"].as_array().is_some_and(|b| !b.is_empty()), "{first}");
+            assert_eq!(kv["transfer_token"].as_str().map(str::len), Some(32), "{first}");
+            assert_eq!(kv["tp_size"], 1, "{first}");
+            assert!(counter(&c, &p, "tessera:kv_pinned_blocks").await > 0.0, "blocks are pinned until pulled");
+
+            let computed = counter(&c, &d, "tessera:prompt_tokens_computed_total").await;
             let mut second = original.clone();
-            second["kv_transfer_params"] = first.get("kv_transfer_params").cloned().unwrap_or(Value::Null);
+            second["kv_transfer_params"] = kv.clone();
             let got = text_of(post(&c, format!("{d}{path}"), &second).await, chat, stream).await;
             assert!(!want.is_empty());
             assert_eq!(got, want, "{path} stream={stream}: {prompt}");
+            let now = counter(&c, &d, "tessera:prompt_tokens_computed_total").await;
+            assert_eq!(now - computed, 1.0, "only the last prompt token is computed on the decode side");
+            replay = Some((path, chat, second, want));
         }
     }
-    // The older sidecar sets only `max_tokens: 1` on chat: a leftover `max_completion_tokens`
-    // must not make the prefill worker generate more than the one token.
+    assert_eq!(fallbacks(&c, &d, "pull_failed").await, 0.0);
+    assert!(counter(&c, &d, "tessera:kv_transfer_blocks_received_total").await > 0.0);
+    let sent = counter(&c, &p, "tessera:kv_transfer_bytes_sent_total").await;
+    assert_eq!(sent, counter(&c, &d, "tessera:kv_transfer_bytes_received_total").await);
+    assert_eq!(counter(&c, &p, "tessera:kv_pinned_blocks").await, 0.0, "every pin was pulled and freed");
+
+    // A token works once: replaying a decode leg cannot read the prompt's KV again; the decode
+    // worker computes the prompt itself and still answers the same.
+    let (path, chat, second, want) = replay.expect("a leg ran");
+    let computed = counter(&c, &d, "tessera:prompt_tokens_computed_total").await;
+    let got = text_of(post(&c, format!("{d}{path}"), &second).await, chat, false).await;
+    assert_eq!(got, want);
+    assert_eq!(fallbacks(&c, &d, "pull_failed").await, 1.0);
+    assert!(counter(&c, &d, "tessera:prompt_tokens_computed_total").await - computed > 1.0);
+
+    // Pins nobody pulls expire: the blocks come back and the expiry is counted.
     let chat = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Count to ten."}],
                       "max_completion_tokens": 40, "temperature": 0});
     let first: Value =
         post(&c, format!("{p}/v1/chat/completions"), &prefill_leg(&chat)).await.json().await.expect("JSON");
+    // The older sidecar sets only `max_tokens: 1` on chat: a leftover `max_completion_tokens`
+    // must not make the prefill worker generate more than the one token.
     assert_eq!(first["usage"]["completion_tokens"], 1, "{first}");
-    // Both flags at once is a client error naming the field.
+    let pinned = counter(&c, &p, "tessera:kv_pinned_blocks").await;
+    assert!(pinned > 0.0);
+    let stats = prefill.state.engine_stats().expect("stats");
+    let free = stats.free_blocks.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(free + pinned as usize, stats.num_blocks, "pinned blocks are not free");
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    assert_eq!(counter(&c, &p, "tessera:kv_pins_expired_total").await, 1.0);
+    assert_eq!(counter(&c, &p, "tessera:kv_pinned_blocks").await, 0.0);
+    tessera_tests::wait_idle(&prefill).await;
+    // Its decode leg finds the token expired and recomputes.
+    let mut second = chat.clone();
+    second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+    let want = text_of(post(&c, format!("{m}/v1/chat/completions"), &chat).await, true, false).await;
+    let got = text_of(post(&c, format!("{d}/v1/chat/completions"), &second).await, true, false).await;
+    assert_eq!(got, want);
+    assert_eq!(fallbacks(&c, &d, "pull_failed").await, 2.0);
+
+    // Both flags at once is a client error naming the field; so is a leg this worker's role
+    // does not serve.
     let mut bad = chat.clone();
     bad["kv_transfer_params"] = json!({"do_remote_decode": true, "do_remote_prefill": true});
     let r = c.post(format!("{d}/v1/chat/completions")).json(&bad).send().await.expect("response");
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap_or_default().contains("kv_transfer_params"));
+    for (base, leg) in [(&d, prefill_leg(&chat)), (&m, prefill_leg(&chat)), (&p, second.clone())] {
+        let r = c.post(format!("{base}/v1/chat/completions")).json(&leg).send().await.expect("response");
+        assert_eq!(r.status(), 400, "{base}");
+        assert!(r.text().await.unwrap_or_default().contains("--kv-transfer-config"));
+    }
     for w in [prefill, decode, mono] {
         w.stop().await.expect("stop");
     }

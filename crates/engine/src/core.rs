@@ -12,6 +12,8 @@ use tessera_runner::{Executor, TokenLogprobs};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc as tmpsc;
 
+use crate::kv::transfer::client::PullStats;
+use crate::kv::transfer::{KvLink, PinnedKv, RemoteSource};
 use crate::scheduler::SchedulerConfig;
 use crate::stats::EngineStats;
 use crate::EngineError;
@@ -66,6 +68,9 @@ pub struct EngineRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub criticality: Criticality,
+    /// A decode leg: where the prompt's KV was prefilled.
+    #[serde(default)]
+    pub remote: Option<RemoteSource>,
 }
 
 /// How a choice ended.
@@ -89,6 +94,9 @@ pub struct RequestOutput {
     #[serde(default)]
     pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     pub finished: Option<Finished>,
+    /// With the last output of a prefill leg: its blocks, kept for the decode worker.
+    #[serde(default)]
+    pub kv_pinned: Option<PinnedKv>,
 }
 
 pub(crate) type OutputTx = tmpsc::UnboundedSender<Result<RequestOutput, EngineError>>;
@@ -102,6 +110,13 @@ pub(crate) enum Command {
         arrival: Instant,
     },
     Abort(u64),
+    /// Free the blocks pinned under a sequence (its KV has been sent).
+    Unpin(u64),
+    /// A KV pull has ended.
+    PullDone {
+        seq: u64,
+        result: Result<PullStats, String>,
+    },
     /// End every request with this error (shutdown past its deadline).
     AbortAll(EngineError),
 }
@@ -234,17 +249,20 @@ impl EngineHandle {
     }
 }
 
-/// Start the engine thread.
+/// Start the engine thread; with `kv`, it takes part in prefill/decode KV transfer (and
+/// serves pulls on the link's listener).
 pub fn spawn(
     cfg: EngineConfig,
     executor: Box<dyn Executor>,
     tokenizer: Tokenizer,
     eos_token_ids: Vec<u32>,
+    kv: Option<KvLink>,
 ) -> EngineHandle {
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::new(cfg.num_blocks, cfg.block_size));
     let shared = Arc::new(Shared::default());
-    let core = crate::looper::Core::new(&cfg, executor, tokenizer, eos_token_ids, stats.clone(), shared.clone());
+    let kv = kv.map(|link| crate::looper::KvSide::start(link, stats.clone(), cmd_tx.clone()));
+    let core = crate::looper::Core::new(&cfg, executor, tokenizer, eos_token_ids, stats.clone(), shared.clone(), kv);
     std::thread::Builder::new()
         .name("tessera-engine".into())
         .spawn(move || core.run(cmd_rx))

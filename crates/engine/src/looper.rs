@@ -12,6 +12,10 @@ use tessera_protocol::{FinishReason, SamplingParams};
 use tessera_runner::{Executor, SamplingConfig, StepResult, TokenLogprobs};
 use tokenizers::Tokenizer;
 
+mod kv;
+
+pub(crate) use kv::KvSide;
+
 use crate::core::{Command, EngineConfig, Finished, OutputTx, RequestOutput, Shared};
 use crate::detok::{Detokenizer, OutputText};
 use crate::kv::KvCacheManager;
@@ -42,6 +46,8 @@ struct RequestState {
     /// Prompt log-probabilities by position, filled as prefill chunks run; sent with the
     /// first output.
     prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    /// A prefill leg: its blocks are pinned for the decode worker when it finishes.
+    produce: bool,
 }
 
 pub(crate) struct Core {
@@ -56,6 +62,7 @@ pub(crate) struct Core {
     shared: Arc<Shared>,
     max_model_len: usize,
     seeds: RandomState,
+    kv: Option<KvSide>,
 }
 
 fn sampling_config(p: &SamplingParams, seed: u64, stop_ids: Vec<u32>) -> SamplingConfig {
@@ -84,6 +91,7 @@ impl Core {
         eos: Vec<u32>,
         stats: Arc<EngineStats>,
         shared: Arc<Shared>,
+        kv: Option<KvSide>,
     ) -> Self {
         Self {
             sched: Scheduler::new(
@@ -99,6 +107,7 @@ impl Core {
             shared,
             max_model_len: cfg.max_model_len,
             seeds: RandomState::new(),
+            kv,
         }
     }
 
@@ -119,14 +128,23 @@ impl Core {
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             } else if self.sched.is_idle() {
-                match rx.recv() {
-                    Ok(c) => self.handle(c),
-                    Err(_) => return,
+                // Pinned KV expires even when nothing else happens.
+                match self.idle_wait() {
+                    None => match rx.recv() {
+                        Ok(c) => self.handle(c),
+                        Err(_) => return,
+                    },
+                    Some(wait) => match rx.recv_timeout(wait) {
+                        Ok(c) => self.handle(c),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    },
                 }
             }
             while let Ok(c) = rx.try_recv() {
                 self.handle(c);
             }
+            self.expire_pins();
             self.drop_disconnected();
             if !self.sched.is_idle() {
                 self.step();
@@ -148,6 +166,8 @@ impl Core {
                 self.add(first_id, *req, txs, arrival)
             }
             Command::Abort(id) => self.end(id, None),
+            Command::Unpin(seq) => self.sched.unpin(seq),
+            Command::PullDone { seq, result } => self.pull_done(seq, result),
             Command::AbortAll(err) => {
                 let ids: Vec<u64> = self.requests.keys().copied().collect();
                 for id in ids {
@@ -186,12 +206,16 @@ impl Core {
                     last_token: None,
                     // Every choice computes its own prompt then (no shared blocks, no prefix cache).
                     prompt_logprobs: p.prompt_logprobs.is_some().then(|| vec![None; req.prompt.len()]),
+                    produce: p.kv == tessera_protocol::KvIntent::RemoteDecode,
                 },
             );
             // Each choice draws from its own stream; choice 0 keeps the request's seed.
             let seed = base_seed.wrapping_add((i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
-            let seq = Sequence::new(id, req.prompt.clone(), sampling_config(p, seed, banned.clone()))
+            let mut seq = Sequence::new(id, req.prompt.clone(), sampling_config(p, seed, banned.clone()))
                 .with_priority(class, p.priority);
+            if self.kv.is_some() && i == 0 {
+                seq.remote = req.remote.clone().map(Box::new);
+            }
             if i == 0 {
                 self.sched.add(seq);
             } else {
@@ -253,8 +277,14 @@ impl Core {
     }
 
     fn step(&mut self) {
-        let out = self.sched.schedule();
+        let mut out = self.sched.schedule();
+        let pulls = std::mem::take(&mut out.pulls);
+        let pulling = !pulls.is_empty();
+        self.start_pulls(pulls);
         if out.plan.seqs.is_empty() {
+            if pulling {
+                return;
+            }
             // Nothing could be scheduled (should not happen with admission checks); avoid
             // spinning, but still meet the other replicas' step under lockstep.
             if !(self.executor.lockstep() && self.tick()) {
@@ -278,6 +308,13 @@ impl Core {
             }
         }
         self.stats.record_step(&out.plan, out.preempted.len());
+        let prompt_computed: usize = (out.plan.seqs.iter())
+            .filter_map(|s| {
+                let prompt = self.requests.get(&s.seq_id)?.prompt_len;
+                Some((s.start_pos + s.tokens.len()).min(prompt).saturating_sub(s.start_pos))
+            })
+            .sum();
+        self.stats.prompt_tokens_computed.fetch_add(prompt_computed as u64, Ordering::Relaxed);
         self.stats.record_prefix(self.sched.kv().stats());
         let results = match self.executor.execute(&out.plan) {
             Ok(r) => r,
@@ -369,6 +406,7 @@ impl Core {
                 logprobs: vec![],
                 prompt_logprobs,
                 finished: Some(finished),
+                kv_pinned: None,
             };
             self.end(id, Some(Ok(out)));
             return;
@@ -398,14 +436,19 @@ impl Core {
             completion_tokens: n_out,
             cached_tokens: r.cached_tokens,
         });
-        let out = RequestOutput {
+        let (produce, prompt_len) = (r.produce, r.prompt_len);
+        let mut out = RequestOutput {
             text: r.text.take_sendable(finished.is_some()),
             token_ids: vec![token],
             logprobs: res.logprobs.into_iter().collect(),
             prompt_logprobs,
             finished,
+            kv_pinned: None,
         };
         if finished.is_some() {
+            if produce {
+                out.kv_pinned = self.pin_prefill(id, prompt_len);
+            }
             self.end(id, Some(Ok(out)));
         } else if r.tx.send(Ok(out)).is_err() {
             self.end(id, None);
@@ -419,5 +462,6 @@ impl Core {
             self.sched.kv().usage(),
             self.sched.kv().num_free(),
         );
+        self.stats.kv.pinned_blocks.store(self.sched.kv().num_pinned_blocks(), Ordering::Relaxed);
     }
 }

@@ -141,6 +141,8 @@ impl Link {
                     ToEngine::Abort { id }
                 }
                 Command::AbortAll(err) => ToEngine::AbortAll { err },
+                // KV transfer runs inside an engine, never across this link.
+                Command::Unpin(_) | Command::PullDone { .. } => continue,
             };
             if let Err(e) = out.write_all(&line(&frame)) {
                 self.lose(format!("cannot be reached: {e}"));

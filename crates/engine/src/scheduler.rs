@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 
 use tessera_runner::{PromptLogprobs, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult};
 
+use crate::kv::transfer::RemoteSource;
 use crate::kv::{CachedPrefix, KvCacheManager};
 
 /// Scheduler limits.
@@ -50,6 +51,8 @@ pub struct Sequence {
     /// Another choice of the same request whose computed prompt blocks this one may share
     /// when it is admitted (a waiting sequence never holds blocks).
     pub fork_of: Option<u64>,
+    /// Where this sequence's prompt KV was prefilled (a decode leg): pulled at admission.
+    pub remote: Option<Box<RemoteSource>>,
 }
 
 impl Sequence {
@@ -63,6 +66,7 @@ impl Sequence {
             class: 1,
             priority: 0,
             fork_of: None,
+            remote: None,
         }
     }
 
@@ -85,6 +89,18 @@ pub struct Scheduled {
     pub preempted: Vec<u64>,
     /// (sequence, tokens found in the prefix cache) for sequences admitted this step with a hit.
     pub prefix_hits: Vec<(u64, usize)>,
+    /// KV pulls to start: sequences admitted this step whose prompt was prefilled elsewhere.
+    pub pulls: Vec<PullJob>,
+}
+
+/// Copy a prompt's prefilled blocks from a remote worker into local blocks.
+#[derive(Debug, Clone)]
+pub struct PullJob {
+    pub seq_id: u64,
+    /// Local blocks to fill, in order, with the remote blocks of the same index.
+    pub local: Vec<u32>,
+    pub remote: Vec<u32>,
+    pub source: Box<RemoteSource>,
 }
 
 #[derive(Debug)]
@@ -93,21 +109,29 @@ pub struct Scheduler {
     kv: KvCacheManager,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+    /// Admitted sequences waiting for their prompt's KV to arrive from a prefill worker.
+    pulling: Vec<Sequence>,
     /// (seq id, tokens scheduled) of the last plan, applied by [`Scheduler::apply`].
     in_flight: Vec<(u64, usize)>,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig, kv: KvCacheManager) -> Self {
-        Self { cfg, kv, waiting: VecDeque::new(), running: Vec::new(), in_flight: Vec::new() }
+        Self { cfg, kv, waiting: VecDeque::new(), running: Vec::new(), pulling: Vec::new(), in_flight: Vec::new() }
     }
 
     pub fn kv(&self) -> &KvCacheManager {
         &self.kv
     }
 
+    /// Sequences not running yet: queued, or waiting for remote KV.
     pub fn num_waiting(&self) -> usize {
-        self.waiting.len()
+        self.waiting.len() + self.pulling.len()
+    }
+
+    /// Sequences whose KV pull is under way.
+    pub fn num_pulling(&self) -> usize {
+        self.pulling.len()
     }
 
     pub fn num_running(&self) -> usize {
@@ -160,8 +184,14 @@ impl Scheduler {
         self.running.iter().find(|s| s.id == id).or_else(|| self.waiting.iter().find(|s| s.id == id))
     }
 
-    /// Remove a sequence (finished or cancelled) and free its blocks.
+    /// Remove a sequence (finished or cancelled) and free its blocks. A sequence whose pull
+    /// is under way keeps its blocks pinned (the pull may still write them) until
+    /// [`Scheduler::pull_done`].
     pub fn remove(&mut self, id: u64) -> Option<Sequence> {
+        if let Some(i) = self.pulling.iter().position(|s| s.id == id) {
+            self.kv.pin(id);
+            return Some(self.pulling.remove(i));
+        }
         let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
             Some(self.running.remove(i))
         } else {
@@ -171,6 +201,45 @@ impl Scheduler {
             self.kv.free(id);
         }
         seq
+    }
+
+    /// Take a finished running sequence out, keeping its blocks pinned under its id (the
+    /// prefill leg's KV, until [`Scheduler::unpin`]). Returns the pinned block table.
+    pub fn pin(&mut self, id: u64) -> Vec<u32> {
+        if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i);
+            return self.kv.pin(id);
+        }
+        Vec::new()
+    }
+
+    /// Free blocks pinned under `id`.
+    pub fn unpin(&mut self, id: u64) {
+        self.kv.unpin(id);
+    }
+
+    /// A pull has ended: with `ok`, every prompt token but the last is in the cache; otherwise
+    /// the sequence computes its prompt itself. A sequence removed meanwhile has its blocks
+    /// freed now. Returns whether the sequence is still live.
+    pub fn pull_done(&mut self, id: u64, ok: bool) -> bool {
+        let Some(i) = self.pulling.iter().position(|s| s.id == id) else {
+            self.kv.unpin(id);
+            return false;
+        };
+        let mut seq = self.pulling.remove(i);
+        if ok {
+            seq.num_computed = seq.prompt_len - 1;
+        }
+        self.running.push(seq);
+        true
+    }
+
+    /// The pull a waiting sequence at the head needs, if it has a remote prefill that covers
+    /// more than the `cached` local prefix blocks: the blocks of every prompt token but the last.
+    fn pull_job(&self, seq: &Sequence, cached: usize) -> Option<(usize, usize)> {
+        let src = seq.remote.as_ref()?;
+        let n = (seq.prompt_len - 1).div_ceil(self.kv.block_size());
+        (seq.num_computed == 0 && n > cached && src.block_ids.len() >= n).then_some((cached, n))
     }
 
     /// Index of the running sequence to preempt first: the worst key.
@@ -278,7 +347,7 @@ impl Scheduler {
                 if self.waiting.is_empty() {
                     break;
                 }
-                if self.running.len() >= self.cfg.max_num_seqs {
+                if self.running.len() + self.pulling.len() >= self.cfg.max_num_seqs {
                     if self.preempt_for_head(&mut out, &mut scheduled, &mut budget) {
                         continue;
                     }
@@ -291,12 +360,15 @@ impl Scheduler {
                 let cached = prefix.blocks.len() * self.kv.block_size();
                 let start = seq.num_computed.max(cached);
                 let remaining = seq.tokens.len() - start;
-                if !self.cfg.enable_chunked_prefill && remaining > budget {
+                let pull = self.pull_job(seq, prefix.blocks.len());
+                if pull.is_none() && !self.cfg.enable_chunked_prefill && remaining > budget {
                     break;
                 }
-                let num_new = remaining.min(budget);
+                // A pulled prompt takes no compute now, only blocks for the whole prompt.
+                let num_new = if pull.is_some() { 0 } else { remaining.min(budget) };
+                let want = if pull.is_some() { seq.prompt_len } else { start + num_new };
                 let (id, query) = (seq.id, seq.tokens.len());
-                if !self.kv.allocate(id, start + num_new, &prefix) {
+                if !self.kv.allocate(id, want, &prefix) {
                     if self.preempt_for_head(&mut out, &mut scheduled, &mut budget) {
                         continue;
                     }
@@ -312,6 +384,14 @@ impl Scheduler {
                     break;
                 };
                 seq.num_computed = start;
+                // The remote prefill is used once: a later preemption recomputes locally.
+                let source = seq.remote.take();
+                if let (Some((k, n)), Some(source)) = (pull, source) {
+                    let local = self.kv.block_table(id)[k..n].to_vec();
+                    out.pulls.push(PullJob { seq_id: id, local, remote: source.block_ids[k..n].to_vec(), source });
+                    self.pulling.push(seq);
+                    continue;
+                }
                 self.running.push(seq);
                 scheduled.push((id, num_new));
                 budget -= num_new;

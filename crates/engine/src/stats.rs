@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use tessera_protocol::FinishReason;
 use tessera_runner::StepPlan;
 
+use crate::kv::transfer::Fallback;
 use crate::kv::PrefixStats;
 
 /// A latency histogram in seconds (fixed bucket bounds, like vLLM's).
@@ -65,7 +66,50 @@ const TTFT_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 const ITL_BUCKETS: &[f64] =
     &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const TRANSFER_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const REQUEST_BUCKETS: &[f64] = &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0];
+
+/// KV transfer figures of one engine (both sides).
+#[derive(Debug)]
+pub struct KvTransferStats {
+    pub blocks_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub blocks_received: AtomicU64,
+    pub bytes_received: AtomicU64,
+    /// Pull duration on the decode side, successful pulls.
+    pub latency: Histogram,
+    /// Blocks held for decode workers now.
+    pub pinned_blocks: AtomicUsize,
+    /// Pins freed because nobody pulled them in time.
+    pub pins_expired: AtomicU64,
+    /// Decode legs that computed their prompt themselves, by [`Fallback`] reason.
+    fallbacks: [AtomicU64; 3],
+}
+
+impl Default for KvTransferStats {
+    fn default() -> Self {
+        Self {
+            blocks_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            blocks_received: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            latency: Histogram::new(TRANSFER_BUCKETS),
+            pinned_blocks: AtomicUsize::new(0),
+            pins_expired: AtomicU64::new(0),
+            fallbacks: Default::default(),
+        }
+    }
+}
+
+impl KvTransferStats {
+    pub fn fallback(&self, why: Fallback) {
+        self.fallbacks[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn fallbacks(&self, why: Fallback) -> u64 {
+        self.fallbacks[why as usize].load(Ordering::Relaxed)
+    }
+}
 
 /// Gauges and counters of one engine. All fields are updated with relaxed atomics.
 #[derive(Debug)]
@@ -97,6 +141,10 @@ pub struct EngineStats {
     pub e2e: Histogram,
     /// Arrival → first scheduled.
     pub queue_time: Histogram,
+    /// Prompt positions run through the model (a pulled prompt adds only its last token).
+    pub prompt_tokens_computed: AtomicU64,
+    /// Prefill/decode KV transfer.
+    pub kv: KvTransferStats,
     /// Set when the executor can no longer run steps (a lost rank): the engine refuses work.
     failure: Mutex<Option<String>>,
 }
@@ -125,6 +173,8 @@ impl EngineStats {
             itl: Histogram::new(ITL_BUCKETS),
             e2e: Histogram::new(REQUEST_BUCKETS),
             queue_time: Histogram::new(REQUEST_BUCKETS),
+            prompt_tokens_computed: AtomicU64::new(0),
+            kv: KvTransferStats::default(),
             failure: Mutex::new(None),
         }
     }

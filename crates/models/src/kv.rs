@@ -3,9 +3,9 @@
 //! position `i` of block `b`. Which block belongs to which sequence is decided by the
 //! engine; this type only holds the memory.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
-use crate::Result;
+use crate::{ModelError, Result};
 
 /// Zeroed cache memory. On the CPU the pages are the allocator's zeroed ones, untouched
 /// until a block is first written: the resident size grows with the tokens cached, not with
@@ -28,8 +28,9 @@ fn zeroed_u16<T: Copy>(n: usize) -> Vec<T> {
     unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
 }
 
-/// Paged key/value memory for every layer of one model (one rank's share).
-#[derive(Debug)]
+/// Paged key/value memory for every layer of one model (one rank's share). A clone shares
+/// the memory (a second handle, e.g. for the KV-transfer service).
+#[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     block_size: usize,
@@ -79,5 +80,145 @@ impl KvCache {
 
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Bytes of one block of one layer's keys (the same for its values).
+    pub fn block_bytes(&self) -> usize {
+        let k = &self.layers[0].0;
+        let (_, heads, hd) = k.dims3().unwrap_or((0, 0, 0));
+        self.block_size * heads * hd * k.dtype().size_in_bytes()
+    }
+
+    fn check_blocks(&self, layer: usize, blocks: &[u32]) -> Result<()> {
+        if layer >= self.layers.len() {
+            return Err(ModelError::Config(format!("KV layer {layer} out of range ({} layers)", self.layers.len())));
+        }
+        match blocks.iter().find(|&&b| b as usize >= self.num_blocks) {
+            Some(b) => Err(ModelError::Config(format!("KV block {b} out of range ({} blocks)", self.num_blocks))),
+            None => Ok(()),
+        }
+    }
+
+    /// Append the bytes of `blocks` of one layer to `out`: the keys of every block in order,
+    /// then their values (native-endian elements of the cache dtype).
+    pub fn read_blocks(&self, layer: usize, blocks: &[u32], out: &mut Vec<u8>) -> Result<()> {
+        self.check_blocks(layer, blocks)?;
+        let bb = self.block_bytes();
+        out.reserve(2 * bb * blocks.len());
+        let (k, v) = &self.layers[layer];
+        // One tensor at a time: attention takes the key then the value lock.
+        for t in [k, v] {
+            let host;
+            let t = if t.device().is_cpu() {
+                t
+            } else {
+                host = t.to_device(&Device::Cpu)?;
+                &host
+            };
+            let (storage, layout) = t.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                return Err(ModelError::Config("KV cache copy to host failed".into()));
+            };
+            let bytes = host_bytes(cpu)?;
+            let base = layout.start_offset() * t.dtype().size_in_bytes();
+            for &b in blocks {
+                let at = base + b as usize * bb;
+                out.extend_from_slice(&bytes[at..at + bb]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `data` (laid out as [`Self::read_blocks`] produces it) into `blocks` of one layer.
+    pub fn write_blocks(&self, layer: usize, blocks: &[u32], data: &[u8]) -> Result<()> {
+        self.check_blocks(layer, blocks)?;
+        let bb = self.block_bytes();
+        if data.len() != 2 * bb * blocks.len() {
+            return Err(ModelError::Config(format!(
+                "KV data for {} blocks must be {} bytes, got {}",
+                blocks.len(),
+                2 * bb * blocks.len(),
+                data.len()
+            )));
+        }
+        let (k, v) = &self.layers[layer];
+        let (_, heads, hd) = k.dims3()?;
+        for (t, half) in [k, v].into_iter().zip(data.chunks_exact(bb * blocks.len())) {
+            for (&b, bytes) in blocks.iter().zip(half.chunks_exact(bb)) {
+                let src = Tensor::from_raw_buffer(bytes, t.dtype(), &[self.block_size, heads, hd], t.device())?;
+                t.slice_set(&src, 0, b as usize * self.block_size)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of a host tensor's storage.
+fn host_bytes(cpu: &candle_core::CpuStorage) -> Result<&[u8]> {
+    use candle_core::CpuStorage as C;
+    fn cast<T>(s: &[T]) -> &[u8] {
+        // SAFETY: plain float elements with no padding; u8 has alignment 1, and the length
+        // covers exactly the same memory.
+        unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
+    }
+    Ok(match cpu {
+        C::F16(s) => cast(s),
+        C::BF16(s) => cast(s),
+        C::F32(s) => cast(s),
+        _ => return Err(ModelError::Config("only f16, bf16 and f32 KV caches can be transferred".into())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_round_trip_between_caches_and_leave_neighbours_alone() -> Result<()> {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            let (layers, blocks, bs, heads, hd) = (2, 6, 4, 2, 8);
+            let src = KvCache::new(layers, blocks, bs, heads, hd, dtype, &Device::Cpu)?;
+            // Fill the source with distinct values per element.
+            for l in 0..layers {
+                let n = blocks * bs * heads * hd;
+                for (i, t) in [&src.layer(l).0, &src.layer(l).1].into_iter().enumerate() {
+                    let vals = Tensor::arange(0f32, n as f32, &Device::Cpu)?
+                        .affine(1.0 / 64.0, (l * 2 + i) as f64)?
+                        .reshape((blocks * bs, heads, hd))?
+                        .to_dtype(dtype)?;
+                    t.slice_set(&vals, 0, 0)?;
+                }
+            }
+            let dst = KvCache::new(layers, blocks, bs, heads, hd, dtype, &Device::Cpu)?;
+            let (from, to) = ([1u32, 4], [5u32, 0]);
+            for l in 0..layers {
+                let mut bytes = Vec::new();
+                src.read_blocks(l, &from, &mut bytes)?;
+                assert_eq!(bytes.len(), 2 * 2 * src.block_bytes());
+                dst.write_blocks(l, &to, &bytes)?;
+                for (s, d) in [(&src.layer(l).0, &dst.layer(l).0), (&src.layer(l).1, &dst.layer(l).1)] {
+                    for (&f, &t) in from.iter().zip(&to) {
+                        let a =
+                            s.narrow(0, f as usize * bs, bs)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        let b =
+                            d.narrow(0, t as usize * bs, bs)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        assert_eq!(a, b, "{dtype:?} layer {l} block {f} -> {t}");
+                    }
+                    // Blocks not written stay zero.
+                    for other in [1usize, 2, 3, 4] {
+                        let z =
+                            d.narrow(0, other * bs, bs)?.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+                        assert_eq!(z, 0.0, "{dtype:?} block {other} untouched");
+                    }
+                }
+            }
+            assert!(src.read_blocks(0, &[6], &mut Vec::new()).is_err(), "out-of-range block");
+            assert!(dst.write_blocks(0, &[0], &[0u8; 3]).is_err(), "short data");
+        }
+        Ok(())
     }
 }

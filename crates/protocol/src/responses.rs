@@ -91,6 +91,9 @@ pub struct CompletionResponse {
     pub model: String,
     pub choices: Vec<CompletionChoice>,
     pub usage: Usage,
+    /// A prefill leg's answer: where the decode worker pulls the prompt's KV from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_transfer_params: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -129,6 +132,9 @@ pub struct ChatCompletionResponse {
     /// vLLM's `prompt_logprobs` of the rendered conversation, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs: Option<PromptLogprobs>,
+    /// A prefill leg's answer: where the decode worker pulls the prompt's KV from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_transfer_params: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

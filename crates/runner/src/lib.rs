@@ -47,6 +47,33 @@ pub trait Executor: Send {
     }
 }
 
+/// One rank's KV memory as bytes, by block (the prefill/decode KV transfer reads pinned
+/// blocks and writes pulled ones through this, beside the steps that run on other blocks).
+pub trait KvBlockStore: Send + Sync {
+    fn num_layers(&self) -> usize;
+    /// Bytes of one block of one layer's keys (and again of its values).
+    fn block_bytes(&self) -> usize;
+    /// Append one layer's `blocks`: every block's keys, then every block's values.
+    fn read_blocks(&self, layer: usize, blocks: &[u32], out: &mut Vec<u8>) -> Result<()>;
+    /// Write data laid out as [`KvBlockStore::read_blocks`] gives it.
+    fn write_blocks(&self, layer: usize, blocks: &[u32], data: &[u8]) -> Result<()>;
+}
+
+impl KvBlockStore for tessera_models::KvCache {
+    fn num_layers(&self) -> usize {
+        tessera_models::KvCache::num_layers(self)
+    }
+    fn block_bytes(&self) -> usize {
+        tessera_models::KvCache::block_bytes(self)
+    }
+    fn read_blocks(&self, layer: usize, blocks: &[u32], out: &mut Vec<u8>) -> Result<()> {
+        Ok(tessera_models::KvCache::read_blocks(self, layer, blocks, out)?)
+    }
+    fn write_blocks(&self, layer: usize, blocks: &[u32], data: &[u8]) -> Result<()> {
+        Ok(tessera_models::KvCache::write_blocks(self, layer, blocks, data)?)
+    }
+}
+
 impl Executor for Worker {
     fn execute(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>> {
         Worker::execute(self, plan)

@@ -39,6 +39,11 @@ impl Worker {
         Ok(Self { model, cache, device })
     }
 
+    /// A second handle on this rank's KV memory (shares it).
+    pub fn kv_cache(&self) -> KvCache {
+        self.cache.clone()
+    }
+
     pub fn model(&self) -> &Llama {
         &self.model
     }

@@ -15,4 +15,4 @@ mod state;
 pub use chat::ChatTemplate;
 pub use error::ApiError;
 pub use routes::app;
-pub use state::{AppState, ModelInfo, ServedModel};
+pub use state::{AppState, KvInfo, ModelInfo, ServedModel};

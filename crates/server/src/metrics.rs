@@ -11,6 +11,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use tessera_engine::kv::transfer::Fallback;
 use tessera_engine::{EngineStats, Histogram};
 
 #[derive(Debug)]
@@ -129,6 +130,41 @@ impl Collector for EngineCollector {
         self.counter(e, "tessera:engine_batched_steps", "Engine steps that ran more than one sequence.", |s| {
             count(&s.batched_steps)
         })?;
+        self.counter(e, "tessera:prompt_tokens_computed", "Prompt positions run through the model.", |s| {
+            count(&s.prompt_tokens_computed)
+        })?;
+        self.counter(e, "tessera:kv_transfer_blocks_sent", "KV blocks sent to decode workers.", |s| {
+            count(&s.kv.blocks_sent)
+        })?;
+        self.counter(e, "tessera:kv_transfer_bytes_sent", "KV bytes sent to decode workers.", |s| {
+            count(&s.kv.bytes_sent)
+        })?;
+        self.counter(e, "tessera:kv_transfer_blocks_received", "KV blocks pulled from prefill workers.", |s| {
+            count(&s.kv.blocks_received)
+        })?;
+        self.counter(e, "tessera:kv_transfer_bytes_received", "KV bytes pulled from prefill workers.", |s| {
+            count(&s.kv.bytes_received)
+        })?;
+        self.histogram(e, "tessera:kv_transfer_latency_seconds", "Duration of successful KV pulls.", |s| {
+            &s.kv.latency
+        })?;
+        self.gauge(e, "tessera:kv_pinned_blocks", "KV blocks held for decode workers.", |s| load(&s.kv.pinned_blocks))?;
+        self.counter(e, "tessera:kv_pins_expired", "Prefilled requests whose KV nobody pulled in time.", |s| {
+            count(&s.kv.pins_expired)
+        })?;
+        let mut m = enc.encode_descriptor(
+            "tessera:kv_transfer_fallbacks",
+            "Decode legs that computed their prompt locally, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, s) in self.engines.iter().enumerate() {
+            for why in Fallback::ALL {
+                let mut labels = self.labels(i);
+                labels.push(("reason", why.as_str().to_string()));
+                ConstCounter::new(s.kv.fallbacks(why)).encode(m.encode_family(&labels)?)?;
+            }
+        }
         let mut m =
             enc.encode_descriptor("vllm:request_success", "Requests finished, by reason.", None, MetricType::Counter)?;
         for (i, s) in self.engines.iter().enumerate() {

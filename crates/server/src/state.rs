@@ -40,6 +40,22 @@ pub struct ServedModel {
     pub chat_template: Option<ChatTemplate>,
     pub defaults: ModelDefaults,
     pub vocab_size: usize,
+    /// This worker's part in prefill/decode disaggregation, if any.
+    pub kv: Option<KvInfo>,
+}
+
+/// A worker's KV-transfer identity (`--kv-transfer-config`).
+#[derive(Debug, Clone)]
+pub struct KvInfo {
+    pub engine_id: String,
+    /// Where decode workers reach this worker's transfer service.
+    pub host: String,
+    pub port: u16,
+    pub tp_size: usize,
+    /// Serves prefill legs.
+    pub produces: bool,
+    /// Serves decode legs (and proxies `x-prefiller-host-port`).
+    pub consumes: bool,
 }
 
 impl ServedModel {

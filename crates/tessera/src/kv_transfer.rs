@@ -3,7 +3,16 @@
 
 use std::collections::BTreeMap;
 
+use std::net::{IpAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde::Deserialize;
+use tessera_engine::kv::transfer::{new_token, KvLayout, KvLink};
+use tessera_models::{KvCache, ModelConfig};
+use tessera_server::KvInfo;
+
+use crate::ServeError;
 
 /// The connector Tessera implements; vLLM's `NixlConnector` (what KServe's samples name) is
 /// taken as the same thing, with a warning.
@@ -99,6 +108,130 @@ pub fn parse(s: &str) -> Result<KvTransferConfig, String> {
         return Err(format!("kv_ip `{}` is not an IP address", c.kv_ip));
     }
     Ok(c)
+}
+
+/// Refuse what KV transfer cannot run with yet (before anything is loaded).
+pub fn validate(a: &crate::args::ServeArgs) -> Result<(), ServeError> {
+    let Some(c) = &a.kv_transfer_config else { return Ok(()) };
+    let bad = |m: String| Err(ServeError::Config(m));
+    if a.tensor_parallel_size * a.pipeline_parallel_size > 1 {
+        return bad(format!(
+            "--kv-transfer-config with --tensor-parallel-size {} / --pipeline-parallel-size {} is not supported yet: \
+             prefill/decode workers move KV from one rank each (run them with one rank)",
+            a.tensor_parallel_size, a.pipeline_parallel_size
+        ));
+    }
+    if a.data_parallel_size > 1 {
+        return bad("--kv-transfer-config with --data-parallel-size > 1 is not supported yet".into());
+    }
+    if c.produces() && c.kv_port != 0 && c.kv_port == a.port {
+        return bad(format!(
+            "kv_port {} is also the HTTP --port; give the KV transfer service its own port",
+            c.kv_port
+        ));
+    }
+    for key in c.kv_connector_extra_config.keys() {
+        if !["advertise_host", "pin_timeout", "pull_timeout"].contains(&key.as_str()) {
+            tracing::warn!("kv_connector_extra_config.{key} is not used by {CONNECTOR}");
+        }
+    }
+    seconds(c, "pin_timeout", 480.0)?;
+    seconds(c, "pull_timeout", 30.0)?;
+    Ok(())
+}
+
+/// A duration from `kv_connector_extra_config` (seconds), or its default.
+fn seconds(c: &KvTransferConfig, key: &str, default: f64) -> Result<Duration, ServeError> {
+    let v = match c.kv_connector_extra_config.get(key) {
+        None => default,
+        Some(v) => v.as_f64().filter(|s| s.is_finite() && *s > 0.0).ok_or_else(|| {
+            ServeError::Config(format!("kv_connector_extra_config.{key} must be a number of seconds > 0, got {v}"))
+        })?,
+    };
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// The address decode workers reach this worker's transfer service at: the config's
+/// `advertise_host`, else `$TESSERA_KV_ADVERTISE_HOST`, `$POD_IP`, a specific `kv_ip`, or
+/// this host name's first non-loopback address.
+fn advertise_host(c: &KvTransferConfig) -> String {
+    let configured = c.kv_connector_extra_config.get("advertise_host").and_then(|v| v.as_str()).map(str::to_string);
+    let env =
+        ["TESSERA_KV_ADVERTISE_HOST", "POD_IP"].iter().find_map(|k| std::env::var(k).ok()).filter(|v| !v.is_empty());
+    let ip = c.kv_ip.parse::<IpAddr>().ok().filter(|ip| !ip.is_unspecified()).map(|ip| ip.to_string());
+    if let Some(h) = configured.or(env).or(ip) {
+        return h;
+    }
+    let name = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string();
+    let found = (name.as_str(), 0u16)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.find(|a| !a.ip().is_loopback()))
+        .map(|a| a.ip().to_string());
+    found.unwrap_or_else(|| {
+        tracing::warn!(
+            "no address to advertise for KV transfer; set POD_IP or TESSERA_KV_ADVERTISE_HOST (using 127.0.0.1)"
+        );
+        "127.0.0.1".into()
+    })
+}
+
+/// The engine's KV link and what the HTTP front says about it, for a worker of one rank.
+pub fn link(
+    c: &KvTransferConfig,
+    cfg: &ModelConfig,
+    block_size: usize,
+    cache: KvCache,
+) -> Result<(KvLink, KvInfo), ServeError> {
+    let engine_id = c.engine_id.clone().unwrap_or_else(|| format!("tessera-{}", &new_token()[..16]));
+    let listener = if c.produces() { Some(std::net::TcpListener::bind((c.kv_ip.as_str(), c.kv_port))?) } else { None };
+    let port = match &listener {
+        Some(l) => l.local_addr()?.port(),
+        None => c.kv_port,
+    };
+    let host = advertise_host(c);
+    let dtype = match cache.layer(0).0.dtype() {
+        candle_core::DType::F16 => "f16",
+        candle_core::DType::BF16 => "bf16",
+        candle_core::DType::F32 => "f32",
+        other => {
+            return Err(ServeError::Config(format!("KV transfer needs an f16, bf16 or f32 KV cache, not {other:?}")))
+        }
+    };
+    let layout = KvLayout {
+        model: format!(
+            "{} hidden {} vocab {} rope_theta {}",
+            cfg.architecture, cfg.hidden_size, cfg.vocab_size, cfg.rope_theta
+        ),
+        num_layers: cfg.num_layers,
+        num_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        dtype: dtype.into(),
+        block_size,
+        tp_size: 1,
+        pp_size: 1,
+        rope_interleaved: cfg.rope_interleaved,
+    };
+    if let Some(l) = &listener {
+        tracing::info!(
+            "KV transfer ({:?}, engine {engine_id}): serving prefilled blocks on {} as {host}:{port}",
+            c.kv_role,
+            l.local_addr()?
+        );
+    } else {
+        tracing::info!("KV transfer ({:?}, engine {engine_id}): pulling prefilled blocks", c.kv_role);
+    }
+    let info =
+        KvInfo { engine_id: engine_id.clone(), host, port, tp_size: 1, produces: c.produces(), consumes: c.consumes() };
+    let link = KvLink {
+        engine_id,
+        layout,
+        store: Arc::new(cache),
+        listener,
+        pin_timeout: seconds(c, "pin_timeout", 480.0)?,
+        pull_timeout: seconds(c, "pull_timeout", 30.0)?,
+    };
+    Ok((link, info))
 }
 
 #[cfg(test)]

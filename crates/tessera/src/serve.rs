@@ -116,6 +116,7 @@ pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
         return bad("--data-parallel-size must be at least 1".into());
     }
     crate::dp::validate(a)?;
+    crate::kv_transfer::validate(a)?;
     if a.pipeline_parallel_size == 0 {
         return bad("--pipeline-parallel-size must be at least 1".into());
     }
@@ -315,6 +316,8 @@ pub(crate) struct LocalEngines {
     pub engines: Vec<EngineHandle>,
     pub tok: tessera_loader::TokenizerBundle,
     pub cfg: tessera_models::ModelConfig,
+    /// The KV-transfer identity (with `--kv-transfer-config`).
+    pub kv: Option<tessera_server::KvInfo>,
 }
 
 /// Load the model, size the KV cache and start `count` engines, each with its own scheduler,
@@ -337,6 +340,8 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
         (num_blocks * a.block_size) as f64 / max_model_len as f64
     );
     let experts = crate::dp::expert_rendezvous(a, &cfg)?;
+    // With KV transfer (one rank, one replica): a handle on the worker's KV memory.
+    let kv_cache = std::sync::Mutex::new(None);
     // Replica `i` of this pod, built from `weights`.
     let make_executor =
         |i: usize, weights: &dyn tessera_models::WeightSource| -> Result<Box<dyn Executor>, ServeError> {
@@ -350,7 +355,11 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 crate::ranks::start_leader(&setup, &cfg, weights)?
             } else if tp * a.pipeline_parallel_size == 1 {
                 let model = Llama::load(&cfg, weights, max_model_len, dtype, &device)?;
-                Box::new(Worker::new(model, num_blocks, a.block_size, sz.kv_dtype)?)
+                let worker = Worker::new(model, num_blocks, a.block_size, sz.kv_dtype)?;
+                if a.kv_transfer_config.is_some() {
+                    *kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker.kv_cache());
+                }
+                Box::new(worker)
             } else {
                 if matches!(lm.format, tessera_loader::ModelFormat::Gguf(_)) {
                     tracing::info!(
@@ -408,9 +417,20 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
         },
         max_queued_requests: a.max_queued_requests,
     };
+    let cache = kv_cache.into_inner().unwrap_or_else(|p| p.into_inner());
+    let (mut link, kv) = match (&a.kv_transfer_config, cache) {
+        (Some(c), Some(cache)) => {
+            let (link, info) = crate::kv_transfer::link(c, &cfg, a.block_size, cache)?;
+            (Some(link), Some(info))
+        }
+        _ => (None, None),
+    };
     let engines = executors
         .into_iter()
-        .map(|ex| tessera_engine::spawn(engine_cfg.clone(), ex, tok.tokenizer.clone(), tok.eos_token_ids.clone()))
+        .map(|ex| {
+            let (tokenizer, eos) = (tok.tokenizer.clone(), tok.eos_token_ids.clone());
+            tessera_engine::spawn(engine_cfg.clone(), ex, tokenizer, eos, link.take())
+        })
         .collect();
     tracing::info!(
         "model {} ({}, {} layers) loaded in {:.1}s on {:?}: {count} engine(s)",
@@ -420,7 +440,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
         t0.elapsed().as_secs_f64(),
         device
     );
-    Ok(LocalEngines { engines, tok, cfg })
+    Ok(LocalEngines { engines, tok, cfg, kv })
 }
 
 /// Load the model and start its engines: every data-parallel replica of this pod, plus the
@@ -428,7 +448,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
 pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
     // Bound first, so worker pods can join while this pod loads.
     let remote = crate::dp::listen(a)?;
-    let LocalEngines { mut engines, tok, cfg } = start_engines(a, crate::dp::local_replicas(a))?;
+    let LocalEngines { mut engines, tok, cfg, kv } = start_engines(a, crate::dp::local_replicas(a))?;
     if let Some(listener) = remote {
         engines.extend(crate::dp::accept(a, &listener)?);
     }
@@ -448,6 +468,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
             top_k: tok.defaults.top_k,
         },
         vocab_size: cfg.vocab_size,
+        kv,
     })
 }
 
@@ -477,13 +498,6 @@ pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
         if kv.kv_connector != crate::kv_transfer::CONNECTOR {
             tracing::warn!("kv_connector {} is served by {}", kv.kv_connector, crate::kv_transfer::CONNECTOR);
         }
-        // The role is parsed and reported; moving blocks between workers is not built yet, so
-        // every request is prefilled where it runs (the split path's text equals the
-        // monolithic one, without its saving).
-        tracing::warn!(
-            "prefill/decode role {:?}: KV block transfer is not implemented yet; requests are prefilled locally",
-            kv.kv_role
-        );
     }
     let mut info = ModelInfo::new(served_names(&a), a.model.clone());
     for c in &a.criticality {

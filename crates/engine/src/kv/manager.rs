@@ -26,6 +26,9 @@ pub struct KvCacheManager {
     block_size: usize,
     caching: bool,
     seqs: HashMap<u64, SeqBlocks>,
+    /// Blocks held for someone else after their sequence left: prefilled KV waiting to be
+    /// pulled by a decode worker, or blocks a cancelled pull may still be writing.
+    pinned: HashMap<u64, Vec<u32>>,
     stats: PrefixStats,
 }
 
@@ -50,6 +53,7 @@ impl KvCacheManager {
             block_size,
             caching: enable_prefix_caching,
             seqs: HashMap::new(),
+            pinned: HashMap::new(),
             stats: PrefixStats::default(),
         }
     }
@@ -168,10 +172,35 @@ impl KvCacheManager {
     /// Return all of a sequence's blocks (tail first, so the tail is evicted first).
     pub fn free(&mut self, seq: u64) {
         if let Some(s) = self.seqs.remove(&seq) {
-            for &b in s.blocks.iter().rev() {
-                self.pool.release(b);
-            }
+            self.release(&s.blocks);
         }
+    }
+
+    fn release(&mut self, blocks: &[u32]) {
+        for &b in blocks.iter().rev() {
+            self.pool.release(b);
+        }
+    }
+
+    /// Keep a departing sequence's blocks under `seq`'s id: they are neither freed nor
+    /// evictable until [`Self::unpin`] (their cached full blocks stay shareable by prefix
+    /// hits). Returns the block table.
+    pub fn pin(&mut self, seq: u64) -> Vec<u32> {
+        let blocks = self.seqs.remove(&seq).map(|s| s.blocks).unwrap_or_default();
+        self.pinned.insert(seq, blocks.clone());
+        blocks
+    }
+
+    /// Free the blocks pinned under `seq` (nothing if none are).
+    pub fn unpin(&mut self, seq: u64) {
+        if let Some(blocks) = self.pinned.remove(&seq) {
+            self.release(&blocks);
+        }
+    }
+
+    /// Blocks held by pins (a block shared by several pins counts once per pin).
+    pub fn num_pinned_blocks(&self) -> usize {
+        self.pinned.values().map(Vec::len).sum()
     }
 }
 
@@ -226,6 +255,34 @@ mod tests {
         assert!(m.allocate(1, 8, &CachedPrefix::default()));
         m.cache_full_blocks(1, &prompt, 8);
         assert_eq!(m.cached_prefix(&prompt).blocks.len(), 1);
+    }
+
+    #[test]
+    fn pinned_blocks_are_neither_free_nor_evicted_until_unpinned() {
+        let mut m = KvCacheManager::new(4, 4, true);
+        let prompt: Vec<u32> = (0..10).collect();
+        assert!(m.allocate(1, 10, &CachedPrefix::default()));
+        m.cache_full_blocks(1, &prompt, 10);
+        let pinned = m.pin(1);
+        assert_eq!((pinned.len(), m.num_pinned_blocks(), m.num_free()), (3, 3, 1));
+        assert!(m.block_table(1).is_empty(), "the sequence itself is gone");
+        // The one free block can be taken, the pinned ones cannot.
+        assert!(!m.allocate(2, 8, &CachedPrefix::default()));
+        assert!(m.allocate(2, 4, &CachedPrefix::default()));
+        assert!(!pinned.contains(&m.block_table(2)[0]));
+        // A prefix hit may still share a pinned, cached block read-only.
+        let hit = m.cached_prefix(&prompt);
+        assert_eq!(hit.blocks, pinned[..2].to_vec());
+        m.free(2);
+        let first = CachedPrefix { blocks: hit.blocks[..1].to_vec(), hashes: hit.hashes[..1].to_vec() };
+        assert!(m.allocate(3, 8, &first));
+        assert_eq!(m.block_table(3)[0], pinned[0]);
+        m.free(3);
+        assert_eq!(m.num_free(), 1, "the shared block is still pinned");
+        m.unpin(1);
+        assert_eq!((m.num_pinned_blocks(), m.num_free()), (0, 4));
+        m.unpin(1);
+        assert_eq!(m.num_free(), 4, "a second unpin frees nothing");
     }
 
     #[test]

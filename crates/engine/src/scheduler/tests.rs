@@ -196,3 +196,72 @@ fn priority_policy_orders_the_queue_and_fcfs_ignores_priority() {
         assert_eq!(out.plan.seqs[0].seq_id, first, "{policy:?}");
     }
 }
+
+fn remote(blocks: usize, num_tokens: usize) -> Box<RemoteSource> {
+    Box::new(RemoteSource {
+        host: "127.0.0.1".into(),
+        port: 1,
+        engine_id: None,
+        block_ids: (100..100 + blocks as u32).collect(),
+        token: "t".into(),
+        num_tokens,
+    })
+}
+
+#[test]
+fn a_remote_prefill_is_pulled_then_only_its_last_token_computed() {
+    let mut s = sched(16, 4, 8, 16);
+    let mut a = seq(1, 10);
+    a.remote = Some(remote(3, 10));
+    s.add(a);
+    s.add(seq(2, 5));
+    let out = run(&mut s);
+    // The pulled sequence takes no compute (and no budget) this step; the other runs.
+    assert_eq!(shape(&out), vec![(2, 5, true)]);
+    assert_eq!(out.pulls.len(), 1);
+    let job = &out.pulls[0];
+    // Blocks of the first 9 tokens (3 of 4), mapped remote -> local in order.
+    assert_eq!(job.remote, vec![100, 101, 102]);
+    assert_eq!(job.local, s.kv().block_table(1)[..3].to_vec());
+    assert_eq!(s.kv().block_table(1).len(), 3, "blocks for the whole prompt");
+    assert_eq!((s.num_pulling(), s.num_waiting()), (1, 1));
+    assert!(s.pull_done(1, true));
+    let out = run(&mut s);
+    assert_eq!(shape(&out), vec![(1, 1, true), (2, 1, true)]);
+    assert_eq!(out.plan.seqs[0].start_pos, 9);
+}
+
+#[test]
+fn a_failed_pull_recomputes_and_a_cancelled_one_frees_its_blocks_only_when_it_ends() {
+    let mut s = sched(16, 4, 8, 16);
+    let mut a = seq(1, 10);
+    a.remote = Some(remote(3, 10));
+    s.add(a);
+    run(&mut s);
+    assert!(s.pull_done(1, false));
+    assert_eq!(shape(&run(&mut s)), vec![(1, 10, true)], "the whole prompt is computed here");
+
+    let mut b = seq(2, 10);
+    b.remote = Some(remote(3, 10));
+    s.add(b);
+    run(&mut s);
+    let free = s.kv().num_free();
+    assert!(s.remove(2).is_some());
+    assert_eq!(s.kv().num_free(), free, "the pull may still write the blocks");
+    assert!(!s.pull_done(2, true));
+    assert_eq!(s.kv().num_free(), free + 3);
+}
+
+#[test]
+fn a_prompt_of_one_block_or_a_short_remote_list_is_computed_locally() {
+    let mut s = sched(16, 4, 8, 16);
+    let mut a = seq(1, 1);
+    a.remote = Some(remote(1, 1));
+    s.add(a);
+    let mut b = seq(2, 10);
+    b.remote = Some(remote(2, 10)); // needs 3 blocks
+    s.add(b);
+    let out = run(&mut s);
+    assert!(out.pulls.is_empty());
+    assert_eq!(shape(&out), vec![(1, 1, true), (2, 10, true)]);
+}

@@ -96,7 +96,8 @@ pub(crate) async fn handle(
     let prompt_text = render_messages(m, &req.messages, true)?;
     let prompt = encode(m, prompt_text, false).await?;
     let prompt_ids = prompt.clone();
-    let streams = submit(&st, m, &req.model, prompt, params)?;
+    let kv = (req.common.kv_transfer_params.as_ref(), req.common.stream);
+    let streams = submit(&st, m, &req.model, prompt, params, kv)?;
     let (id, created, model) = (request_id("chatcmpl"), unix_now(), req.model.clone());
     if req.common.stream {
         let include_usage = req.common.stream_options.is_some_and(|o| o.include_usage);
@@ -151,6 +152,7 @@ pub(crate) async fn handle(
     }
     let done = collect(streams).await?;
     let usage = usage(done.iter().map(|d| &d.finished));
+    let kv_transfer_params = super::disagg::response(m, done.first().and_then(|d| d.kv_pinned.as_ref()));
     let prompt_logprobs = prompt_k.map(|k| {
         let lps = done.first().and_then(|d| d.prompt_logprobs.as_deref()).unwrap_or(&[]);
         logprobs::prompt(m, &prompt_ids, lps, k)
@@ -165,7 +167,15 @@ pub(crate) async fn handle(
             finish_reason: Some(d.finished.reason.as_str()),
         })
         .collect();
-    let body =
-        ChatCompletionResponse { id, object: "chat.completion", created, model, choices, usage, prompt_logprobs };
+    let body = ChatCompletionResponse {
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        choices,
+        usage,
+        prompt_logprobs,
+        kv_transfer_params,
+    };
     Ok(Json(body).into_response())
 }

@@ -63,7 +63,8 @@ pub(crate) async fn handle(
             prompt_k.map(|k| logprobs::prompt(m, &prompt_ids, lps, k)),
         )
     };
-    let streams = submit(&st, m, &req.model, prompt, params)?;
+    let kv = (req.common.kv_transfer_params.as_ref(), req.common.stream);
+    let streams = submit(&st, m, &req.model, prompt, params, kv)?;
     let (id, created, model) = (request_id("cmpl"), unix_now(), req.model.clone());
     if req.common.stream {
         let include_usage = req.common.stream_options.is_some_and(|o| o.include_usage);
@@ -122,6 +123,7 @@ pub(crate) async fn handle(
     }
     let done = collect(streams).await?;
     let usage = usage(done.iter().map(|d| &d.finished));
+    let kv_transfer_params = super::disagg::response(m, done.first().and_then(|d| d.kv_pinned.as_ref()));
     let choices = done
         .into_iter()
         .enumerate()
@@ -144,5 +146,6 @@ pub(crate) async fn handle(
             }
         })
         .collect();
-    Ok(Json(CompletionResponse { id, object: "text_completion", created, model, choices, usage }).into_response())
+    let body = CompletionResponse { id, object: "text_completion", created, model, choices, usage, kv_transfer_params };
+    Ok(Json(body).into_response())
 }

@@ -7,8 +7,9 @@ use std::convert::Infallible;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
+use tessera_engine::kv::transfer::PinnedKv;
 use tessera_engine::{EngineError, EngineRequest, Finished, RequestOutput, RequestStream};
-use tessera_protocol::{SamplingParams, Usage};
+use tessera_protocol::{KvTransferParams, SamplingParams, Usage};
 use tessera_runner::TokenLogprobs;
 
 use crate::state::ServedModel;
@@ -34,13 +35,16 @@ pub(crate) fn check_vocab(m: &ServedModel, ids: &[u32], param: &str) -> Result<(
     }
 }
 
-/// Validate what needs the model (vocabulary, scheduling policy) and submit; one stream per choice.
+/// Validate what needs the model (vocabulary, scheduling policy, the prefill/decode leg given
+/// by `kv`: the request's `kv_transfer_params` and whether it streams) and submit; one
+/// stream per choice.
 pub(crate) fn submit(
     st: &AppState,
     m: &ServedModel,
     model_name: &str,
     prompt: Vec<u32>,
     params: SamplingParams,
+    kv: (Option<&KvTransferParams>, bool),
 ) -> Result<Vec<RequestStream>, ApiError> {
     check_vocab(m, &prompt, "prompt")?;
     check_vocab(m, &params.stop_token_ids, "stop_token_ids")?;
@@ -52,8 +56,9 @@ pub(crate) fn submit(
             param: Some("priority".into()),
         });
     }
+    let remote = super::disagg::leg(m, kv.0, &params, kv.1, prompt.len())?;
     let criticality = st.criticality(model_name);
-    Ok(m.least_loaded().submit(EngineRequest { prompt, params, criticality })?)
+    Ok(m.least_loaded().submit(EngineRequest { prompt, params, criticality, remote })?)
 }
 
 /// One choice's whole answer.
@@ -64,6 +69,8 @@ pub(crate) struct Collected {
     /// Per prompt token, when prompt log-probabilities were asked for.
     pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
     pub finished: Finished,
+    /// A prefill leg's pinned KV.
+    pub kv_pinned: Option<PinnedKv>,
 }
 
 async fn collect_one(mut rs: RequestStream) -> Result<Collected, ApiError> {
@@ -77,7 +84,8 @@ async fn collect_one(mut rs: RequestStream) -> Result<Collected, ApiError> {
             prompt_logprobs = out.prompt_logprobs;
         }
         if let Some(finished) = out.finished {
-            return Ok(Collected { text, token_ids, logprobs, prompt_logprobs, finished });
+            let kv_pinned = out.kv_pinned;
+            return Ok(Collected { text, token_ids, logprobs, prompt_logprobs, finished, kv_pinned });
         }
     }
     Err(ApiError::Internal("the engine ended the request without a result".into()))

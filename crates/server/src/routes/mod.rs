@@ -2,6 +2,7 @@
 
 mod chat;
 mod completions;
+mod disagg;
 mod generate;
 mod logprobs;
 mod tokenize;

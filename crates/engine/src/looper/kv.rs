@@ -1,0 +1,113 @@
+//! The engine's side of prefill/decode KV transfer: pinning a prefill leg's blocks, expiring
+//! pins nobody pulled, starting pulls for decode legs and taking their results.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use tessera_runner::KvBlockStore;
+
+use super::Core;
+use crate::core::Command;
+use crate::kv::transfer::client::{self, PullStats};
+use crate::kv::transfer::{new_token, server, Fallback, KvLayout, KvLink, Pin, PinnedKv, Pins};
+use crate::scheduler::PullJob;
+use crate::stats::EngineStats;
+
+pub(crate) struct KvSide {
+    layout: KvLayout,
+    store: Arc<dyn KvBlockStore>,
+    pins: Arc<Pins>,
+    pin_timeout: Duration,
+    pull_timeout: Duration,
+    cmd: mpsc::Sender<Command>,
+}
+
+impl KvSide {
+    /// Take the link, starting its transfer service if it has a listener.
+    pub(crate) fn start(link: KvLink, stats: Arc<EngineStats>, cmd: mpsc::Sender<Command>) -> Self {
+        let pins = Arc::new(Pins::default());
+        if let Some(listener) = link.listener {
+            let svc = server::Service {
+                engine_id: link.engine_id,
+                layout: link.layout.clone(),
+                store: link.store.clone(),
+                pins: pins.clone(),
+                stats,
+                cmd: cmd.clone(),
+            };
+            server::start(listener, svc);
+        }
+        Self {
+            layout: link.layout,
+            store: link.store,
+            pins,
+            pin_timeout: link.pin_timeout,
+            pull_timeout: link.pull_timeout,
+            cmd,
+        }
+    }
+}
+
+impl Core {
+    /// Keep a finished prefill leg's blocks for the decode worker, under a fresh token.
+    pub(super) fn pin_prefill(&mut self, id: u64, num_tokens: usize) -> Option<PinnedKv> {
+        let kv = self.kv.as_ref()?;
+        let blocks = self.sched.pin(id);
+        let token = new_token();
+        let deadline = Instant::now() + kv.pin_timeout;
+        kv.pins.insert(token.clone(), Pin { seq: id, blocks: blocks.clone(), num_tokens, deadline });
+        Some(PinnedKv { block_ids: blocks, token, num_tokens })
+    }
+
+    /// Free the pins past their deadline.
+    pub(super) fn expire_pins(&mut self) {
+        let Some(kv) = &self.kv else { return };
+        let expired = kv.pins.take_expired(Instant::now());
+        for seq in expired {
+            tracing::info!("KV of prefilled request {seq} was not pulled in time; its blocks are freed");
+            self.stats.kv.pins_expired.fetch_add(1, Ordering::Relaxed);
+            self.sched.unpin(seq);
+        }
+    }
+
+    /// How long an idle engine may sleep before a pin expires (None: until a command comes).
+    pub(super) fn idle_wait(&self) -> Option<Duration> {
+        let deadline = self.kv.as_ref()?.pins.next_deadline()?;
+        Some(deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// Start each pull on its own thread; the result comes back as [`Command::PullDone`].
+    pub(super) fn start_pulls(&mut self, pulls: Vec<PullJob>) {
+        let Some(kv) = &self.kv else { return };
+        for job in pulls {
+            let (layout, store, timeout, cmd) = (kv.layout.clone(), kv.store.clone(), kv.pull_timeout, kv.cmd.clone());
+            let seq = job.seq_id;
+            let run = move || {
+                let result = client::pull(&job.source, &job.remote, &job.local, &layout, store.as_ref(), timeout);
+                let _ = cmd.send(Command::PullDone { seq: job.seq_id, result });
+            };
+            if let Err(e) = std::thread::Builder::new().name("tessera-kv-pull".into()).spawn(run) {
+                let _ = kv.cmd.send(Command::PullDone { seq, result: Err(format!("cannot start a pull thread: {e}")) });
+            }
+        }
+    }
+
+    pub(super) fn pull_done(&mut self, seq: u64, result: Result<PullStats, String>) {
+        let ok = match result {
+            Ok(s) => {
+                let kv = &self.stats.kv;
+                kv.blocks_received.fetch_add(s.blocks as u64, Ordering::Relaxed);
+                kv.bytes_received.fetch_add(s.bytes as u64, Ordering::Relaxed);
+                kv.latency.observe(s.seconds);
+                true
+            }
+            Err(why) => {
+                tracing::warn!("KV pull for request {seq} failed ({why}); computing its prompt here");
+                self.stats.kv.fallback(Fallback::PullFailed);
+                false
+            }
+        };
+        self.sched.pull_done(seq, ok);
+    }
+}
