@@ -34,7 +34,12 @@ impl KvSide {
                 store: link.store.clone(),
                 pins: pins.clone(),
                 stats,
-                cmd: cmd.clone(),
+                unpin: {
+                    let cmd = cmd.clone();
+                    Box::new(move |seq| {
+                        let _ = cmd.send(Command::Unpin(seq));
+                    })
+                },
             };
             server::start(listener, svc);
         }

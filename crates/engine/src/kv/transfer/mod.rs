@@ -6,6 +6,8 @@
 pub mod client;
 mod pins;
 pub mod server;
+#[cfg(test)]
+mod tests;
 mod wire;
 
 use std::sync::Arc;

@@ -4,14 +4,13 @@
 use std::io::{BufReader, BufWriter};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_runner::KvBlockStore;
 
 use super::wire::{self, Hello, Reply};
 use super::{KvLayout, Pins};
-use crate::core::Command;
 use crate::stats::EngineStats;
 
 /// How long a connection may take to say what it wants.
@@ -19,17 +18,20 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a send may stall on a puller that stopped reading.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub(crate) struct Service {
+/// What the service needs: its engine's identity, blocks and pins.
+pub struct Service {
     pub engine_id: String,
     pub layout: KvLayout,
     pub store: Arc<dyn KvBlockStore>,
     pub pins: Arc<Pins>,
     pub stats: Arc<EngineStats>,
-    pub cmd: mpsc::Sender<Command>,
+    /// Called with a claimed pin's sequence once its blocks are sent (or refused): the engine
+    /// frees them.
+    pub unpin: Box<dyn Fn(u64) + Send + Sync>,
 }
 
-/// Serve pulls on `listener` until the engine is gone.
-pub(crate) fn start(listener: TcpListener, svc: Service) {
+/// Serve pulls on `listener` (for the life of the process).
+pub fn start(listener: TcpListener, svc: Service) {
     let svc = Arc::new(svc);
     let spawned = std::thread::Builder::new().name("tessera-kv-serve".into()).spawn(move || {
         for conn in listener.incoming() {
@@ -74,7 +76,7 @@ fn serve(svc: &Service, conn: TcpStream) -> Result<(), String> {
     };
     // The pin is ours now: whatever happens next, its blocks are freed after.
     let result = send(svc, &mut w, &hello, &pin.blocks, pin.num_tokens);
-    let _ = svc.cmd.send(Command::Unpin(pin.seq));
+    (svc.unpin)(pin.seq);
     result
 }
 
