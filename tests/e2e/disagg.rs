@@ -5,8 +5,10 @@
 //! `kv_transfer_params`), the KV blocks pulled between them, and the faults: a used token,
 //! pins nobody pulls, a prefill worker that is gone.
 
+use std::sync::{Arc, Mutex};
+
 use serde_json::{json, Value};
-use tessera_tests::{client, metric, start_smollm2 as start};
+use tessera_tests::{client, metric, start_smollm2 as start, WorkerProcess};
 
 async fn post(c: &reqwest::Client, url: String, body: &Value) -> reqwest::Response {
     let r = c.post(url).json(body).send().await.expect("response");
@@ -178,4 +180,131 @@ async fn sidecar_shaped_legs_move_the_prompts_kv_and_answer_like_a_monolithic_wo
     for w in [prefill, decode, mono] {
         w.stop().await.expect("stop");
     }
+}
+
+/// The `host:port` of a base URL.
+fn host_port(base: &str) -> String {
+    base.trim_start_matches("http://").to_string()
+}
+
+/// A stand-in prefill endpoint that answers 503 `fail` times, then forwards to `target`;
+/// what it received (x-request-id, body) is recorded.
+async fn flaky_prefiller(target: String, fail: usize) -> (String, Arc<Mutex<Vec<(String, Value)>>>) {
+    use axum::http::{HeaderMap, StatusCode};
+    let seen: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let log = seen.clone();
+    let handler = move |headers: HeaderMap, axum::Json(body): axum::Json<Value>| {
+        let (log, target) = (log.clone(), target.clone());
+        async move {
+            let rid = headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            let n = {
+                let mut l = log.lock().expect("lock");
+                l.push((rid, body.clone()));
+                l.len()
+            };
+            if n <= fail {
+                return (StatusCode::SERVICE_UNAVAILABLE, "busy".to_string());
+            }
+            let r = client().post(format!("{target}/v1/chat/completions")).json(&body).send().await.expect("forward");
+            (StatusCode::from_u16(r.status().as_u16()).expect("status"), r.text().await.expect("body"))
+        }
+    };
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_worker_splits_requests_itself_across_processes() {
+    let bin = env!("CARGO_BIN_EXE_tessera-worker");
+    let gguf = tessera_tests::smollm2_gguf();
+    let producer = kv_config("kv_producer", "");
+    let consumer = kv_config("kv_consumer", "");
+    let mut prefill = WorkerProcess::start(bin, &gguf, &["--kv-transfer-config", &producer]).await;
+    let decode =
+        WorkerProcess::start(bin, &gguf, &["--kv-transfer-config", &consumer, "--trusted-prefillers", "127.0.0.1"])
+            .await;
+    let (mono, m) = start(&[]).await;
+    let (c, d) = (client(), decode.base.clone());
+    let header = ("x-prefiller-host-port", host_port(&prefill.base));
+    let prompts = [
+        "The capital of France is",
+        "Water boils at",
+        "List three colours:",
+        "Write a haiku about the sea.",
+        "What is 12 times 7?",
+        "Name a planet with rings.",
+        "Translate 'good morning' into French.",
+        "Why is the sky blue?",
+        "Give me a word that rhymes with cat.",
+        "Describe a cat in one sentence.",
+    ];
+    for (i, prompt) in prompts.iter().enumerate() {
+        let (chat, stream) = (i % 2 == 1, i % 4 >= 2);
+        let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
+        let body = original(prompt, chat, stream);
+        let want = text_of(post(&c, format!("{m}{path}"), &body).await, chat, stream).await;
+        let computed = counter(&c, &d, "tessera:prompt_tokens_computed_total").await;
+        let r = c.post(format!("{d}{path}")).header(header.0, &header.1).json(&body).send().await.expect("send");
+        assert_eq!(r.status(), 200);
+        let got = text_of(r, chat, stream).await;
+        assert_eq!(got, want, "{path} stream={stream}: {prompt}");
+        let now = counter(&c, &d, "tessera:prompt_tokens_computed_total").await;
+        assert_eq!(now - computed, 1.0, "{prompt}: the decode worker computed only the last prompt token");
+    }
+    for reason in ["pull_failed", "prefill_leg", "unsupported"] {
+        assert_eq!(fallbacks(&c, &d, reason).await, 0.0, "{reason}");
+    }
+    assert!(counter(&c, &d, "tessera:kv_transfer_latency_seconds_count").await >= 10.0);
+
+    // A prefill worker not in --trusted-prefillers is never contacted: 403, OpenAI-shaped.
+    let body = original("Hello", true, false);
+    for untrusted in ["127.0.0.2:9", "localhost:9", "http://10.1.2.3:8000"] {
+        let r = c.post(format!("{d}/v1/chat/completions")).header(header.0, untrusted).json(&body).send().await;
+        let r = r.expect("send");
+        let status = r.status().as_u16();
+        tessera_tests::assert_openai_error(status, &r.bytes().await.expect("body"), untrusted);
+        assert_eq!(status, 403, "{untrusted}");
+    }
+
+    // A prefill leg answered 503 is retried, with the same request id and the sidecar's shape.
+    let (flaky, seen) = flaky_prefiller(prefill.base.clone(), 2).await;
+    let want = text_of(post(&c, format!("{m}/v1/chat/completions"), &body).await, true, false).await;
+    let r = c
+        .post(format!("{d}/v1/chat/completions"))
+        .header(header.0, host_port(&flaky))
+        .header("x-request-id", "req-42")
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(text_of(r, true, false).await, want);
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 3, "two 503s, then the leg that worked");
+    for (rid, leg) in &seen {
+        assert_eq!(rid, "req-42");
+        assert_eq!((leg["stream"].clone(), leg["max_tokens"].clone()), (json!(false), json!(1)), "{leg}");
+        assert_eq!(leg["kv_transfer_params"]["do_remote_decode"], true, "{leg}");
+    }
+    assert_eq!(fallbacks(&c, &d, "pull_failed").await, 0.0);
+
+    // The prefill worker dies between the legs: the decode leg recomputes and still answers.
+    let first: Value = post(&c, format!("{}/v1/chat/completions", prefill.base), &prefill_leg(&body))
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    prefill.signal("KILL");
+    prefill.wait_exit(30).await;
+    let mut second = body.clone();
+    second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+    assert_eq!(text_of(post(&c, format!("{d}/v1/chat/completions"), &second).await, true, false).await, want);
+    assert_eq!(fallbacks(&c, &d, "pull_failed").await, 1.0);
+    // And through the proxy: the prefill leg cannot be sent, so the prompt is computed here.
+    let r = c.post(format!("{d}/v1/chat/completions")).header(header.0, &header.1).json(&body).send().await;
+    assert_eq!(text_of(r.expect("send"), true, false).await, want);
+    assert_eq!(fallbacks(&c, &d, "prefill_leg").await, 1.0);
+    mono.stop().await.expect("stop");
 }

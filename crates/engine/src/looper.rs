@@ -166,7 +166,7 @@ impl Core {
                 self.add(first_id, *req, txs, arrival)
             }
             Command::Abort(id) => self.end(id, None),
-            Command::Unpin(seq) => self.sched.unpin(seq),
+            Command::Unpin(seq) => self.unpin(seq),
             Command::PullDone { seq, result } => self.pull_done(seq, result),
             Command::AbortAll(err) => {
                 let ids: Vec<u64> = self.requests.keys().copied().collect();
@@ -462,6 +462,6 @@ impl Core {
             self.sched.kv().usage(),
             self.sched.kv().num_free(),
         );
-        self.stats.kv.pinned_blocks.store(self.sched.kv().num_pinned_blocks(), Ordering::Relaxed);
+        self.publish_pins();
     }
 }

@@ -15,6 +15,13 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("{0}")]
     NotReady(String),
+    /// The request asks for something this server will not do for anyone (an untrusted
+    /// prefill worker).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A prefill worker answered the prefill leg with an error: its status and body, as is.
+    #[error("the prefill worker answered {status}")]
+    Upstream { status: u16, body: axum::body::Bytes },
     #[error("{0}")]
     TooLarge(String),
     /// No capacity now (queue full, or shed); the client should retry later.
@@ -34,6 +41,8 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Upstream { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -45,6 +54,8 @@ impl ApiError {
             ApiError::BadRequest { .. } => "BadRequestError",
             ApiError::ModelNotFound(_) => "NotFoundError",
             ApiError::NotReady(_) => "ServiceUnavailableError",
+            ApiError::Forbidden(_) => "PermissionDeniedError",
+            ApiError::Upstream { .. } => "APIError",
             ApiError::Overloaded(_) => "RateLimitError",
             ApiError::TooLarge(_) => "BadRequestError",
             ApiError::Internal(_) => "InternalServerError",
@@ -89,6 +100,10 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let ApiError::Upstream { body, .. } = &self {
+            let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+            return (self.status(), json, body.clone()).into_response();
+        }
         (self.status(), Json(self.body())).into_response()
     }
 }

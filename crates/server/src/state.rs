@@ -56,6 +56,26 @@ pub struct KvInfo {
     pub produces: bool,
     /// Serves decode legs (and proxies `x-prefiller-host-port`).
     pub consumes: bool,
+    /// Prefill workers the built-in proxy may contact (`--trusted-prefillers`).
+    pub trusted_prefillers: Vec<String>,
+    /// The client of the prefill legs.
+    pub http: reqwest::Client,
+}
+
+impl KvInfo {
+    /// A worker's identity; `roles` is (produces, consumes).
+    pub fn new(
+        engine_id: String,
+        host: String,
+        port: u16,
+        roles: (bool, bool),
+        trusted_prefillers: Vec<String>,
+    ) -> Self {
+        let http =
+            reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5)).build().unwrap_or_default();
+        let (produces, consumes) = roles;
+        Self { engine_id, host, port, tp_size: 1, produces, consumes, trusted_prefillers, http }
+    }
 }
 
 impl ServedModel {

@@ -216,6 +216,11 @@ pub struct ServeArgs {
     /// `{"kv_connector":"TesseraConnector","kv_role":"kv_producer"}` (`kv_consumer`, `kv_both`).
     #[arg(long, value_parser = crate::kv_transfer::parse, env = "TESSERA_KV_TRANSFER_CONFIG")]
     pub kv_transfer_config: Option<crate::kv_transfer::KvTransferConfig>,
+    /// Prefill workers a decode worker's built-in proxy may send prefill legs to when a request
+    /// carries `x-prefiller-host-port`: hosts (any port), `host:port`, or DNS names whose
+    /// addresses are trusted. Comma-separated; others get 403.
+    #[arg(long, value_delimiter = ',', env = "TESSERA_TRUSTED_PREFILLERS")]
+    pub trusted_prefillers: Vec<String>,
 }
 
 impl ServeArgs {
@@ -341,5 +346,29 @@ mod tests {
         let bad = serve(&["--kv-transfer-config", r#"{"kv_connector":"TesseraConnector","kv_role":"decode"}"#]);
         let e = bad.unwrap_err();
         assert!(e.contains("--kv-transfer-config") && e.contains("decode"), "{e}");
+    }
+
+    /// What KV transfer cannot run with is refused at start-up, naming the flags.
+    #[test]
+    fn kv_transfer_start_up_checks() {
+        let check = |extra: &[&str]| {
+            let argv = ["tessera", "serve", "/mnt/models"].iter().chain(extra).map(|s| s.to_string());
+            match Cli::try_parse_from(normalize_argv(argv)) {
+                Ok(Cli { command: Command::Serve(a), .. }) => {
+                    crate::kv_transfer::validate(&a).map_err(|e| e.to_string())
+                }
+                other => panic!("not serve: {:?}", other.err()),
+            }
+        };
+        let kv = |extra: &str| format!(r#"{{"kv_connector":"TesseraConnector","kv_role":"kv_both"{extra}}}"#);
+        assert!(check(&["--kv-transfer-config", &kv("")]).is_ok());
+        let tp = check(&["--kv-transfer-config", &kv(""), "--tensor-parallel-size", "2"]).unwrap_err();
+        assert!(tp.contains("--tensor-parallel-size 2"), "{tp}");
+        let port = check(&["--kv-transfer-config", &kv(r#","kv_port":8000"#), "--port", "8000"]).unwrap_err();
+        assert!(port.contains("kv_port 8000"), "{port}");
+        let pin = check(&["--kv-transfer-config", &kv(r#","kv_connector_extra_config":{"pin_timeout":"soon"}"#)]);
+        assert!(pin.unwrap_err().contains("pin_timeout"));
+        let trusted = check(&["--kv-transfer-config", &kv(""), "--trusted-prefillers", "10.0.0.7,prefill.svc:8000"]);
+        assert!(trusted.is_ok());
     }
 }

@@ -182,6 +182,7 @@ pub fn link(
     cfg: &ModelConfig,
     block_size: usize,
     cache: KvCache,
+    trusted: &[String],
 ) -> Result<(KvLink, KvInfo), ServeError> {
     let engine_id = c.engine_id.clone().unwrap_or_else(|| format!("tessera-{}", &new_token()[..16]));
     let listener = if c.produces() { Some(std::net::TcpListener::bind((c.kv_ip.as_str(), c.kv_port))?) } else { None };
@@ -221,8 +222,7 @@ pub fn link(
     } else {
         tracing::info!("KV transfer ({:?}, engine {engine_id}): pulling prefilled blocks", c.kv_role);
     }
-    let info =
-        KvInfo { engine_id: engine_id.clone(), host, port, tp_size: 1, produces: c.produces(), consumes: c.consumes() };
+    let info = KvInfo::new(engine_id.clone(), host, port, (c.produces(), c.consumes()), trusted.to_vec());
     let link = KvLink {
         engine_id,
         layout,

@@ -420,7 +420,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
     let cache = kv_cache.into_inner().unwrap_or_else(|p| p.into_inner());
     let (mut link, kv) = match (&a.kv_transfer_config, cache) {
         (Some(c), Some(cache)) => {
-            let (link, info) = crate::kv_transfer::link(c, &cfg, a.block_size, cache)?;
+            let (link, info) = crate::kv_transfer::link(c, &cfg, a.block_size, cache, &a.trusted_prefillers)?;
             (Some(link), Some(info))
         }
         _ => (None, None),

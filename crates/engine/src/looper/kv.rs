@@ -62,7 +62,18 @@ impl Core {
         let token = new_token();
         let deadline = Instant::now() + kv.pin_timeout;
         kv.pins.insert(token.clone(), Pin { seq: id, blocks: blocks.clone(), num_tokens, deadline });
+        // Before the answer goes out, so that a scrape after it sees the pin.
+        self.publish_pins();
         Some(PinnedKv { block_ids: blocks, token, num_tokens })
+    }
+
+    pub(super) fn publish_pins(&self) {
+        self.stats.kv.pinned_blocks.store(self.sched.kv().num_pinned_blocks(), Ordering::Relaxed);
+    }
+
+    pub(super) fn unpin(&mut self, seq: u64) {
+        self.sched.unpin(seq);
+        self.publish_pins();
     }
 
     /// Free the pins past their deadline.
@@ -72,7 +83,7 @@ impl Core {
         for seq in expired {
             tracing::info!("KV of prefilled request {seq} was not pulled in time; its blocks are freed");
             self.stats.kv.pins_expired.fetch_add(1, Ordering::Relaxed);
-            self.sched.unpin(seq);
+            self.unpin(seq);
         }
     }
 

@@ -3,15 +3,16 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tessera_protocol::{
     logprobs_count, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatDelta, ChatMessage, ChatResponseMessage, SamplingParams,
+    ChatDelta, ChatMessage, ChatResponseMessage, KvTransferParams, SamplingParams,
 };
 
 use super::generate::{collect, encode, sse, submit, usage, Piece};
-use super::{logprobs, parse, request_id};
+use super::{logprobs, parse, proxy, request_id};
 use crate::state::unix_now;
 use crate::{ApiError, AppState, ServedModel};
 
@@ -65,8 +66,10 @@ fn check_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
 
 pub(crate) async fn handle(
     State(st): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let raw = body.as_ref().map(Bytes::clone).unwrap_or_default();
     let req: ChatCompletionRequest = parse(body)?;
     let m = st.model()?;
     st.check_name(&req.model)?;
@@ -82,7 +85,7 @@ pub(crate) async fn handle(
         (false, _) => None,
         (true, k) => Some(logprobs_count("top_logprobs", k.unwrap_or(0))?),
     };
-    let params = SamplingParams::from_common(&req.common, max_tokens, logprobs, &m.defaults)?;
+    let mut params = SamplingParams::from_common(&req.common, max_tokens, logprobs, &m.defaults)?;
     if params.max_tokens == Some(0) {
         let message = "`max_tokens` must be at least 1 for chat (0 is for scoring prompts on /v1/completions)";
         return Err(ApiError::BadRequest { message: message.into(), param: Some("max_tokens".into()) });
@@ -96,7 +99,14 @@ pub(crate) async fn handle(
     let prompt_text = render_messages(m, &req.messages, true)?;
     let prompt = encode(m, prompt_text, false).await?;
     let prompt_ids = prompt.clone();
-    let kv = (req.common.kv_transfer_params.as_ref(), req.common.stream);
+    let mut kv_params = req.common.kv_transfer_params.clone();
+    if let Some(p) =
+        proxy::prefill_first(m, &headers, "/v1/chat/completions", &raw, &params, kv_params.as_ref()).await?
+    {
+        params.kv = KvTransferParams::intent(Some(&p))?;
+        kv_params = Some(p);
+    }
+    let kv = (kv_params.as_ref(), req.common.stream);
     let streams = submit(&st, m, &req.model, prompt, params, kv)?;
     let (id, created, model) = (request_id("chatcmpl"), unix_now(), req.model.clone());
     if req.common.stream {

@@ -3,14 +3,16 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tessera_protocol::{
-    logprobs_count, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Prompt, SamplingParams,
+    logprobs_count, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, KvTransferParams, Prompt,
+    SamplingParams,
 };
 
 use super::generate::{collect, encode, sse, submit, usage, Piece};
-use super::{logprobs, parse, request_id};
+use super::{logprobs, parse, proxy, request_id};
 use crate::state::unix_now;
 use crate::{ApiError, AppState};
 
@@ -20,8 +22,10 @@ fn bad(param: &str, message: &str) -> ApiError {
 
 pub(crate) async fn handle(
     State(st): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let raw = body.as_ref().map(Bytes::clone).unwrap_or_default();
     let req: CompletionRequest = parse(body)?;
     let m = st.model()?;
     st.check_name(&req.model)?;
@@ -63,7 +67,12 @@ pub(crate) async fn handle(
             prompt_k.map(|k| logprobs::prompt(m, &prompt_ids, lps, k)),
         )
     };
-    let kv = (req.common.kv_transfer_params.as_ref(), req.common.stream);
+    let mut kv_params = req.common.kv_transfer_params.clone();
+    if let Some(p) = proxy::prefill_first(m, &headers, "/v1/completions", &raw, &params, kv_params.as_ref()).await? {
+        params.kv = KvTransferParams::intent(Some(&p))?;
+        kv_params = Some(p);
+    }
+    let kv = (kv_params.as_ref(), req.common.stream);
     let streams = submit(&st, m, &req.model, prompt, params, kv)?;
     let (id, created, model) = (request_id("cmpl"), unix_now(), req.model.clone());
     if req.common.stream {

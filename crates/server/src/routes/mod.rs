@@ -5,6 +5,7 @@ mod completions;
 mod disagg;
 mod generate;
 mod logprobs;
+mod proxy;
 mod tokenize;
 
 use axum::body::Bytes;
