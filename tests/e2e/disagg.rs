@@ -308,3 +308,70 @@ async fn a_decode_worker_splits_requests_itself_across_processes() {
     assert_eq!(fallbacks(&c, &d, "prefill_leg").await, 1.0);
     mono.stop().await.expect("stop");
 }
+
+/// A tiny random llama that carries SmolLM2's tokenizer, so it serves HTTP.
+fn tiny_servable(name: &str) -> std::path::PathBuf {
+    use tessera_tests::tiny::{tiny_weights, write_hf, TinyShape};
+    let s = TinyShape { vocab: 49152, ..TinyShape::default() };
+    let dir = std::env::temp_dir().join(format!("tessera-pd-{}-{name}", std::process::id()));
+    write_hf(&dir, s, &tiny_weights(s), 1);
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tessera_tests::smollm2_hf().join(f), dir.join(f)).expect("tokenizer files");
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensor_parallel_workers_move_kv_rank_by_rank_and_refuse_another_layout() {
+    let dir = tiny_servable("tp");
+    let launch = |extra: Vec<String>| {
+        let dir = dir.clone();
+        async move {
+            let mut args: Vec<&str> = vec!["--max-model-len", "256", "--kv-cache-memory", "16MiB"];
+            args.extend(extra.iter().map(String::as_str));
+            let running = tessera::launch(tessera_tests::serve_args(&dir, &args)).await.expect("worker starts");
+            let base = format!("http://{}", running.addr);
+            (running, base)
+        }
+    };
+    let tp2 = |role: Option<&str>| {
+        let mut v = vec!["--tensor-parallel-size".to_string(), "2".into()];
+        if let Some(role) = role {
+            v.extend(["--kv-transfer-config".into(), kv_config(role, "")]);
+        }
+        v
+    };
+    let (mono, m) = launch(tp2(None)).await;
+    let (prefill, p) = launch(tp2(Some("kv_producer"))).await;
+    let (decode, d) = launch(tp2(Some("kv_consumer"))).await;
+    let (single, s) = launch(vec!["--kv-transfer-config".into(), kv_config("kv_consumer", "")]).await;
+    let c = client();
+    for prompt in ["one two three four five six seven eight nine ten", "Hello there", "a b c d e f g h i j k l m n o p"]
+    {
+        let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": 8, "ignore_eos": true, "temperature": 0});
+        let want = text_of(post(&c, format!("{m}/v1/completions"), &body).await, false, false).await;
+        let first: Value =
+            post(&c, format!("{p}/v1/completions"), &prefill_leg(&body)).await.json().await.expect("JSON");
+        assert_eq!(first["kv_transfer_params"]["tp_size"], 2, "{first}");
+        let mut second = body.clone();
+        second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+        let computed = counter(&c, &d, "tessera:prompt_tokens_computed_total").await;
+        let got = text_of(post(&c, format!("{d}/v1/completions"), &second).await, false, false).await;
+        assert_eq!(got, want, "{prompt}");
+        assert_eq!(counter(&c, &d, "tessera:prompt_tokens_computed_total").await - computed, 1.0, "{prompt}");
+    }
+    assert_eq!(fallbacks(&c, &d, "pull_failed").await, 0.0);
+    // A one-rank decode worker cannot take two ranks' KV: refused, named, and computed locally.
+    let body =
+        json!({"model": "smollm2", "prompt": "Hello there", "max_tokens": 8, "ignore_eos": true, "temperature": 0});
+    let want = text_of(post(&c, format!("{s}/v1/completions"), &body).await, false, false).await;
+    let first: Value = post(&c, format!("{p}/v1/completions"), &prefill_leg(&body)).await.json().await.expect("JSON");
+    let mut second = body.clone();
+    second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+    assert_eq!(text_of(post(&c, format!("{s}/v1/completions"), &second).await, false, false).await, want);
+    assert_eq!(fallbacks(&c, &s, "pull_failed").await, 1.0);
+    for w in [mono, prefill, decode, single] {
+        w.stop().await.expect("stop");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

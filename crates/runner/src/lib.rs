@@ -74,6 +74,49 @@ impl KvBlockStore for tessera_models::KvCache {
     }
 }
 
+/// The KV memory of every rank of one parallel worker (ranks in order), as one store whose
+/// layers are rank 0's local layers, then rank 1's, and so on: two workers of the same tensor
+/// and pipeline layout exchange blocks rank by rank.
+pub struct RankedKv {
+    ranks: Vec<tessera_models::KvCache>,
+    /// (rank, local layer) of each store layer.
+    index: Vec<(usize, usize)>,
+}
+
+impl RankedKv {
+    /// The ranks' caches in rank order; every rank's blocks must be the same size.
+    pub fn new(ranks: Vec<tessera_models::KvCache>) -> Result<Self> {
+        let bb = ranks.first().map(|c| c.block_bytes()).unwrap_or(0);
+        if let Some(r) = ranks.iter().position(|c| c.block_bytes() != bb) {
+            return Err(RunnerError::Plan(format!("rank {r}'s KV blocks differ in size from rank 0's")));
+        }
+        let index = ranks.iter().enumerate().flat_map(|(r, c)| (0..c.num_layers()).map(move |l| (r, l))).collect();
+        Ok(Self { ranks, index })
+    }
+
+    fn at(&self, layer: usize) -> Result<(&tessera_models::KvCache, usize)> {
+        let &(r, l) = self.index.get(layer).ok_or_else(|| RunnerError::Plan(format!("no KV layer {layer}")))?;
+        Ok((&self.ranks[r], l))
+    }
+}
+
+impl KvBlockStore for RankedKv {
+    fn num_layers(&self) -> usize {
+        self.index.len()
+    }
+    fn block_bytes(&self) -> usize {
+        self.ranks.first().map_or(0, |c| c.block_bytes())
+    }
+    fn read_blocks(&self, layer: usize, blocks: &[u32], out: &mut Vec<u8>) -> Result<()> {
+        let (c, l) = self.at(layer)?;
+        Ok(c.read_blocks(l, blocks, out)?)
+    }
+    fn write_blocks(&self, layer: usize, blocks: &[u32], data: &[u8]) -> Result<()> {
+        let (c, l) = self.at(layer)?;
+        Ok(c.write_blocks(l, blocks, data)?)
+    }
+}
+
 impl Executor for Worker {
     fn execute(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>> {
         Worker::execute(self, plan)

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tessera_engine::kv::transfer::{new_token, KvLayout, KvLink};
-use tessera_models::{KvCache, ModelConfig};
+use tessera_models::ModelConfig;
+use tessera_runner::KvBlockStore;
 use tessera_server::KvInfo;
 
 use crate::ServeError;
@@ -114,11 +115,11 @@ pub fn parse(s: &str) -> Result<KvTransferConfig, String> {
 pub fn validate(a: &crate::args::ServeArgs) -> Result<(), ServeError> {
     let Some(c) = &a.kv_transfer_config else { return Ok(()) };
     let bad = |m: String| Err(ServeError::Config(m));
-    if a.tensor_parallel_size * a.pipeline_parallel_size > 1 {
+    let group = crate::ranks::Topology::placement()?.0;
+    if a.tensor_parallel_size * a.pipeline_parallel_size > 1 && group > 1 {
         return bad(format!(
-            "--kv-transfer-config with --tensor-parallel-size {} / --pipeline-parallel-size {} is not supported yet: \
-             prefill/decode workers move KV from one rank each (run them with one rank)",
-            a.tensor_parallel_size, a.pipeline_parallel_size
+            "--kv-transfer-config with ranks on {group} pods (LWS_GROUP_SIZE) is not supported yet: KV moves \
+             rank by rank between workers whose ranks all run in one pod"
         ));
     }
     if a.data_parallel_size > 1 {
@@ -178,11 +179,11 @@ fn advertise_host(c: &KvTransferConfig) -> String {
 
 /// The engine's KV link and what the HTTP front says about it, for a worker of one rank.
 pub fn link(
+    a: &crate::args::ServeArgs,
     c: &KvTransferConfig,
     cfg: &ModelConfig,
-    block_size: usize,
-    cache: KvCache,
-    trusted: &[String],
+    kv_dtype: candle_core::DType,
+    store: Arc<dyn KvBlockStore>,
 ) -> Result<(KvLink, KvInfo), ServeError> {
     let engine_id = c.engine_id.clone().unwrap_or_else(|| format!("tessera-{}", &new_token()[..16]));
     let listener = if c.produces() { Some(std::net::TcpListener::bind((c.kv_ip.as_str(), c.kv_port))?) } else { None };
@@ -191,7 +192,7 @@ pub fn link(
         None => c.kv_port,
     };
     let host = advertise_host(c);
-    let dtype = match cache.layer(0).0.dtype() {
+    let dtype = match kv_dtype {
         candle_core::DType::F16 => "f16",
         candle_core::DType::BF16 => "bf16",
         candle_core::DType::F32 => "f32",
@@ -208,9 +209,9 @@ pub fn link(
         num_kv_heads: cfg.num_kv_heads,
         head_dim: cfg.head_dim,
         dtype: dtype.into(),
-        block_size,
-        tp_size: 1,
-        pp_size: 1,
+        block_size: a.block_size,
+        tp_size: a.tensor_parallel_size,
+        pp_size: a.pipeline_parallel_size,
         rope_interleaved: cfg.rope_interleaved,
     };
     if let Some(l) = &listener {
@@ -222,11 +223,13 @@ pub fn link(
     } else {
         tracing::info!("KV transfer ({:?}, engine {engine_id}): pulling prefilled blocks", c.kv_role);
     }
-    let info = KvInfo::new(engine_id.clone(), host, port, (c.produces(), c.consumes()), trusted.to_vec());
+    let mut info =
+        KvInfo::new(engine_id.clone(), host, port, (c.produces(), c.consumes()), a.trusted_prefillers.clone());
+    info.tp_size = a.tensor_parallel_size;
     let link = KvLink {
         engine_id,
         layout,
-        store: Arc::new(cache),
+        store,
         listener,
         pin_timeout: seconds(c, "pin_timeout", 480.0)?,
         pull_timeout: seconds(c, "pull_timeout", 30.0)?,

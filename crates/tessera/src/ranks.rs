@@ -103,6 +103,17 @@ pub(crate) struct RankSetup {
     pub experts: Option<ExpertGroup>,
     /// Set when every rank of the replica is a thread of this process: they share memory.
     pub local: Option<ShmHub>,
+    /// With KV transfer: every local rank leaves a handle on its KV memory here.
+    pub kv_caches: Option<KvRegistry>,
+}
+
+/// (rank, KV memory) of the ranks of this pod.
+pub(crate) type KvRegistry = Arc<std::sync::Mutex<Vec<(usize, tessera_models::KvCache)>>>;
+
+fn register(s: &RankSetup, rank: usize, w: &Worker) {
+    if let Some(reg) = &s.kv_caches {
+        reg.lock().unwrap_or_else(|p| p.into_inner()).push((rank, w.kv_cache()));
+    }
 }
 
 /// Where ranks meet: threads of this process share memory; ranks in other pods use TCP.
@@ -190,6 +201,7 @@ fn spawn_followers(s: &RankSetup, ranks: impl Iterator<Item = usize>) -> Result<
                 let built = join(&s, rank).and_then(|c| rank_worker(&s, c.clone()).map(|w| (w, c)));
                 match built {
                     Ok((w, comm)) => {
+                        register(&s, rank, &w);
                         let _ = tx.send((rank, Ok(())));
                         let end = follow_plans(w, comm);
                         if let Err(e) = &end {
@@ -232,6 +244,7 @@ pub(crate) fn start_leader(
     let rx = spawn_followers(s, local.clone().skip(1))?;
     let c0 = join(s, 0)?;
     let worker = build(s, cfg, weights, c0.clone())?;
+    register(s, 0, &worker);
     wait_loaded(&rx, local.len() - 1)?;
     tracing::info!(
         "parallel: tensor {} x pipeline {} ranks over {} pod(s), rendezvous at {}",

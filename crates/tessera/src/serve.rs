@@ -2,13 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use tessera_engine::{EngineConfig, EngineError, EngineHandle, Policy, SchedulerConfig};
 use tessera_models::{HeadLayout, KvCache, Llama};
 use tessera_protocol::ModelDefaults;
-use tessera_runner::{Executor, Worker};
+use tessera_runner::{Executor, KvBlockStore, Worker};
 use tessera_server::{AppState, ChatTemplate, ModelInfo, ServedModel};
 use tokio::sync::oneshot;
 
@@ -279,6 +280,7 @@ fn rank_setup(
         join_timeout: Duration::from_secs_f64(a.rank_join_timeout),
         experts: None,
         local: None,
+        kv_caches: None,
     })
     .map(|mut s| {
         // A new group per replica: every rank a thread here unless the group spans pods.
@@ -341,7 +343,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
     );
     let experts = crate::dp::expert_rendezvous(a, &cfg)?;
     // With KV transfer (one rank, one replica): a handle on the worker's KV memory.
-    let kv_cache = std::sync::Mutex::new(None);
+    let kv_cache: std::sync::Mutex<Option<Arc<dyn KvBlockStore>>> = std::sync::Mutex::new(None);
     // Replica `i` of this pod, built from `weights`.
     let make_executor =
         |i: usize, weights: &dyn tessera_models::WeightSource| -> Result<Box<dyn Executor>, ServeError> {
@@ -357,7 +359,8 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 let model = Llama::load(&cfg, weights, max_model_len, dtype, &device)?;
                 let worker = Worker::new(model, num_blocks, a.block_size, sz.kv_dtype)?;
                 if a.kv_transfer_config.is_some() {
-                    *kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker.kv_cache());
+                    let store: Arc<dyn KvBlockStore> = Arc::new(worker.kv_cache());
+                    *kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(store);
                 }
                 Box::new(worker)
             } else {
@@ -367,8 +370,18 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                      tensors (dequantized only where a cut splits quantization blocks)"
                     );
                 }
-                let setup = rank_setup(a, &sz, dtype, &device)?;
-                crate::ranks::start_leader(&setup, &cfg, weights)?
+                let mut setup = rank_setup(a, &sz, dtype, &device)?;
+                let registry = a.kv_transfer_config.as_ref().map(|_| crate::ranks::KvRegistry::default());
+                setup.kv_caches = registry.clone();
+                let leader = crate::ranks::start_leader(&setup, &cfg, weights)?;
+                if let Some(reg) = registry {
+                    let mut ranks = std::mem::take(&mut *reg.lock().unwrap_or_else(|p| p.into_inner()));
+                    ranks.sort_by_key(|r| r.0);
+                    let store = tessera_runner::RankedKv::new(ranks.into_iter().map(|r| r.1).collect())
+                        .map_err(|e| ServeError::Config(e.to_string()))?;
+                    *kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
+                }
+                leader
             })
         };
     if a.data_parallel_size > 1 && !crate::dp::multi_pod(a) && crate::ranks::Topology::placement()?.0 > 1 {
@@ -420,7 +433,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
     let cache = kv_cache.into_inner().unwrap_or_else(|p| p.into_inner());
     let (mut link, kv) = match (&a.kv_transfer_config, cache) {
         (Some(c), Some(cache)) => {
-            let (link, info) = crate::kv_transfer::link(c, &cfg, a.block_size, cache, &a.trusted_prefillers)?;
+            let (link, info) = crate::kv_transfer::link(a, c, &cfg, sz.kv_dtype, cache)?;
             (Some(link), Some(info))
         }
         _ => (None, None),
