@@ -148,9 +148,49 @@ impl KvCache {
         let (k, v) = &self.layers[layer];
         let (_, heads, hd) = k.dims3()?;
         for (t, half) in [k, v].into_iter().zip(data.chunks_exact(bb * blocks.len())) {
+            if t.device().is_cpu() {
+                t.inplace_op1(&BlockWrite { blocks, data: half, bb })?;
+                continue;
+            }
             for (&b, bytes) in blocks.iter().zip(half.chunks_exact(bb)) {
                 let src = Tensor::from_raw_buffer(bytes, t.dtype(), &[self.block_size, heads, hd], t.device())?;
                 t.slice_set(&src, 0, b as usize * self.block_size)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copy whole blocks into a host cache tensor in place (one memcpy per block).
+struct BlockWrite<'a> {
+    blocks: &'a [u32],
+    data: &'a [u8],
+    bb: usize,
+}
+
+impl candle_core::InplaceOp1 for BlockWrite<'_> {
+    fn name(&self) -> &'static str {
+        "tessera-kv-block-write"
+    }
+
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as C;
+        fn cast<T>(s: &mut [T]) -> &mut [u8] {
+            // SAFETY: as in `host_bytes`; every byte pattern is a valid f16/bf16/f32.
+            unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut u8, std::mem::size_of_val(s)) }
+        }
+        let (bytes, elem) = match storage {
+            C::F16(s) => (cast(s), 2),
+            C::BF16(s) => (cast(s), 2),
+            C::F32(s) => (cast(s), 4),
+            _ => candle_core::bail!("only f16, bf16 and f32 KV caches can be transferred"),
+        };
+        let base = layout.start_offset() * elem;
+        for (&b, src) in self.blocks.iter().zip(self.data.chunks_exact(self.bb)) {
+            let at = base + b as usize * self.bb;
+            match bytes.get_mut(at..at + self.bb) {
+                Some(dst) => dst.copy_from_slice(src),
+                None => candle_core::bail!("KV block {b} is outside the cache"),
             }
         }
         Ok(())
