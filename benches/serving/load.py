@@ -3,6 +3,8 @@
 
     load.py BASE_URL --concurrency N --requests R [--max-tokens 64] [--model NAME]
     load.py BASE_URL --prefill-tokens 512           # one prompt of ~N tokens, max_tokens 1
+    load.py BASE_URL --prompt-tokens 256 --header x-prefiller-host-port:HOST:PORT
+                                                    # longer prompts; extra request headers
 
 Every request's prompt is one of a few instructions under a tag unique to the run and the
 request (no server can answer it from a cached prompt: the figures measure batching and
@@ -41,13 +43,23 @@ def pct(xs, p):
     return xs[k]
 
 
+HEADERS = {}
+FILLER = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old tree "
+          "and the river runs past the mill toward the sea ").split()
+
+
+def filler(n):
+    """~n tokens of plain English (about one token per word for these words)."""
+    return " ".join(FILLER[i % len(FILLER)] for i in range(n))
+
+
 def one(base, model, prompt, max_tokens):
     u = urllib.parse.urlparse(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", **HEADERS})
     r = conn.getresponse()
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
@@ -83,6 +95,8 @@ def run(args):
             if i is None:
                 return
             prompt = PROMPTS[i % len(PROMPTS)]
+            if args.prompt_tokens:
+                prompt = f"{filler(args.prompt_tokens)}\n{prompt}"
             if not args.repeat_prompts:
                 prompt = f"[{run_tag}-{i}] {prompt}"
             try:
@@ -115,10 +129,7 @@ def run(args):
 
 
 def prefill(args):
-    # ~N tokens of plain English (about one token per word for these words).
-    words = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old tree "
-             "and the river runs past the mill toward the sea ").split()
-    prompt = " ".join(words[i % len(words)] for i in range(args.prefill_tokens))
+    prompt = filler(args.prefill_tokens)
     best = None
     for _ in range(3):
         # A fresh first token each time: neither server may reuse a cached prefix.
@@ -138,7 +149,12 @@ def main():
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prefill-tokens", type=int, default=0)
     p.add_argument("--repeat-prompts", action="store_true")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="~N tokens of filler before each prompt")
+    p.add_argument("--header", action="append", default=[], help="NAME:VALUE, sent with every request")
     args = p.parse_args()
+    for h in args.header:
+        name, _, value = h.partition(":")
+        HEADERS[name.strip()] = value.strip()
     if args.prefill_tokens:
         prefill(args)
     else:
