@@ -125,6 +125,17 @@ async fn sidecar_shaped_legs_move_the_prompts_kv_and_answer_like_a_monolithic_wo
             replay = Some((path, chat, second, want));
         }
     }
+    // Sampling with a seed draws the same tokens split or not (the decode side samples the
+    // first token itself, as choice 0 of the request).
+    let mut seeded = original("Once upon a time", false, false);
+    seeded["temperature"] = json!(1.0);
+    seeded["seed"] = json!(7);
+    seeded["max_tokens"] = json!(24);
+    let want = text_of(post(&c, format!("{m}/v1/completions"), &seeded).await, false, false).await;
+    let first: Value = post(&c, format!("{p}/v1/completions"), &prefill_leg(&seeded)).await.json().await.expect("JSON");
+    let mut second = seeded.clone();
+    second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+    assert_eq!(text_of(post(&c, format!("{d}/v1/completions"), &second).await, false, false).await, want);
     assert_eq!(fallbacks(&c, &d, "pull_failed").await, 0.0);
     assert!(counter(&c, &d, "tessera:kv_transfer_blocks_received_total").await > 0.0);
     let sent = counter(&c, &p, "tessera:kv_transfer_bytes_sent_total").await;
