@@ -101,8 +101,15 @@ async fn sidecar_shaped_legs_move_the_prompts_kv_and_answer_like_a_monolithic_wo
             let original = original(prompt, chat, stream);
             let want = text_of(post(&c, format!("{m}{path}"), &original).await, chat, stream).await;
 
-            let first: Value =
-                post(&c, format!("{p}{path}"), &prefill_leg(&original)).await.json().await.expect("JSON");
+            // llm-d's sidecar clones the request, so both legs still carry its routing header;
+            // neither worker may act on it (the prefill worker does not decode; the decode leg
+            // already has its params).
+            let routed = |url: String, body: &Value| {
+                c.post(url).header("x-prefiller-host-port", "10.9.9.9:8000").json(body).send()
+            };
+            let r = routed(format!("{p}{path}"), &prefill_leg(&original)).await.expect("response");
+            assert_eq!(r.status(), 200);
+            let first: Value = r.json().await.expect("JSON");
             assert_eq!(first["choices"][0]["finish_reason"], "length", "{first}");
             assert_eq!(first["usage"]["completion_tokens"], 1, "{first}");
             let kv = &first["kv_transfer_params"];
@@ -117,7 +124,9 @@ async fn sidecar_shaped_legs_move_the_prompts_kv_and_answer_like_a_monolithic_wo
             let computed = counter(&c, &d, "tessera:prompt_tokens_computed_total").await;
             let mut second = original.clone();
             second["kv_transfer_params"] = kv.clone();
-            let got = text_of(post(&c, format!("{d}{path}"), &second).await, chat, stream).await;
+            let r = routed(format!("{d}{path}"), &second).await.expect("response");
+            assert_eq!(r.status(), 200);
+            let got = text_of(r, chat, stream).await;
             assert!(!want.is_empty());
             assert_eq!(got, want, "{path} stream={stream}: {prompt}");
             let now = counter(&c, &d, "tessera:prompt_tokens_computed_total").await;

@@ -112,13 +112,19 @@ impl KvCache {
         let (k, v) = &self.layers[layer];
         // One tensor at a time: attention takes the key then the value lock.
         for t in [k, v] {
-            let host;
-            let t = if t.device().is_cpu() {
-                t
-            } else {
-                host = t.to_device(&Device::Cpu)?;
-                &host
-            };
+            if !t.device().is_cpu() {
+                // Staged through the host block by block.
+                for &b in blocks {
+                    let host = t.narrow(0, b as usize * self.block_size, self.block_size)?.to_device(&Device::Cpu)?;
+                    let (storage, layout) = host.storage_and_layout();
+                    let Storage::Cpu(cpu) = &*storage else {
+                        return Err(ModelError::Config("KV cache copy to host failed".into()));
+                    };
+                    let base = layout.start_offset() * t.dtype().size_in_bytes();
+                    out.extend_from_slice(&host_bytes(cpu)?[base..base + bb]);
+                }
+                continue;
+            }
             let (storage, layout) = t.storage_and_layout();
             let Storage::Cpu(cpu) = &*storage else {
                 return Err(ModelError::Config("KV cache copy to host failed".into()));
