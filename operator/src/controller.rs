@@ -97,23 +97,43 @@ fn is_stopped(svc: &LLMInferenceService) -> bool {
     svc.annotations().get(STOP_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
-/// `MainWorkloadReady` from the Deployment's `Available` condition.
-fn deployment_condition(conds: &mut Conditions, d: &Deployment) {
+/// Apply a Deployment; one whose live selector differs (a role label changed: prefill added
+/// or removed) is replaced, since selectors are immutable.
+async fn apply_deployment(api: &Api<Deployment>, d: &Deployment) -> Result<Deployment, Error> {
+    let name = d.metadata.name.clone().unwrap_or_default();
+    if let Some(live) = api.get_opt(&name).await? {
+        if live.spec.selector != d.spec.selector {
+            tracing::info!(%name, "the Deployment's selector changes: replacing it");
+            delete_if_present(api, &name).await?;
+        }
+    }
+    apply(api, d).await
+}
+
+/// The objects of a single-node service (with its prefill workload, if split).
+struct Children {
+    main: Deployment,
+    service: Service,
+    prefill: Option<(Deployment, Service)>,
+}
+
+/// A workload condition (`ty`) from the Deployment's `Available` condition.
+fn deployment_condition(conds: &mut Conditions, ty: &str, d: &Deployment) {
     let available = d
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_.as_deref() == Some("Available")));
     match available {
-        Some(a) if a.status.as_deref() == Some("True") => conds.set(cond::MAIN_WORKLOAD_READY, Status::True, "", ""),
+        Some(a) if a.status.as_deref() == Some("True") => conds.set(ty, Status::True, "", ""),
         Some(a) => conds.set(
-            cond::MAIN_WORKLOAD_READY,
+            ty,
             if a.status.as_deref() == Some("False") { Status::False } else { Status::Unknown },
             a.reason.as_deref().unwrap_or("DeploymentUnavailable"),
             a.message.as_deref().unwrap_or(""),
         ),
         None => conds.set(
-            cond::MAIN_WORKLOAD_READY,
+            ty,
             Status::Unknown,
             "DeploymentNotAvailableYet",
             "the Deployment reports no Available condition yet",
@@ -155,12 +175,13 @@ async fn reconcile(svc: Arc<LLMInferenceService>, ctx: Arc<Ctx>) -> Result<Actio
     };
     // Build every object before writing any: nothing is created from an invalid spec.
     let objects = combined.and_then(|spec| {
-        if spec.workload.worker.is_some() || spec.prefill.is_some() {
+        if spec.workload.worker.is_some() || spec.prefill.as_ref().is_some_and(|p| p.worker.is_some()) {
             return Ok((spec, None));
         }
-        let d = render::main_deployment(&svc, &spec)?;
-        let s = render::workload_service(&svc, &spec);
-        Ok((spec, Some((d, s))))
+        let main = render::main_deployment(&svc, &spec)?;
+        let service = render::workload_service(&svc, &spec);
+        let prefill = render::prefill_deployment(&svc, &spec)?.map(|d| (d, render::prefill_service(&svc)));
+        Ok((spec, Some(Children { main, service, prefill })))
     });
     match objects {
         Err(Error::Kube(e)) => return Err(Error::Kube(e)),
@@ -171,24 +192,46 @@ async fn reconcile(svc: Arc<LLMInferenceService>, ctx: Arc<Ctx>) -> Result<Actio
         Ok((spec, children)) => {
             conds.set(cond::PRESETS_COMBINED, Status::True, "", "");
             let (dep_name, svc_name) = (names::main_workload(&name), names::workload_service(&name));
+            let (pre_name, pre_svc) = (names::prefill_workload(&name), names::prefill_service(&name));
             match children {
                 _ if is_stopped(&svc) => {
-                    delete_if_present(&deployments, &dep_name).await?;
-                    delete_if_present(&services, &svc_name).await?;
+                    for d in [&dep_name, &pre_name] {
+                        delete_if_present(&deployments, d).await?;
+                    }
+                    for s in [&svc_name, &pre_svc] {
+                        delete_if_present(&services, s).await?;
+                    }
                     let msg = format!("the {STOP_ANNOTATION} annotation is \"true\"; workloads are deleted");
                     conds.set(cond::MAIN_WORKLOAD_READY, Status::False, "Stopped", &msg);
+                    match spec.prefill {
+                        Some(_) => conds.set(cond::PREFILL_WORKLOAD_READY, Status::False, "Stopped", &msg),
+                        None => conds.remove(cond::PREFILL_WORKLOAD_READY),
+                    }
                     status.url = None;
                     status.address = None;
                     status.addresses = None;
                 }
                 None => {
-                    let msg = "multi-node (worker) and prefill workloads are not handled by this operator version yet";
+                    let msg = "multi-node (worker) workloads are not handled by this operator version yet";
                     conds.set(cond::MAIN_WORKLOAD_READY, Status::Unknown, "TopologyNotHandledYet", msg);
                 }
-                Some((d, s)) => {
-                    let live = apply(&deployments, &d).await?;
-                    apply(&services, &s).await?;
-                    deployment_condition(&mut conds, &live);
+                Some(Children { main, service, prefill }) => {
+                    let live = apply_deployment(&deployments, &main).await?;
+                    apply(&services, &service).await?;
+                    deployment_condition(&mut conds, cond::MAIN_WORKLOAD_READY, &live);
+                    match prefill {
+                        Some((d, s)) => {
+                            let live = apply_deployment(&deployments, &d).await?;
+                            apply(&services, &s).await?;
+                            deployment_condition(&mut conds, cond::PREFILL_WORKLOAD_READY, &live);
+                        }
+                        None => {
+                            // `prefill` removed: what it created goes.
+                            delete_if_present(&deployments, &pre_name).await?;
+                            delete_if_present(&services, &pre_svc).await?;
+                            conds.remove(cond::PREFILL_WORKLOAD_READY);
+                        }
+                    }
                     let url = render::workload_url(&svc);
                     status.url = Some(url.clone());
                     status.address = Some(Addressable { url: Some(url.clone()), ..Default::default() });

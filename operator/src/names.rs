@@ -36,6 +36,14 @@ pub fn main_workload(svc: &str) -> String {
 pub fn workload_service(svc: &str) -> String {
     child_name(svc, "-kserve-workload-svc")
 }
+pub fn prefill_workload(svc: &str) -> String {
+    child_name(svc, "-kserve-prefill")
+}
+/// The headless Service whose DNS name resolves to the prefill pods (the decode workers
+/// trust exactly those addresses as prefillers).
+pub fn prefill_service(svc: &str) -> String {
+    child_name(svc, "-kserve-prefill-workload-svc")
+}
 
 /// Which workload a pod belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

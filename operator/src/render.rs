@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, ImageVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ImageVolumeSource, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -152,28 +153,54 @@ fn add_criticality(pod: &mut PodSpec, spec: &LLMInferenceServiceSpec) {
         Criticality::Standard => "Standard",
         Criticality::Sheddable => "Sheddable",
     };
-    if let Some(main) = pod.containers.iter_mut().find(|c| c.name == "main") {
-        let env = main.env.get_or_insert_with(Vec::new);
-        if !env.iter().any(|e| e.name == CRITICALITY_ENV) {
-            env.push(EnvVar { name: CRITICALITY_ENV.into(), value: Some(value.into()), ..Default::default() });
-        }
-    }
+    default_env(pod, EnvVar { name: CRITICALITY_ENV.into(), value: Some(value.into()), ..Default::default() });
 }
 
 /// The worker's environment variable for `--criticality`.
 pub const CRITICALITY_ENV: &str = "TESSERA_CRITICALITY";
+/// The worker's environment variable for `--trusted-prefillers`.
+pub const TRUSTED_PREFILLERS_ENV: &str = "TESSERA_TRUSTED_PREFILLERS";
+/// The port of the worker's KV-transfer service (vLLM's default `kv_port`).
+pub const KV_PORT: i32 = 14579;
 
-/// The single-node Deployment `<name>-kserve` (role `both`, or `decode` when prefill is set).
-pub fn main_deployment(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> Result<Deployment, Error> {
-    let labels = main_labels(svc, spec);
-    let mut pod = spec.workload.template.clone().unwrap_or_default();
-    add_storage(&mut pod, &spec.model.uri)?;
-    add_criticality(&mut pod, spec);
-    Ok(Deployment {
-        metadata: owned_meta(svc, names::main_workload(&svc.name_any()), labels.clone()),
+/// Set `name` on the `main` container unless the template already does.
+fn default_env(pod: &mut PodSpec, var: EnvVar) {
+    if let Some(main) = pod.containers.iter_mut().find(|c| c.name == "main") {
+        let env = main.env.get_or_insert_with(Vec::new);
+        if !env.iter().any(|e| e.name == var.name) {
+            env.push(var);
+        }
+    }
+}
+
+/// Prefill/decode: the pod's IP as `POD_IP` (the address a prefill worker advertises for its
+/// KV blocks), and on decode pods the prefill pods as the only trusted prefillers.
+fn add_disaggregation(svc: &LLMInferenceService, pod: &mut PodSpec, role: Role) {
+    let field = ObjectFieldSelector { field_path: "status.podIP".into(), ..Default::default() };
+    let pod_ip = EnvVarSource { field_ref: Some(field), ..Default::default() };
+    default_env(pod, EnvVar { name: "POD_IP".into(), value_from: Some(pod_ip), ..Default::default() });
+    if role == Role::Decode {
+        let value = format!(
+            "{}.{}.svc.cluster.local",
+            names::prefill_service(&svc.name_any()),
+            svc.namespace().unwrap_or_default()
+        );
+        default_env(pod, EnvVar { name: TRUSTED_PREFILLERS_ENV.into(), value: Some(value), ..Default::default() });
+    }
+}
+
+fn deployment(
+    svc: &LLMInferenceService,
+    name: String,
+    labels: BTreeMap<String, String>,
+    replicas: Option<i32>,
+    pod: PodSpec,
+) -> Deployment {
+    Deployment {
+        metadata: owned_meta(svc, name, labels.clone()),
         spec: DeploymentSpec {
             // Nil keeps the live count, so an autoscaler can own it.
-            replicas: spec.workload.replicas,
+            replicas,
             selector: LabelSelector { match_labels: Some(labels.clone()), ..Default::default() },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
@@ -182,7 +209,56 @@ pub fn main_deployment(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec
             ..Default::default()
         },
         status: None,
-    })
+    }
+}
+
+/// The prefill Deployment `<name>-kserve-prefill` (role `prefill`), when `prefill` is set.
+pub fn prefill_deployment(
+    svc: &LLMInferenceService,
+    spec: &LLMInferenceServiceSpec,
+) -> Result<Option<Deployment>, Error> {
+    let Some(prefill) = &spec.prefill else { return Ok(None) };
+    let labels = names::workload_labels(&svc.name_any(), Role::Prefill);
+    let mut pod = prefill.template.clone().unwrap_or_default();
+    add_storage(&mut pod, &spec.model.uri)?;
+    add_criticality(&mut pod, spec);
+    add_disaggregation(svc, &mut pod, Role::Prefill);
+    let name = names::prefill_workload(&svc.name_any());
+    Ok(Some(deployment(svc, name, labels, prefill.replicas, pod)))
+}
+
+/// The headless Service `<name>-kserve-prefill-workload-svc` over the prefill pods.
+pub fn prefill_service(svc: &LLMInferenceService) -> Service {
+    let labels = names::workload_labels(&svc.name_any(), Role::Prefill);
+    let port = |name: &str, port: i32| ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    Service {
+        metadata: owned_meta(svc, names::prefill_service(&svc.name_any()), labels.clone()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(labels),
+            ports: Some(vec![port("http", PORT), port("kv-transfer", KV_PORT)]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The single-node Deployment `<name>-kserve` (role `both`, or `decode` when prefill is set).
+pub fn main_deployment(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> Result<Deployment, Error> {
+    let labels = main_labels(svc, spec);
+    let mut pod = spec.workload.template.clone().unwrap_or_default();
+    add_storage(&mut pod, &spec.model.uri)?;
+    add_criticality(&mut pod, spec);
+    if spec.prefill.is_some() {
+        add_disaggregation(svc, &mut pod, Role::Decode);
+    }
+    Ok(deployment(svc, names::main_workload(&svc.name_any()), labels, spec.workload.replicas, pod))
 }
 
 /// The Service `<name>-kserve-workload-svc` in front of the workload pods.

@@ -336,3 +336,106 @@ async fn invalid_specs_create_nothing() {
         assert!(env.api::<Deployment>().get_opt(name).await.unwrap().is_none(), "{name} was created");
     }
 }
+
+fn env_value(c: &k8s_openapi::api::core::v1::Container, name: &str) -> Option<String> {
+    c.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_decode_objects_labels_readiness_and_removal() {
+    let env = Env::new("pd").await;
+    let sample =
+        support::fixtures().join("kserve/samples/opt-125m-cpu/llm-inference-service-pd-facebook-opt-125m-cpu.yaml");
+    kubectl(&env, &["apply", "-f", sample.to_str().unwrap()]);
+    let name = "facebook-opt-125m-pd";
+    let ns = env.ns.clone();
+    let decode = deployment(&env, &format!("{name}-kserve"), |_| true).await;
+    let prefill = deployment(&env, &format!("{name}-kserve-prefill"), |_| true).await;
+    let role = |d: &Deployment| d.labels().get("llm-d.ai/role").cloned();
+    assert_eq!(role(&decode).as_deref(), Some("decode"));
+    assert_eq!(role(&prefill).as_deref(), Some("prefill"));
+    assert_eq!(
+        prefill.labels().get("app.kubernetes.io/component").map(String::as_str),
+        Some("llminferenceservice-workload-prefill")
+    );
+    let (d_main, p_main) = (main_container(&decode), main_container(&prefill));
+    let kv = |c: &k8s_openapi::api::core::v1::Container| {
+        let args = c.args.clone().unwrap_or_default();
+        let at = args.iter().position(|a| a == "--kv-transfer-config").expect("--kv-transfer-config");
+        serde_json::from_str::<Value>(&args[at + 1]).unwrap()["kv_role"].clone()
+    };
+    assert_eq!((kv(&d_main), kv(&p_main)), (json!("kv_consumer"), json!("kv_producer")));
+    // The decode workers' built-in proxy trusts this service's prefill pods, and nothing else.
+    let trusted = format!("{name}-kserve-prefill-workload-svc.{ns}.svc.cluster.local");
+    assert_eq!(env_value(&d_main, "TESSERA_TRUSTED_PREFILLERS").as_deref(), Some(trusted.as_str()));
+    assert_eq!(env_value(&p_main, "TESSERA_TRUSTED_PREFILLERS"), None);
+    for c in [&d_main, &p_main] {
+        let ip = c.env.iter().flatten().find(|e| e.name == "POD_IP").expect("POD_IP");
+        let field = ip.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str());
+        assert_eq!(field, Some("status.podIP"));
+    }
+    // The prefill pods get the model too.
+    let p_init = prefill.spec.template.spec.as_ref().unwrap().init_containers.clone().unwrap();
+    assert_eq!(p_init[0].args.clone().unwrap(), ["hf://facebook/opt-125m", "/mnt/models"]);
+    let headless = workload_service(&env, &format!("{name}-kserve-prefill-workload-svc")).await;
+    let spec = headless.spec.unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(spec.selector.unwrap().get("llm-d.ai/role").map(String::as_str), Some("prefill"));
+    let main_svc = workload_service(&env, &format!("{name}-kserve-workload-svc")).await;
+    assert_eq!(main_svc.spec.unwrap().selector.unwrap().get("llm-d.ai/role").map(String::as_str), Some("decode"));
+
+    // Readiness follows both Deployments.
+    env.condition(name, "PrefillWorkloadReady", |c| c.status == "Unknown").await;
+    mark_available(&env, &format!("{name}-kserve")).await;
+    env.condition(name, "MainWorkloadReady", |c| c.status == "True").await;
+    let w = env.condition(name, "WorkloadsReady", |c| c.status != "True").await;
+    assert!(w.message.unwrap_or_default().contains("PrefillWorkloadReady"));
+    mark_available(&env, &format!("{name}-kserve-prefill")).await;
+    env.condition(name, "WorkloadsReady", |c| c.status == "True").await;
+
+    // Stop deletes all four objects; un-stop brings them back.
+    let api = env.api::<LLMInferenceService>();
+    let stop = |v: Value| json!({"metadata": {"annotations": {"serving.kserve.io/stop": v}}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&stop(json!("true")))).await.unwrap();
+    let (deps, svcs) = (env.api::<Deployment>(), env.api::<Service>());
+    let children = [
+        format!("{name}-kserve"),
+        format!("{name}-kserve-prefill"),
+        format!("{name}-kserve-workload-svc"),
+        format!("{name}-kserve-prefill-workload-svc"),
+    ];
+    eventually("every workload deleted", WAIT, || async {
+        for (i, n) in children.iter().enumerate() {
+            let there =
+                if i < 2 { deps.get_opt(n).await.ok()?.is_some() } else { svcs.get_opt(n).await.ok()?.is_some() };
+            if there {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let c = env.condition(name, "PrefillWorkloadReady", |c| c.status == "False").await;
+    assert_eq!(c.reason.as_deref(), Some("Stopped"));
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&stop(Value::Null))).await.unwrap();
+    deployment(&env, &format!("{name}-kserve-prefill"), |_| true).await;
+    workload_service(&env, &format!("{name}-kserve-prefill-workload-svc")).await;
+
+    // Removing `prefill` deletes what it created; the main workload serves whole requests again.
+    let patch = json!({"spec": {"prefill": null}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    eventually("prefill objects deleted", WAIT, || async {
+        let gone = deps.get_opt(&format!("{name}-kserve-prefill")).await.ok()?.is_none()
+            && svcs.get_opt(&format!("{name}-kserve-prefill-workload-svc")).await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
+    let both = deployment(&env, &format!("{name}-kserve"), |d| role(d).as_deref() == Some("both")).await;
+    assert_eq!(env_value(&main_container(&both), "TESSERA_TRUSTED_PREFILLERS"), None);
+    eventually("PrefillWorkloadReady removed", WAIT, || async {
+        let s = env.api::<LLMInferenceService>().get(name).await.ok()?;
+        let conds = s.status?.conditions?;
+        (!conds.iter().any(|c| c.type_ == "PrefillWorkloadReady")).then_some(())
+    })
+    .await;
+}

@@ -88,8 +88,17 @@ fn kserve_stock_presets_merge_and_render_over_every_sample() {
             [main.command.clone().unwrap_or_default(), main.args.clone().unwrap_or_default()].concat().join(" ");
         let model = spec.model.name.clone().unwrap();
         assert!(cmdline.contains("vllm serve") && cmdline.contains(&model), "{}: {cmdline}", path.display());
-        if spec.workload.worker.is_none() && spec.prefill.is_none() {
-            render::main_deployment(&svc, &spec).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if spec.workload.worker.is_some() || spec.prefill.as_ref().is_some_and(|p| p.worker.is_some()) {
+            continue;
+        }
+        let d = render::main_deployment(&svc, &spec).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if spec.prefill.is_some() {
+            // KServe's stock decode preset keeps its llm-d routing sidecar; the prefill pods render too.
+            let pod = d.spec.template.spec.unwrap();
+            let inits: Vec<String> = pod.init_containers.unwrap_or_default().into_iter().map(|c| c.name).collect();
+            assert!(inits.contains(&"llm-d-routing-sidecar".to_string()), "{}: {inits:?}", path.display());
+            let p = render::prefill_deployment(&svc, &spec).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(p.is_some(), "{}", path.display());
         }
     }
 }

@@ -1,7 +1,8 @@
-//! Render and run: the operator's Deployment for KServe's opt-125m sample (our presets), its
-//! `main` container's command, args and env run as a local process, with `/mnt/models` (the
-//! volume mount) pointed at the SmolLM2 fixture and `--port` at a free port; `/health` and
-//! `/v1/models` answer.
+//! Render and run: the operator's Deployments for KServe's opt-125m samples (our presets),
+//! their `main` containers' command, args and env run as local processes, with `/mnt/models`
+//! (the volume mount) pointed at the SmolLM2 fixture and `--port` at a free port: the
+//! single-node worker answers `/health` and `/v1/models`; the prefill/decode pair splits a
+//! request sent to the decode worker with `x-prefiller-host-port`.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,11 +15,10 @@ use tessera_operator::template::GlobalConfig;
 use tessera_operator::{presets, render};
 use tessera_tests::{free_port, smollm2_hf};
 
-fn rendered_main_container() -> Container {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../operator/tests/fixtures/kserve/samples/opt-125m-cpu/llm-inference-service-facebook-opt-125m-cpu-no-scheduler.yaml"
-    );
+/// The `main` containers of a sample's main Deployment and, if it splits prefill, its prefill one.
+fn rendered(sample: &str) -> (Container, Option<Container>) {
+    let path =
+        format!("{}/../operator/tests/fixtures/kserve/samples/opt-125m-cpu/{sample}", env!("CARGO_MANIFEST_DIR"));
     let mut svc: LLMInferenceService = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     svc.metadata.namespace = Some("team-a".into());
     svc.metadata.uid = Some("uid-1".into());
@@ -26,57 +26,117 @@ fn rendered_main_container() -> Container {
     let configs: Vec<_> =
         config_names(&svc).iter().map(|n| all.iter().find(|p| &p.name_any() == n).cloned().unwrap()).collect();
     let spec = combine(&svc, &configs, &GlobalConfig::default()).unwrap();
-    let d = render::main_deployment(&svc, &spec).unwrap();
-    d.spec.template.spec.unwrap().containers.into_iter().find(|c| c.name == "main").unwrap()
+    let main = |d: k8s_openapi::api::apps::v1::Deployment| {
+        d.spec.template.spec.unwrap().containers.into_iter().find(|c| c.name == "main").unwrap()
+    };
+    let prefill = render::prefill_deployment(&svc, &spec).unwrap().map(main);
+    (main(render::main_deployment(&svc, &spec).unwrap()), prefill)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rendered_worker_command_serves() {
-    let main = rendered_main_container();
+/// Run a rendered `main` container locally on `port`; `env` overrides the pod's (the values
+/// a cluster would fill in). Its stderr goes to `log`.
+fn run_container(main: &Container, port: &str, env: &[(&str, &str)], log: &std::path::Path) -> std::process::Child {
     let command = main.command.clone().unwrap();
     assert_eq!(command[0], "tessera", "the preset runs the tessera binary");
-    let port = free_port().to_string();
     let model = smollm2_hf();
-    let model = model.to_str().unwrap();
     let mut argv: Vec<String> = command[1..].iter().chain(main.args.iter().flatten()).cloned().collect();
     let port_at = argv.iter().position(|a| a == "--port").unwrap() + 1;
-    argv[port_at] = port.clone();
+    argv[port_at] = port.to_string();
     for a in argv.iter_mut().filter(|a| a.as_str() == render::MODEL_DIR) {
-        *a = model.to_string();
+        *a = model.to_str().unwrap().to_string();
     }
     argv.extend(["--host", "127.0.0.1", "--max-model-len", "512", "--kv-cache-memory", "64MiB"].map(String::from));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera-worker"));
-    cmd.args(&argv).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.args(&argv).stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
     for e in main.env.iter().flatten() {
         cmd.env(&e.name, e.value.clone().unwrap_or_default());
     }
     let home = std::env::temp_dir().join(format!("render-run-{}", std::process::id()));
     std::fs::create_dir_all(&home).unwrap();
     cmd.env("HOME", &home); // the pod's HOME is an emptyDir at /home
-    let mut child = cmd.spawn().expect("start the worker");
+    cmd.envs(env.iter().copied());
+    cmd.spawn().expect("start the worker")
+}
 
-    let base = format!("http://127.0.0.1:{port}");
+async fn healthy(base: &str, child: &mut std::process::Child) -> bool {
     let http = reqwest::Client::new();
     let start = Instant::now();
-    let healthy = loop {
+    loop {
         if let Ok(r) = http.get(format!("{base}/health")).send().await {
             if r.status().is_success() {
-                break true;
+                return true;
             }
         }
         if start.elapsed() > Duration::from_secs(120) || child.try_wait().unwrap().is_some() {
-            break false;
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let models: serde_json::Value = match healthy {
-        true => http.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_worker_command_serves() {
+    let (main, _) = rendered("llm-inference-service-facebook-opt-125m-cpu-no-scheduler.yaml");
+    let port = free_port().to_string();
+    let log = std::env::temp_dir().join(format!("render-run-{}-{port}.log", std::process::id()));
+    let mut child = run_container(&main, &port, &[], &log);
+    let base = format!("http://127.0.0.1:{port}");
+    let up = healthy(&base, &mut child).await;
+    let models: serde_json::Value = match up {
+        true => reqwest::get(format!("{base}/v1/models")).await.unwrap().json().await.unwrap(),
         false => serde_json::Value::Null,
     };
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    assert!(healthy, "worker never became healthy: {argv:?}\n{}", String::from_utf8_lossy(&out.stderr));
+    let _ = (child.kill(), child.wait());
+    assert!(up, "worker never became healthy:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
     let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
     assert!(ids.contains(&"facebook/opt-125m"), "{ids:?}");
     assert!(ids.contains(&"publishers/team-a/models/facebook/opt-125m"), "{ids:?}");
+    let _ = std::fs::remove_file(&log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_prefill_and_decode_workers_split_a_request() {
+    let (decode, prefill) = rendered("llm-inference-service-pd-facebook-opt-125m-cpu.yaml");
+    let prefill = prefill.expect("a prefill workload");
+    let trusted = decode.env.iter().flatten().find(|e| e.name == render::TRUSTED_PREFILLERS_ENV).cloned();
+    assert_eq!(
+        trusted.and_then(|e| e.value).as_deref(),
+        Some("facebook-opt-125m-pd-kserve-prefill-workload-svc.team-a.svc.cluster.local")
+    );
+    let (pp, dp) = (free_port().to_string(), free_port().to_string());
+    let logs = std::env::temp_dir().join(format!("render-pd-{}", std::process::id()));
+    std::fs::create_dir_all(&logs).unwrap();
+    // What the cluster fills in: the pod IP, and for the prefill Service's DNS name a name
+    // that resolves to the prefill worker here.
+    let mut p = run_container(&prefill, &pp, &[("POD_IP", "127.0.0.1")], &logs.join("prefill.log"));
+    let env = [("POD_IP", "127.0.0.1"), (render::TRUSTED_PREFILLERS_ENV, "localhost")];
+    let mut d = run_container(&decode, &dp, &env, &logs.join("decode.log"));
+    let (pb, db) = (format!("http://127.0.0.1:{pp}"), format!("http://127.0.0.1:{dp}"));
+    let up = healthy(&pb, &mut p).await && healthy(&db, &mut d).await;
+    let http = reqwest::Client::new();
+    let mut outcome = None;
+    if up {
+        let body = serde_json::json!({"model": "facebook/opt-125m", "prompt": "The capital of France is",
+                                      "max_tokens": 8, "temperature": 0});
+        let r = http
+            .post(format!("{db}/v1/completions"))
+            .header("x-prefiller-host-port", format!("127.0.0.1:{pp}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        let metrics = http.get(format!("{db}/metrics")).send().await.unwrap().text().await.unwrap();
+        outcome = Some((status, text, metrics));
+    }
+    let _ = (p.kill(), d.kill(), p.wait(), d.wait());
+    let log = |n: &str| std::fs::read_to_string(logs.join(n)).unwrap_or_default();
+    let (status, text, metrics) = outcome
+        .unwrap_or_else(|| panic!("workers never became healthy:\n{}\n{}", log("prefill.log"), log("decode.log")));
+    assert_eq!(status, 200, "{text}\n{}", log("decode.log"));
+    let computed = tessera_tests::metric(&metrics, "tessera:prompt_tokens_computed_total");
+    assert_eq!(computed, Some(1.0), "the decode worker computed only the last prompt token");
+    assert!(tessera_tests::metric(&metrics, "tessera:kv_transfer_blocks_received_total").is_some_and(|b| b > 0.0));
+    let _ = std::fs::remove_dir_all(&logs);
 }
