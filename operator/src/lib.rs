@@ -2,7 +2,7 @@
 //! running Tessera workers, and reports KServe's conditions and URL.
 //!
 //! Owns: the v1alpha1 API types and CRDs ([`api`]), presets and their merge ([`presets`],
-//! [`merge`], [`template`], [`combine`]), the child objects ([`render`]), conditions
+//! [`merge`], [`template`], [`combine`]), the child objects ([`render`], [`parallelism`]), conditions
 //! ([`conditions`]) and the reconcile loop ([`controller`]). Must not touch: the worker's
 //! internals — it only renders pods that run `tessera serve` with vLLM-compatible flags.
 
@@ -13,6 +13,7 @@ pub mod controller;
 mod error;
 pub mod merge;
 pub mod names;
+pub mod parallelism;
 pub mod presets;
 pub mod render;
 pub mod template;

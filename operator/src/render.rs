@@ -223,6 +223,7 @@ pub fn prefill_deployment(
     add_storage(&mut pod, &spec.model.uri)?;
     add_criticality(&mut pod, spec);
     add_disaggregation(svc, &mut pod, Role::Prefill);
+    crate::parallelism::apply(&mut pod, prefill.parallelism.as_ref());
     let name = names::prefill_workload(&svc.name_any());
     Ok(Some(deployment(svc, name, labels, prefill.replicas, pod)))
 }
@@ -258,6 +259,7 @@ pub fn main_deployment(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec
     if spec.prefill.is_some() {
         add_disaggregation(svc, &mut pod, Role::Decode);
     }
+    crate::parallelism::apply(&mut pod, spec.workload.parallelism.as_ref());
     Ok(deployment(svc, names::main_workload(&svc.name_any()), labels, spec.workload.replicas, pod))
 }
 

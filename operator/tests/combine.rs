@@ -235,3 +235,28 @@ fn invalid_specs_are_refused_with_a_reason() {
     assert_eq!(r, "TemplateError");
     assert!(m.contains(".Spec.Nope"), "{m}");
 }
+
+#[test]
+fn single_node_parallelism_reaches_the_worker_with_our_and_kserves_presets() {
+    let ours: HashMap<_, _> =
+        presets::shipped("tessera:test").unwrap().into_iter().map(|p| (p.name_any(), p)).collect();
+    for set in [ours, kserve_presets()] {
+        let svc: LLMInferenceService = serde_json::from_value(json!({
+            "apiVersion": "serving.kserve.io/v1alpha1", "kind": "LLMInferenceService",
+            "metadata": {"name": "tp", "namespace": "n", "uid": "u"},
+            "spec": {"model": {"uri": "pvc://c/m", "name": "m"}, "parallelism": {"tensor": 2, "expert": true},
+                     "template": {"containers": [{"name": "main",
+                                  "resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}}]}},
+        }))
+        .unwrap();
+        let spec = combine(&svc, &lookup(&svc, &set), &GlobalConfig::default()).unwrap();
+        let d = render::main_deployment(&svc, &spec).unwrap();
+        let main = d.spec.template.spec.unwrap().containers.into_iter().find(|c| c.name == "main").unwrap();
+        let args = main.args.clone().unwrap().join(" ");
+        assert!(args.contains("--tensor-parallel-size 2") && args.contains("--enable-expert-parallel"), "{args}");
+        let res = main.resources.unwrap();
+        for list in [res.limits.unwrap(), res.requests.unwrap()] {
+            assert_eq!(list.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("2"), "one GPU per rank");
+        }
+    }
+}
