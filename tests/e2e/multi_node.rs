@@ -266,3 +266,77 @@ async fn data_parallel_expert_parallel_over_two_pods_serves_the_single_rank_text
     let _ = worker.wait();
     let _ = std::fs::remove_dir_all(&model);
 }
+
+/// Prefill/decode between two 2-pod groups (tensor parallel 2, one rank per pod): the leaders
+/// move every rank's KV through their executors (the worker pods' ranks answer over the
+/// group's links), and the decode group answers like a monolithic TP = 2 worker, computing
+/// only the last prompt token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_and_decode_groups_spanning_pods_move_kv_rank_by_rank() {
+    let model = tiny_servable("pd");
+    let kv = |role: &str| {
+        format!(r#"{{"kv_connector":"TesseraConnector","kv_role":"{role}","kv_ip":"127.0.0.1","kv_port":0}}"#)
+    };
+    let group = |role: &'static str| {
+        let (model, kv) = (model.clone(), kv(role));
+        async move {
+            let port = free_port().to_string();
+            let flags = ["--tensor-parallel-size", "2", "--max-model-len", "256", "--kv-transfer-config", kv.as_str()];
+            let wlog = std::env::temp_dir().join(format!("tessera-lws-pd-{role}-{port}.log"));
+            let worker = Command::new(BIN)
+                .arg("serve")
+                .arg(&model)
+                .args(flags)
+                .envs(lws_env(&port, "1"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&wlog).unwrap())
+                .spawn()
+                .expect("start the worker pod");
+            let env = lws_env(&port, "0");
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let leader = WorkerProcess::start_with_env(BIN, &model, &flags, &env).await;
+            (leader, worker, wlog)
+        }
+    };
+    let (prefill, pw, plog) = group("kv_producer").await;
+    let (decode, dw, dlog) = group("kv_consumer").await;
+    let mono =
+        tessera::launch(tessera_tests::serve_args(&model, &["--tensor-parallel-size", "2", "--max-model-len", "256"]))
+            .await
+            .expect("monolithic worker");
+    let m = format!("http://{}", mono.addr);
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+    let metric = |base: String| {
+        let c = c.clone();
+        async move {
+            let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+            tessera_tests::metric(&text, "tessera:prompt_tokens_computed_total").unwrap_or(-1.0)
+        }
+    };
+    for prompt in ["one two three four five six seven eight nine ten eleven twelve", "Hello there, friend"] {
+        let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": 8, "ignore_eos": true, "temperature": 0});
+        let want: serde_json::Value =
+            c.post(format!("{m}/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+        let mut leg = body.clone();
+        leg["max_tokens"] = json!(1);
+        leg["kv_transfer_params"] = json!({"do_remote_decode": true});
+        let first: serde_json::Value =
+            c.post(format!("{}/v1/completions", prefill.base)).json(&leg).send().await.unwrap().json().await.unwrap();
+        assert_eq!(first["kv_transfer_params"]["tp_size"], 2, "{first}");
+        let mut second = body.clone();
+        second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+        let before = metric(decode.base.clone()).await;
+        let got: serde_json::Value =
+            c.post(format!("{}/v1/completions", decode.base)).json(&second).send().await.unwrap().json().await.unwrap();
+        assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"], "{prompt}: {got}\n{}", decode.log_text());
+        assert_eq!(metric(decode.base.clone()).await - before, 1.0, "{prompt}: {}", decode.log_text());
+    }
+    mono.stop().await.expect("stop");
+    for (mut leader, mut worker, log) in [(prefill, pw, plog), (decode, dw, dlog)] {
+        let _ = leader.child.kill();
+        let _ = worker.kill();
+        let _ = worker.wait();
+        let _ = std::fs::remove_file(log);
+    }
+    let _ = std::fs::remove_dir_all(&model);
+}

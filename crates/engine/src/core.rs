@@ -112,6 +112,17 @@ pub(crate) enum Command {
     Abort(u64),
     /// Free the blocks pinned under a sequence (its KV has been sent).
     Unpin(u64),
+    /// Read every rank's bytes of these blocks through the executor (between steps).
+    KvRead {
+        blocks: Vec<u32>,
+        reply: mpsc::Sender<Result<Vec<u8>, String>>,
+    },
+    /// Write them through the executor.
+    KvWrite {
+        blocks: Vec<u32>,
+        data: Vec<u8>,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
     /// A KV pull has ended.
     PullDone {
         seq: u64,

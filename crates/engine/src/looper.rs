@@ -168,6 +168,14 @@ impl Core {
             Command::Abort(id) => self.end(id, None),
             Command::Unpin(seq) => self.unpin(seq),
             Command::PullDone { seq, result } => self.pull_done(seq, result),
+            Command::KvRead { blocks, reply } => {
+                let _ = reply.send(self.executor.kv_read(&blocks).map_err(|e| e.to_string()));
+                self.check_executor();
+            }
+            Command::KvWrite { blocks, data, reply } => {
+                let _ = reply.send(self.executor.kv_write(&blocks, &data).map_err(|e| e.to_string()));
+                self.check_executor();
+            }
             Command::AbortAll(err) => {
                 let ids: Vec<u64> = self.requests.keys().copied().collect();
                 for id in ids {

@@ -142,7 +142,9 @@ impl Link {
                 }
                 Command::AbortAll(err) => ToEngine::AbortAll { err },
                 // KV transfer runs inside an engine, never across this link.
-                Command::Unpin(_) | Command::PullDone { .. } => continue,
+                Command::Unpin(_) | Command::PullDone { .. } | Command::KvRead { .. } | Command::KvWrite { .. } => {
+                    continue
+                }
             };
             if let Err(e) = out.write_all(&line(&frame)) {
                 self.lose(format!("cannot be reached: {e}"));

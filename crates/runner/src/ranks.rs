@@ -109,11 +109,34 @@ pub struct TensorParallelExecutor {
     worker: Worker,
     comm: Arc<dyn Communicator>,
     failed: Option<String>,
+    /// Every rank's local layer count, asked once (KV transfer).
+    kv_layers: Option<Vec<usize>>,
 }
 
 impl TensorParallelExecutor {
     pub fn new(worker: Worker, comm: Arc<dyn Communicator>) -> Self {
-        Self { worker, comm, failed: None }
+        Self { worker, comm, failed: None, kv_layers: None }
+    }
+
+    /// Run a KV operation with the group; a broken link fails the executor like a step.
+    fn kv<T>(&mut self, op: impl FnOnce(&Worker, &dyn Communicator, &[usize]) -> Result<T>) -> Result<T> {
+        if let Some(e) = &self.failed {
+            return Err(RunnerError::Rank(e.clone()));
+        }
+        let layers = match self.kv_layers.take() {
+            Some(l) => Ok(l),
+            None => crate::kvio::layers_per_rank(&self.worker, self.comm.as_ref()),
+        };
+        let r = layers.and_then(|l| {
+            let r = op(&self.worker, self.comm.as_ref(), &l);
+            self.kv_layers = Some(l);
+            r
+        });
+        if let Err(RunnerError::Rank(e)) = &r {
+            self.failed = Some(e.clone());
+            self.comm.shutdown();
+        }
+        r
     }
 }
 
@@ -142,6 +165,14 @@ impl Executor for TensorParallelExecutor {
 
     fn failure(&self) -> Option<String> {
         self.failed.clone()
+    }
+
+    fn kv_read(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {
+        self.kv(|w, c, l| crate::kvio::read(w, c, l, blocks))
+    }
+
+    fn kv_write(&mut self, blocks: &[u32], data: &[u8]) -> Result<()> {
+        self.kv(|w, c, l| crate::kvio::write(w, c, l, blocks, data))
     }
 
     fn idle_pass(&mut self) -> Result<()> {
@@ -179,6 +210,10 @@ pub fn follow_plans(mut worker: Worker, comm: Arc<dyn Communicator>) -> Result<(
         }
         if msg == IDLE {
             worker.idle_pass()?;
+            continue;
+        }
+        if crate::kvio::is_kv_message(&msg) {
+            crate::kvio::follow_kv(&worker, comm.as_ref(), &msg)?;
             continue;
         }
         let plan = decode_plan(&msg)?;

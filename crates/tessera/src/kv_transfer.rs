@@ -4,13 +4,11 @@
 use std::collections::BTreeMap;
 
 use std::net::{IpAddr, ToSocketAddrs};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tessera_engine::kv::transfer::{new_token, KvLayout, KvLink};
+use tessera_engine::kv::transfer::{new_token, KvLayout, KvLink, KvStore};
 use tessera_models::ModelConfig;
-use tessera_runner::KvBlockStore;
 use tessera_server::KvInfo;
 
 use crate::ServeError;
@@ -115,13 +113,6 @@ pub fn parse(s: &str) -> Result<KvTransferConfig, String> {
 pub fn validate(a: &crate::args::ServeArgs) -> Result<(), ServeError> {
     let Some(c) = &a.kv_transfer_config else { return Ok(()) };
     let bad = |m: String| Err(ServeError::Config(m));
-    let group = crate::ranks::Topology::placement()?.0;
-    if a.tensor_parallel_size * a.pipeline_parallel_size > 1 && group > 1 {
-        return bad(format!(
-            "--kv-transfer-config with ranks on {group} pods (LWS_GROUP_SIZE) is not supported yet: KV moves \
-             rank by rank between workers whose ranks all run in one pod"
-        ));
-    }
     if a.data_parallel_size > 1 {
         return bad("--kv-transfer-config with --data-parallel-size > 1 is not supported yet".into());
     }
@@ -183,7 +174,7 @@ pub fn link(
     c: &KvTransferConfig,
     cfg: &ModelConfig,
     kv_dtype: candle_core::DType,
-    store: Arc<dyn KvBlockStore>,
+    store: KvStore,
 ) -> Result<(KvLink, KvInfo), ServeError> {
     let engine_id = c.engine_id.clone().unwrap_or_else(|| format!("tessera-{}", &new_token()[..16]));
     let listener = if c.produces() { Some(std::net::TcpListener::bind((c.kv_ip.as_str(), c.kv_port))?) } else { None };

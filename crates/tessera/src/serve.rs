@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
+use tessera_engine::kv::transfer::KvStore;
 use tessera_engine::{EngineConfig, EngineError, EngineHandle, Policy, SchedulerConfig};
 use tessera_models::{HeadLayout, KvCache, Llama};
 use tessera_protocol::ModelDefaults;
@@ -343,7 +344,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
     );
     let experts = crate::dp::expert_rendezvous(a, &cfg)?;
     // With KV transfer (one rank, one replica): a handle on the worker's KV memory.
-    let kv_cache: std::sync::Mutex<Option<Arc<dyn KvBlockStore>>> = std::sync::Mutex::new(None);
+    let kv_cache: std::sync::Mutex<Option<KvStore>> = std::sync::Mutex::new(None);
     // Replica `i` of this pod, built from `weights`.
     let make_executor =
         |i: usize, weights: &dyn tessera_models::WeightSource| -> Result<Box<dyn Executor>, ServeError> {
@@ -360,7 +361,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 let worker = Worker::new(model, num_blocks, a.block_size, sz.kv_dtype)?;
                 if a.kv_transfer_config.is_some() {
                     let store: Arc<dyn KvBlockStore> = Arc::new(worker.kv_cache());
-                    *kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(store);
+                    *kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(KvStore::Shared(store));
                 }
                 Box::new(worker)
             } else {
@@ -377,9 +378,17 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 if let Some(reg) = registry {
                     let mut ranks = std::mem::take(&mut *reg.lock().unwrap_or_else(|p| p.into_inner()));
                     ranks.sort_by_key(|r| r.0);
-                    let store = tessera_runner::RankedKv::new(ranks.into_iter().map(|r| r.1).collect())
-                        .map_err(|e| ServeError::Config(e.to_string()))?;
-                    *kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
+                    let store = if setup.topology.group_size > 1 {
+                        // Ranks on other pods: the engine reads and writes them through its
+                        // executor; every layer is held by `tp` ranks.
+                        let block_bytes = ranks.first().map_or(0, |r| r.1.block_bytes());
+                        KvStore::Executor { num_layers: tp * cfg.num_layers, block_bytes }
+                    } else {
+                        let ranked = tessera_runner::RankedKv::new(ranks.into_iter().map(|r| r.1).collect())
+                            .map_err(|e| ServeError::Config(e.to_string()))?;
+                        KvStore::Shared(Arc::new(ranked))
+                    };
+                    *kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(store);
                 }
                 leader
             })

@@ -10,7 +10,7 @@ use tessera_runner::KvBlockStore;
 use super::Core;
 use crate::core::Command;
 use crate::kv::transfer::client::{self, PullStats};
-use crate::kv::transfer::{new_token, server, Fallback, KvLayout, KvLink, Pin, PinnedKv, Pins};
+use crate::kv::transfer::{new_token, server, Fallback, KvLayout, KvLink, KvStore, Pin, PinnedKv, Pins};
 use crate::scheduler::PullJob;
 use crate::stats::EngineStats;
 
@@ -27,11 +27,17 @@ impl KvSide {
     /// Take the link, starting its transfer service if it has a listener.
     pub(crate) fn start(link: KvLink, stats: Arc<EngineStats>, cmd: mpsc::Sender<Command>) -> Self {
         let pins = Arc::new(Pins::default());
+        let store: Arc<dyn KvBlockStore> = match link.store {
+            KvStore::Shared(s) => s,
+            KvStore::Executor { num_layers, block_bytes } => {
+                Arc::new(ExecutorStore { cmd: cmd.clone(), num_layers, block_bytes })
+            }
+        };
         if let Some(listener) = link.listener {
             let svc = server::Service {
                 engine_id: link.engine_id,
                 layout: link.layout.clone(),
-                store: link.store.clone(),
+                store: store.clone(),
                 pins: pins.clone(),
                 stats,
                 unpin: {
@@ -43,14 +49,45 @@ impl KvSide {
             };
             server::start(listener, svc);
         }
-        Self {
-            layout: link.layout,
-            store: link.store,
-            pins,
-            pin_timeout: link.pin_timeout,
-            pull_timeout: link.pull_timeout,
-            cmd,
-        }
+        Self { layout: link.layout, store, pins, pin_timeout: link.pin_timeout, pull_timeout: link.pull_timeout, cmd }
+    }
+}
+
+/// KV bytes of ranks in other processes: asked of the engine thread, which reads and writes
+/// them through its executor between steps.
+struct ExecutorStore {
+    cmd: mpsc::Sender<Command>,
+    num_layers: usize,
+    block_bytes: usize,
+}
+
+impl ExecutorStore {
+    fn ask<T>(&self, make: impl FnOnce(mpsc::Sender<Result<T, String>>) -> Command) -> tessera_runner::Result<T> {
+        let err = |e: String| tessera_runner::RunnerError::Plan(e);
+        let (tx, rx) = mpsc::channel();
+        self.cmd.send(make(tx)).map_err(|_| err("the engine has stopped".into()))?;
+        rx.recv().map_err(|_| err("the engine has stopped".into()))?.map_err(err)
+    }
+}
+
+impl KvBlockStore for ExecutorStore {
+    fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+    fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+    fn read_blocks(&self, _: usize, _: &[u32], _: &mut Vec<u8>) -> tessera_runner::Result<()> {
+        Err(tessera_runner::RunnerError::Plan("ranks in other processes are read whole (read_all)".into()))
+    }
+    fn write_blocks(&self, _: usize, _: &[u32], _: &[u8]) -> tessera_runner::Result<()> {
+        Err(tessera_runner::RunnerError::Plan("ranks in other processes are written whole (write_all)".into()))
+    }
+    fn read_all(&self, blocks: &[u32]) -> tessera_runner::Result<Vec<u8>> {
+        self.ask(|reply| Command::KvRead { blocks: blocks.to_vec(), reply })
+    }
+    fn write_all(&self, blocks: &[u32], data: &[u8]) -> tessera_runner::Result<()> {
+        self.ask(|reply| Command::KvWrite { blocks: blocks.to_vec(), data: data.to_vec(), reply })
     }
 }
 

@@ -63,10 +63,12 @@ pub fn pull(
         ));
     }
     let len = 2 * reply.block_bytes * remote.len();
-    let mut buf = Vec::with_capacity(len);
-    for layer in 0..reply.layers {
+    let (mut all, mut buf) = (Vec::with_capacity(len * reply.layers), Vec::with_capacity(len));
+    for _ in 0..reply.layers {
         wire::read_frame(&mut r, len, &mut buf).map_err(|e| format!("{at}: {e}"))?;
-        store.write_blocks(layer, local, &buf).map_err(|e| e.to_string())?;
+        all.extend_from_slice(&buf);
     }
-    Ok(PullStats { blocks: remote.len(), bytes: len * reply.layers, seconds: t0.elapsed().as_secs_f64() })
+    // Only whole, checked data is written.
+    store.write_all(local, &all).map_err(|e| e.to_string())?;
+    Ok(PullStats { blocks: remote.len(), bytes: all.len(), seconds: t0.elapsed().as_secs_f64() })
 }

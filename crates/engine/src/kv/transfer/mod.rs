@@ -100,13 +100,23 @@ impl KvLayout {
 pub struct KvLink {
     pub engine_id: String,
     pub layout: KvLayout,
-    pub store: Arc<dyn KvBlockStore>,
+    pub store: KvStore,
     /// Bound transfer listener (prefill side); the decode side only pulls.
     pub listener: Option<std::net::TcpListener>,
     /// How long a prefilled request's blocks wait to be pulled.
     pub pin_timeout: Duration,
     /// The longest a pull may take before the decode side recomputes.
     pub pull_timeout: Duration,
+}
+
+/// Where the engine's KV bytes are read and written.
+pub enum KvStore {
+    /// Memory this process holds (every rank is a thread here): read and written beside the
+    /// steps, from the transfer threads.
+    Shared(Arc<dyn KvBlockStore>),
+    /// Ranks in other processes: the engine thread reads and writes through its executor
+    /// between steps. The store's shape: layers (over every rank) and bytes per block-layer.
+    Executor { num_layers: usize, block_bytes: usize },
 }
 
 /// Why a decode leg computed its prompt itself.

@@ -87,6 +87,9 @@ fn send(
     pinned: &[u32],
     num_tokens: usize,
 ) -> Result<(), String> {
+    if hello.blocks.is_empty() {
+        return refuse(w, "a pull must name at least one block".into());
+    }
     if hello.num_tokens != num_tokens {
         return refuse(w, format!("prompt length differs: prefill {num_tokens}, decode {}", hello.num_tokens));
     }
@@ -95,11 +98,9 @@ fn send(
     }
     let (layers, block_bytes) = (svc.store.num_layers(), svc.store.block_bytes());
     wire::write_line(w, &Reply { error: None, layers, block_bytes }).map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    for layer in 0..layers {
-        buf.clear();
-        svc.store.read_blocks(layer, &hello.blocks, &mut buf).map_err(|e| e.to_string())?;
-        wire::write_frame(w, &buf).map_err(|e| e.to_string())?;
+    let all = svc.store.read_all(&hello.blocks).map_err(|e| e.to_string())?;
+    for frame in all.chunks(2 * block_bytes * hello.blocks.len()).take(layers) {
+        wire::write_frame(w, frame).map_err(|e| e.to_string())?;
     }
     std::io::Write::flush(w).map_err(|e| e.to_string())?;
     svc.stats.kv.blocks_sent.fetch_add(hello.blocks.len() as u64, Ordering::Relaxed);
