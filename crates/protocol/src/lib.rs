@@ -23,4 +23,4 @@ pub use responses::{
     DetokenizeResponse, ErrorBody, ErrorResponse, ModelCard, ModelList, PromptLogprob, PromptLogprobs,
     TokenizeResponse, TopLogprob, Usage,
 };
-pub use sampling::{logprobs_count, FinishReason, ModelDefaults, SamplingParams, MAX_LOGPROBS};
+pub use sampling::{logprobs_count, FinishReason, ModelDefaults, SamplingParams, TokenLogprobs, MAX_LOGPROBS};

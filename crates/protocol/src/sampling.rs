@@ -3,6 +3,18 @@
 use crate::requests::CommonParams;
 use crate::ProtocolError;
 
+/// Log-probabilities (of the model's distribution, before sampling filters) of one token: what
+/// the engine reports for a sampled token or a scored prompt token.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// 1-based rank of the token in the distribution (1 = most likely).
+    #[serde(default)]
+    pub rank: u32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// Why a choice ended (`finish_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {

@@ -108,16 +108,7 @@ impl StepPlan {
     }
 }
 
-/// Log-probabilities (of the model's distribution, before sampling filters) of one sampled token.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TokenLogprobs {
-    pub logprob: f32,
-    /// 1-based rank of the token in the distribution (1 = most likely).
-    #[serde(default)]
-    pub rank: u32,
-    /// The most likely tokens, most likely first.
-    pub top: Vec<(u32, f32)>,
-}
+pub use tessera_protocol::TokenLogprobs;
 
 /// What one sequence got from a step: a sampled token, and/or the log-probabilities of the
 /// prompt tokens its chunk predicts.

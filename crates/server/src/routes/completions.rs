@@ -60,7 +60,7 @@ pub(crate) async fn handle(
         echo_text
     };
     let prompt_ids = prompt.clone();
-    let scored = move |m: &crate::state::ServedModel, lps: Option<&[Option<tessera_runner::TokenLogprobs>]>| {
+    let scored = move |m: &crate::state::ServedModel, lps: Option<&[Option<tessera_protocol::TokenLogprobs>]>| {
         let lps = lps.unwrap_or(&[]);
         (
             echo_k.map(|k| logprobs::echo(m, &prompt_ids, lps, k)),

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use tessera_engine::kv::transfer::PinnedKv;
 use tessera_engine::{EngineError, EngineRequest, Finished, RequestOutput, RequestStream};
+use tessera_protocol::TokenLogprobs;
 use tessera_protocol::{KvTransferParams, SamplingParams, Usage};
-use tessera_runner::TokenLogprobs;
 
 use crate::state::ServedModel;
 use crate::{ApiError, AppState};

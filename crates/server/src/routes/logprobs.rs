@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use tessera_protocol::TokenLogprobs;
 use tessera_protocol::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptLogprob, PromptLogprobs, TopLogprob};
-use tessera_runner::TokenLogprobs;
 
 use crate::state::ServedModel;
 
