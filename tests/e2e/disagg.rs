@@ -395,3 +395,63 @@ async fn tensor_parallel_workers_move_kv_rank_by_rank_and_refuse_another_layout(
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_parallel_replicas_each_serve_and_pull_their_own_kv() {
+    let dir = tiny_servable("dp");
+    let launch = |extra: Vec<String>| {
+        let dir = dir.clone();
+        async move {
+            let mut args: Vec<&str> = vec!["--max-model-len", "256", "--kv-cache-memory", "16MiB"];
+            args.extend(extra.iter().map(String::as_str));
+            let running = tessera::launch(tessera_tests::serve_args(&dir, &args)).await.expect("worker starts");
+            let base = format!("http://{}", running.addr);
+            (running, base)
+        }
+    };
+    let dp2 = |role: &str| {
+        vec!["--data-parallel-size".into(), "2".into(), "--kv-transfer-config".into(), kv_config(role, "")]
+    };
+    let (mono, m) = launch(vec![]).await;
+    let (prefill, p) = launch(dp2("kv_producer")).await;
+    let (decode, d) = launch(dp2("kv_consumer")).await;
+    let c = client();
+    let prompts = ["one two three four five six seven eight", "Hello there", "a b c d e f g h i j k", "red green blue"];
+    let bodies: Vec<Value> = prompts
+        .iter()
+        .map(|p| json!({"model": "smollm2", "prompt": p, "max_tokens": 8, "ignore_eos": true, "temperature": 0}))
+        .collect();
+    // Concurrent prefill legs spread over both replicas; each answers with its own engine.
+    let firsts: Vec<Value> = futures::future::join_all(bodies.iter().map(|b| {
+        let (c, url, leg) = (c.clone(), format!("{p}/v1/completions"), prefill_leg(b));
+        async move { c.post(url).json(&leg).send().await.expect("send").json::<Value>().await.expect("JSON") }
+    }))
+    .await;
+    let engines: std::collections::HashSet<String> = firsts
+        .iter()
+        .map(|f| f["kv_transfer_params"]["remote_engine_id"].as_str().expect("engine id").to_string())
+        .collect();
+    assert_eq!(engines.len(), 2, "both replicas prefilled: {engines:?}");
+    for (body, first) in bodies.iter().zip(&firsts) {
+        let want = text_of(post(&c, format!("{m}/v1/completions"), body).await, false, false).await;
+        let mut second = body.clone();
+        second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+        let got = text_of(post(&c, format!("{d}/v1/completions"), &second).await, false, false).await;
+        assert_eq!(got, want);
+    }
+    // Summed over the replicas (samples carry an `engine` label).
+    let text = metrics(&c, &d).await;
+    let sum = |name: &str, only: &str| -> f64 {
+        (text.lines())
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(only))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(sum("tessera:kv_transfer_fallbacks_total", "pull_failed"), 0.0, "no pull failed");
+    let computed = sum("tessera:prompt_tokens_computed_total", "");
+    assert_eq!(computed, prompts.len() as f64, "one prompt token computed per decode leg, over both replicas");
+    for w in [mono, prefill, decode] {
+        w.stop().await.expect("stop");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

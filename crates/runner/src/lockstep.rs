@@ -73,6 +73,14 @@ impl Executor for LockstepExecutor {
         true
     }
 
+    fn kv_read(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {
+        self.inner.kv_read(blocks)
+    }
+
+    fn kv_write(&mut self, blocks: &[u32], data: &[u8]) -> Result<()> {
+        self.inner.kv_write(blocks, data)
+    }
+
     fn tick(&mut self) -> Result<bool> {
         let any = self.anyone(false)?;
         if any {

@@ -44,14 +44,10 @@ pub struct ServedModel {
     pub kv: Option<KvInfo>,
 }
 
-/// A worker's KV-transfer identity (`--kv-transfer-config`).
+/// A worker's part in prefill/decode disaggregation (`--kv-transfer-config`); each engine
+/// answers with its own transfer address.
 #[derive(Debug, Clone)]
 pub struct KvInfo {
-    pub engine_id: String,
-    /// Where decode workers reach this worker's transfer service.
-    pub host: String,
-    pub port: u16,
-    pub tp_size: usize,
     /// Serves prefill legs.
     pub produces: bool,
     /// Serves decode legs (and proxies `x-prefiller-host-port`).
@@ -63,18 +59,12 @@ pub struct KvInfo {
 }
 
 impl KvInfo {
-    /// A worker's identity; `roles` is (produces, consumes).
-    pub fn new(
-        engine_id: String,
-        host: String,
-        port: u16,
-        roles: (bool, bool),
-        trusted_prefillers: Vec<String>,
-    ) -> Self {
+    /// `roles` is (produces, consumes).
+    pub fn new(roles: (bool, bool), trusted_prefillers: Vec<String>) -> Self {
         let http =
             reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5)).build().unwrap_or_default();
         let (produces, consumes) = roles;
-        Self { engine_id, host, port, tp_size: 1, produces, consumes, trusted_prefillers, http }
+        Self { produces, consumes, trusted_prefillers, http }
     }
 }
 

@@ -113,9 +113,6 @@ pub fn parse(s: &str) -> Result<KvTransferConfig, String> {
 pub fn validate(a: &crate::args::ServeArgs) -> Result<(), ServeError> {
     let Some(c) = &a.kv_transfer_config else { return Ok(()) };
     let bad = |m: String| Err(ServeError::Config(m));
-    if a.data_parallel_size > 1 {
-        return bad("--kv-transfer-config with --data-parallel-size > 1 is not supported yet".into());
-    }
     if c.produces() && c.kv_port != 0 && c.kv_port == a.port {
         return bad(format!(
             "kv_port {} is also the HTTP --port; give the KV transfer service its own port",
@@ -168,16 +165,47 @@ fn advertise_host(c: &KvTransferConfig) -> String {
     })
 }
 
-/// The engine's KV link and what the HTTP front says about it, for a worker of one rank.
+/// The store of a replica whose ranks registered their KV memory: shared memory when every
+/// rank is a thread here, else the engine's executor (every layer is held by `tp` ranks).
+pub(crate) fn ranks_store(
+    reg: &crate::ranks::KvRegistry,
+    group_size: usize,
+    tp: usize,
+    cfg: &ModelConfig,
+) -> Result<KvStore, ServeError> {
+    let mut ranks = std::mem::take(&mut *reg.lock().unwrap_or_else(|p| p.into_inner()));
+    ranks.sort_by_key(|r| r.0);
+    if group_size > 1 {
+        let block_bytes = ranks.first().map_or(0, |r| r.1.block_bytes());
+        return Ok(KvStore::Executor { num_layers: tp * cfg.num_layers, block_bytes });
+    }
+    let ranked = tessera_runner::RankedKv::new(ranks.into_iter().map(|r| r.1).collect())
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    Ok(KvStore::Shared(std::sync::Arc::new(ranked)))
+}
+
+/// What the HTTP front needs: the roles and the trusted prefillers.
+pub fn info(a: &crate::args::ServeArgs, c: &KvTransferConfig) -> KvInfo {
+    KvInfo::new((c.produces(), c.consumes()), a.trusted_prefillers.clone())
+}
+
+/// The KV link of replica `i` of this pod (data-parallel rank `start + i`: its own engine id
+/// and, on a fixed `kv_port`, port `kv_port + rank`).
 pub fn link(
     a: &crate::args::ServeArgs,
     c: &KvTransferConfig,
     cfg: &ModelConfig,
     kv_dtype: candle_core::DType,
     store: KvStore,
-) -> Result<(KvLink, KvInfo), ServeError> {
-    let engine_id = c.engine_id.clone().unwrap_or_else(|| format!("tessera-{}", &new_token()[..16]));
-    let listener = if c.produces() { Some(std::net::TcpListener::bind((c.kv_ip.as_str(), c.kv_port))?) } else { None };
+    i: usize,
+) -> Result<KvLink, ServeError> {
+    let rank = a.data_parallel_start_rank + i;
+    let mut engine_id = c.engine_id.clone().unwrap_or_else(|| format!("tessera-{}", &new_token()[..16]));
+    if a.data_parallel_size > 1 {
+        engine_id = format!("{engine_id}-dp{rank}");
+    }
+    let port = if c.kv_port == 0 { 0 } else { c.kv_port.saturating_add(rank as u16) };
+    let listener = if c.produces() { Some(std::net::TcpListener::bind((c.kv_ip.as_str(), port))?) } else { None };
     let port = match &listener {
         Some(l) => l.local_addr()?.port(),
         None => c.kv_port,
@@ -214,18 +242,16 @@ pub fn link(
     } else {
         tracing::info!("KV transfer ({:?}, engine {engine_id}): pulling prefilled blocks", c.kv_role);
     }
-    let mut info =
-        KvInfo::new(engine_id.clone(), host, port, (c.produces(), c.consumes()), a.trusted_prefillers.clone());
-    info.tp_size = a.tensor_parallel_size;
-    let link = KvLink {
+    Ok(KvLink {
         engine_id,
+        host,
+        port,
         layout,
         store,
         listener,
         pin_timeout: seconds(c, "pin_timeout", 480.0)?,
         pull_timeout: seconds(c, "pull_timeout", 30.0)?,
-    };
-    Ok((link, info))
+    })
 }
 
 #[cfg(test)]

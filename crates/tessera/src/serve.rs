@@ -343,8 +343,10 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
         (num_blocks * a.block_size) as f64 / max_model_len as f64
     );
     let experts = crate::dp::expert_rendezvous(a, &cfg)?;
-    // With KV transfer (one rank, one replica): a handle on the worker's KV memory.
-    let kv_cache: std::sync::Mutex<Option<KvStore>> = std::sync::Mutex::new(None);
+    // With KV transfer: each replica's KV memory, as the transfer service reaches it.
+    let kv_stores: std::sync::Mutex<Vec<Option<KvStore>>> = std::sync::Mutex::new((0..count).map(|_| None).collect());
+    let keep_store = |i: usize, store: KvStore| kv_stores.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(store);
+    let registry = || a.kv_transfer_config.as_ref().map(|_| crate::ranks::KvRegistry::default());
     // Replica `i` of this pod, built from `weights`.
     let make_executor =
         |i: usize, weights: &dyn tessera_models::WeightSource| -> Result<Box<dyn Executor>, ServeError> {
@@ -355,13 +357,18 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                     dp_rank: a.data_parallel_start_rank + i,
                     dp_size: a.data_parallel_size,
                 });
-                crate::ranks::start_leader(&setup, &cfg, weights)?
+                setup.kv_caches = registry();
+                let leader = crate::ranks::start_leader(&setup, &cfg, weights)?;
+                if let Some(reg) = &setup.kv_caches {
+                    keep_store(i, crate::kv_transfer::ranks_store(reg, setup.topology.group_size, tp, &cfg)?);
+                }
+                leader
             } else if tp * a.pipeline_parallel_size == 1 {
                 let model = Llama::load(&cfg, weights, max_model_len, dtype, &device)?;
                 let worker = Worker::new(model, num_blocks, a.block_size, sz.kv_dtype)?;
                 if a.kv_transfer_config.is_some() {
                     let store: Arc<dyn KvBlockStore> = Arc::new(worker.kv_cache());
-                    *kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(KvStore::Shared(store));
+                    keep_store(i, KvStore::Shared(store));
                 }
                 Box::new(worker)
             } else {
@@ -372,23 +379,10 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                     );
                 }
                 let mut setup = rank_setup(a, &sz, dtype, &device)?;
-                let registry = a.kv_transfer_config.as_ref().map(|_| crate::ranks::KvRegistry::default());
-                setup.kv_caches = registry.clone();
+                setup.kv_caches = registry();
                 let leader = crate::ranks::start_leader(&setup, &cfg, weights)?;
-                if let Some(reg) = registry {
-                    let mut ranks = std::mem::take(&mut *reg.lock().unwrap_or_else(|p| p.into_inner()));
-                    ranks.sort_by_key(|r| r.0);
-                    let store = if setup.topology.group_size > 1 {
-                        // Ranks on other pods: the engine reads and writes them through its
-                        // executor; every layer is held by `tp` ranks.
-                        let block_bytes = ranks.first().map_or(0, |r| r.1.block_bytes());
-                        KvStore::Executor { num_layers: tp * cfg.num_layers, block_bytes }
-                    } else {
-                        let ranked = tessera_runner::RankedKv::new(ranks.into_iter().map(|r| r.1).collect())
-                            .map_err(|e| ServeError::Config(e.to_string()))?;
-                        KvStore::Shared(Arc::new(ranked))
-                    };
-                    *kv_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(store);
+                if let Some(reg) = &setup.kv_caches {
+                    keep_store(i, crate::kv_transfer::ranks_store(reg, setup.topology.group_size, tp, &cfg)?);
                 }
                 leader
             })
@@ -439,19 +433,21 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
         },
         max_queued_requests: a.max_queued_requests,
     };
-    let cache = kv_cache.into_inner().unwrap_or_else(|p| p.into_inner());
-    let (mut link, kv) = match (&a.kv_transfer_config, cache) {
-        (Some(c), Some(cache)) => {
-            let (link, info) = crate::kv_transfer::link(a, c, &cfg, sz.kv_dtype, cache)?;
-            (Some(link), Some(info))
-        }
-        _ => (None, None),
-    };
+    let stores = kv_stores.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut links = Vec::with_capacity(count);
+    for (i, store) in stores.into_iter().enumerate() {
+        links.push(match (&a.kv_transfer_config, store) {
+            (Some(c), Some(store)) => Some(crate::kv_transfer::link(a, c, &cfg, sz.kv_dtype, store, i)?),
+            _ => None,
+        });
+    }
+    let kv = a.kv_transfer_config.as_ref().map(|c| crate::kv_transfer::info(a, c));
     let engines = executors
         .into_iter()
-        .map(|ex| {
+        .zip(links)
+        .map(|(ex, link)| {
             let (tokenizer, eos) = (tok.tokenizer.clone(), tok.eos_token_ids.clone());
-            tessera_engine::spawn(engine_cfg.clone(), ex, tokenizer, eos, link.take())
+            tessera_engine::spawn(engine_cfg.clone(), ex, tokenizer, eos, link)
         })
         .collect();
     tracing::info!(

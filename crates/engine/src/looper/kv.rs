@@ -15,6 +15,9 @@ use crate::scheduler::PullJob;
 use crate::stats::EngineStats;
 
 pub(crate) struct KvSide {
+    engine_id: String,
+    host: String,
+    port: u16,
     layout: KvLayout,
     store: Arc<dyn KvBlockStore>,
     pins: Arc<Pins>,
@@ -35,7 +38,7 @@ impl KvSide {
         };
         if let Some(listener) = link.listener {
             let svc = server::Service {
-                engine_id: link.engine_id,
+                engine_id: link.engine_id.clone(),
                 layout: link.layout.clone(),
                 store: store.clone(),
                 pins: pins.clone(),
@@ -49,7 +52,17 @@ impl KvSide {
             };
             server::start(listener, svc);
         }
-        Self { layout: link.layout, store, pins, pin_timeout: link.pin_timeout, pull_timeout: link.pull_timeout, cmd }
+        Self {
+            engine_id: link.engine_id,
+            host: link.host,
+            port: link.port,
+            layout: link.layout,
+            store,
+            pins,
+            pin_timeout: link.pin_timeout,
+            pull_timeout: link.pull_timeout,
+            cmd,
+        }
     }
 }
 
@@ -101,7 +114,15 @@ impl Core {
         kv.pins.insert(token.clone(), Pin { seq: id, blocks: blocks.clone(), num_tokens, deadline });
         // Before the answer goes out, so that a scrape after it sees the pin.
         self.publish_pins();
-        Some(PinnedKv { block_ids: blocks, token, num_tokens })
+        Some(PinnedKv {
+            block_ids: blocks,
+            token,
+            num_tokens,
+            engine_id: kv.engine_id.clone(),
+            host: kv.host.clone(),
+            port: kv.port,
+            tp_size: kv.layout.tp_size,
+        })
     }
 
     pub(super) fn publish_pins(&self) {

@@ -162,7 +162,7 @@ pub(crate) async fn handle(
     }
     let done = collect(streams).await?;
     let usage = usage(done.iter().map(|d| &d.finished));
-    let kv_transfer_params = super::disagg::response(m, done.first().and_then(|d| d.kv_pinned.as_ref()));
+    let kv_transfer_params = super::disagg::response(done.first().and_then(|d| d.kv_pinned.as_ref()));
     let prompt_logprobs = prompt_k.map(|k| {
         let lps = done.first().and_then(|d| d.prompt_logprobs.as_deref()).unwrap_or(&[]);
         logprobs::prompt(m, &prompt_ids, lps, k)

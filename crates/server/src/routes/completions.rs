@@ -132,7 +132,7 @@ pub(crate) async fn handle(
     }
     let done = collect(streams).await?;
     let usage = usage(done.iter().map(|d| &d.finished));
-    let kv_transfer_params = super::disagg::response(m, done.first().and_then(|d| d.kv_pinned.as_ref()));
+    let kv_transfer_params = super::disagg::response(done.first().and_then(|d| d.kv_pinned.as_ref()));
     let choices = done
         .into_iter()
         .enumerate()

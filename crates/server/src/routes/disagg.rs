@@ -40,9 +40,9 @@ pub(crate) fn leg(
             Ok(None)
         }
         KvIntent::RemotePrefill => {
-            let Some(info) = m.kv.as_ref().filter(|k| k.consumes) else {
+            if !m.kv.as_ref().is_some_and(|k| k.consumes) {
                 return Err(role("decode legs (`do_remote_prefill`)", "kv_consumer"));
-            };
+            }
             let stats = &m.engine.stats().kv;
             if params.prompt_logprobs.is_some() || params.n > 1 {
                 // Every prompt position (or every choice's blocks) is needed here.
@@ -52,10 +52,7 @@ pub(crate) fn leg(
             match kv.and_then(|p| source(p, prompt_len)) {
                 Some(src) => Ok(Some(src)),
                 None => {
-                    tracing::warn!(
-                        "a decode leg's kv_transfer_params name no usable prefill (engine {}); computing its prompt",
-                        info.engine_id
-                    );
+                    tracing::warn!("a decode leg's kv_transfer_params name no usable prefill; computing its prompt");
                     stats.fallback(Fallback::PullFailed);
                     Ok(None)
                 }
@@ -87,16 +84,16 @@ fn source(p: &KvTransferParams, prompt_len: usize) -> Option<RemoteSource> {
 
 /// The prefill leg's `kv_transfer_params` answer (what vLLM's connectors return, plus the
 /// token that unlocks the blocks and the prompt length they hold).
-pub(crate) fn response(m: &ServedModel, pinned: Option<&PinnedKv>) -> Option<Value> {
-    let (info, p) = (m.kv.as_ref()?, pinned?);
+pub(crate) fn response(pinned: Option<&PinnedKv>) -> Option<Value> {
+    let p = pinned?;
     Some(json!({
         "do_remote_prefill": true,
         "do_remote_decode": false,
         "remote_block_ids": p.block_ids,
-        "remote_engine_id": info.engine_id,
-        "remote_host": info.host,
-        "remote_port": info.port,
-        "tp_size": info.tp_size,
+        "remote_engine_id": p.engine_id,
+        "remote_host": p.host,
+        "remote_port": p.port,
+        "tp_size": p.tp_size,
         "transfer_token": p.token,
         "remote_num_tokens": p.num_tokens,
     }))

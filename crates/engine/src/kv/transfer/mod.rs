@@ -32,12 +32,18 @@ pub struct RemoteSource {
     pub num_tokens: usize,
 }
 
-/// The prefill leg's blocks, handed to the server for its `kv_transfer_params`.
+/// The prefill leg's blocks and where they wait (the engine that pinned them: with data
+/// parallelism each replica has its own transfer service), for the answer's
+/// `kv_transfer_params`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PinnedKv {
     pub block_ids: Vec<u32>,
     pub token: String,
     pub num_tokens: usize,
+    pub engine_id: String,
+    pub host: String,
+    pub port: u16,
+    pub tp_size: usize,
 }
 
 /// What two workers must share for KV blocks to mean the same thing in both.
@@ -99,6 +105,9 @@ impl KvLayout {
 /// An engine's part in KV transfer (given to [`crate::spawn`]).
 pub struct KvLink {
     pub engine_id: String,
+    /// Where decode workers reach this engine's transfer service.
+    pub host: String,
+    pub port: u16,
     pub layout: KvLayout,
     pub store: KvStore,
     /// Bound transfer listener (prefill side); the decode side only pulls.
