@@ -19,19 +19,7 @@ HALF=$(( THREADS / 2 > 0 ? THREADS / 2 : 1 ))
 LEVELS="${LEVELS:-8 32}"
 PROMPT_TOKENS="${PROMPT_TOKENS:-256}"
 cargo build --release --quiet -p tessera
-out=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() {  # PORT PID LOG
-  for _ in $(seq 1 600); do
-    curl -sf "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
-    kill -0 "$2" 2>/dev/null || { echo "pd: the server on port $1 exited:" >&2; tail -5 "$3" >&2; return 1; }
-    sleep 0.5
-  done
-  return 1
-}
+source benches/serving/common.sh
 serve() {  # NAME PORT THREADS FLAGS...
   local name=$1 p=$2 t=$3; shift 3
   target/release/tessera serve "$MODEL" --host 127.0.0.1 --port "$p" --threads "$t" --served-model-name smollm2 \

@@ -22,21 +22,7 @@ THREADS="${THREADS:-$(nproc)}"
 LEVELS="${LEVELS:-1 8 32}"
 LLAMA_BIN=$(benches/serving/llama-cpp.sh)
 cargo build --release --quiet -p tessera
-out=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() {  # PORT PID LOG
-  for _ in $(seq 1 600); do
-    curl -sf "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
-    kill -0 "$2" 2>/dev/null || { echo "serving: the server on port $1 exited:" >&2; tail -5 "$3" >&2; return 1; }
-    sleep 0.5
-  done
-  echo "serving: the server on port $1 never became ready" >&2
-  return 1
-}
+source benches/serving/common.sh
 
 # Where the CPU advertises AMX, llama.cpp's native build uses AMX tiles through its repacked
 # buffers; under VMs that do not grant AMX state that dies with SIGILL, so repacking is off there.

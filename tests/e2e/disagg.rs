@@ -341,19 +341,19 @@ fn tiny_servable(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// An in-process worker on a tiny model with a small cache, and its base URL.
+async fn launch_tiny(dir: std::path::PathBuf, extra: Vec<String>) -> (tessera::Running, String) {
+    let mut args: Vec<&str> = vec!["--max-model-len", "256", "--kv-cache-memory", "16MiB"];
+    args.extend(extra.iter().map(String::as_str));
+    let running = tessera::launch(tessera_tests::serve_args(&dir, &args)).await.expect("worker starts");
+    let base = format!("http://{}", running.addr);
+    (running, base)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tensor_parallel_workers_move_kv_rank_by_rank_and_refuse_another_layout() {
     let dir = tiny_servable("tp");
-    let launch = |extra: Vec<String>| {
-        let dir = dir.clone();
-        async move {
-            let mut args: Vec<&str> = vec!["--max-model-len", "256", "--kv-cache-memory", "16MiB"];
-            args.extend(extra.iter().map(String::as_str));
-            let running = tessera::launch(tessera_tests::serve_args(&dir, &args)).await.expect("worker starts");
-            let base = format!("http://{}", running.addr);
-            (running, base)
-        }
-    };
+    let launch = |extra: Vec<String>| launch_tiny(dir.clone(), extra);
     let tp2 = |role: Option<&str>| {
         let mut v = vec!["--tensor-parallel-size".to_string(), "2".into()];
         if let Some(role) = role {
@@ -399,16 +399,7 @@ async fn tensor_parallel_workers_move_kv_rank_by_rank_and_refuse_another_layout(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_parallel_replicas_each_serve_and_pull_their_own_kv() {
     let dir = tiny_servable("dp");
-    let launch = |extra: Vec<String>| {
-        let dir = dir.clone();
-        async move {
-            let mut args: Vec<&str> = vec!["--max-model-len", "256", "--kv-cache-memory", "16MiB"];
-            args.extend(extra.iter().map(String::as_str));
-            let running = tessera::launch(tessera_tests::serve_args(&dir, &args)).await.expect("worker starts");
-            let base = format!("http://{}", running.addr);
-            (running, base)
-        }
-    };
+    let launch = |extra: Vec<String>| launch_tiny(dir.clone(), extra);
     let dp2 = |role: &str| {
         vec!["--data-parallel-size".into(), "2".into(), "--kv-transfer-config".into(), kv_config(role, "")]
     };

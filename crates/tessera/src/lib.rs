@@ -11,6 +11,7 @@ mod error;
 pub mod kv_transfer;
 pub mod ranks;
 mod serve;
+mod sizing;
 pub mod tls;
 
 pub use dp::{is_replica_pod, run_replica_pod};
