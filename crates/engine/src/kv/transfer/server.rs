@@ -3,7 +3,7 @@
 
 use std::io::{BufReader, BufWriter};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,19 +30,36 @@ pub struct Service {
     pub unpin: Box<dyn Fn(u64) + Send + Sync>,
 }
 
+/// Connections served at once; more are closed at once (their pullers recompute), so a flood
+/// of connections cannot exhaust threads or memory.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serve pulls on `listener` (for the life of the process).
 pub fn start(listener: TcpListener, svc: Service) {
     let svc = Arc::new(svc);
+    let live = Arc::new(AtomicUsize::new(0));
     let spawned = std::thread::Builder::new().name("tessera-kv-serve".into()).spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
-            let svc = svc.clone();
-            let _ = std::thread::Builder::new().name("tessera-kv-send".into()).spawn(move || {
+            let taken =
+                live.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < MAX_CONNECTIONS).then_some(n + 1));
+            if taken.is_err() {
+                let mut w = BufWriter::new(conn);
+                let _ =
+                    refuse(&mut w, format!("the KV transfer service is serving {MAX_CONNECTIONS} pulls; retry later"));
+                continue;
+            }
+            let (svc, slot) = (svc.clone(), live.clone());
+            let spawned = std::thread::Builder::new().name("tessera-kv-send".into()).spawn(move || {
                 let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 if let Err(e) = serve(&svc, conn) {
                     tracing::warn!("KV transfer to {peer}: {e}");
                 }
+                slot.fetch_sub(1, Ordering::SeqCst);
             });
+            if spawned.is_err() {
+                live.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     });
     if let Err(e) = spawned {

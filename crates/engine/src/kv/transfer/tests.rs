@@ -191,3 +191,27 @@ fn a_corrupt_or_short_frame_is_detected() {
         fake.join().unwrap();
     }
 }
+
+#[test]
+fn a_flood_of_connections_is_capped() {
+    let (port, pins, _, _) = serve(Arc::new(MemStore::new(2, 8, 64, 1)));
+    pin(&pins, "tok", 1, vec![1]);
+    // Connections that never say hello hold every slot (until their hello timeout).
+    let idle: Vec<_> =
+        (0..server::MAX_CONNECTIONS).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let local = MemStore::new(2, 8, 64, 2);
+    let e = client::pull(&source(port, "tok", vec![1]), &[1], &[0], &layout(16), &local, T).unwrap_err();
+    assert!(e.contains("retry later"), "{e}");
+    drop(idle);
+    // Slots come back as the idle connections end; the token was never spent.
+    let start = Instant::now();
+    loop {
+        match client::pull(&source(port, "tok", vec![1]), &[1], &[0], &layout(16), &local, T) {
+            Ok(_) => break,
+            Err(e) if e.contains("retry later") && start.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
