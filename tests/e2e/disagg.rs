@@ -68,6 +68,18 @@ async fn fallbacks(c: &reqwest::Client, base: &str, reason: &str) -> f64 {
     line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("value")
 }
 
+/// The prefill worker's answer (at `url`) to the prefill leg of `original`.
+async fn prefill_answer(c: &reqwest::Client, url: String, original: &Value) -> Value {
+    post(c, url, &prefill_leg(original)).await.json().await.expect("JSON")
+}
+
+/// The decode leg: the original request with the prefill answer's `kv_transfer_params`.
+fn decode_leg(original: &Value, first: &Value) -> Value {
+    let mut second = original.clone();
+    second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+    second
+}
+
 fn original(prompt: &str, chat: bool, stream: bool) -> Value {
     let mut o = json!({"model": "smollm2", "max_tokens": 12, "temperature": 0, "stream": stream});
     if chat {
@@ -141,9 +153,8 @@ async fn sidecar_shaped_legs_move_the_prompts_kv_and_answer_like_a_monolithic_wo
     seeded["seed"] = json!(7);
     seeded["max_tokens"] = json!(24);
     let want = text_of(post(&c, format!("{m}/v1/completions"), &seeded).await, false, false).await;
-    let first: Value = post(&c, format!("{p}/v1/completions"), &prefill_leg(&seeded)).await.json().await.expect("JSON");
-    let mut second = seeded.clone();
-    second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+    let first = prefill_answer(&c, format!("{p}/v1/completions"), &seeded).await;
+    let second = decode_leg(&seeded, &first);
     assert_eq!(text_of(post(&c, format!("{d}/v1/completions"), &second).await, false, false).await, want);
     assert_eq!(fallbacks(&c, &d, "pull_failed").await, 0.0);
     assert!(counter(&c, &d, "tessera:kv_transfer_blocks_received_total").await > 0.0);
@@ -163,8 +174,7 @@ async fn sidecar_shaped_legs_move_the_prompts_kv_and_answer_like_a_monolithic_wo
     // Pins nobody pulls expire: the blocks come back and the expiry is counted.
     let chat = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Count to ten."}],
                       "max_completion_tokens": 40, "temperature": 0});
-    let first: Value =
-        post(&c, format!("{p}/v1/chat/completions"), &prefill_leg(&chat)).await.json().await.expect("JSON");
+    let first = prefill_answer(&c, format!("{p}/v1/chat/completions"), &chat).await;
     // The older sidecar sets only `max_tokens: 1` on chat: a leftover `max_completion_tokens`
     // must not make the prefill worker generate more than the one token.
     assert_eq!(first["usage"]["completion_tokens"], 1, "{first}");
@@ -178,8 +188,7 @@ async fn sidecar_shaped_legs_move_the_prompts_kv_and_answer_like_a_monolithic_wo
     assert_eq!(counter(&c, &p, "tessera:kv_pinned_blocks").await, 0.0);
     tessera_tests::wait_idle(&prefill).await;
     // Its decode leg finds the token expired and recomputes.
-    let mut second = chat.clone();
-    second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+    let second = decode_leg(&chat, &first);
     let want = text_of(post(&c, format!("{m}/v1/chat/completions"), &chat).await, true, false).await;
     let got = text_of(post(&c, format!("{d}/v1/chat/completions"), &second).await, true, false).await;
     assert_eq!(got, want);
@@ -311,15 +320,10 @@ async fn a_decode_worker_splits_requests_itself_across_processes() {
     assert_eq!(fallbacks(&c, &d, "pull_failed").await, 0.0);
 
     // The prefill worker dies between the legs: the decode leg recomputes and still answers.
-    let first: Value = post(&c, format!("{}/v1/chat/completions", prefill.base), &prefill_leg(&body))
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let first = prefill_answer(&c, format!("{}/v1/chat/completions", prefill.base), &body).await;
     prefill.signal("KILL");
     prefill.wait_exit(30).await;
-    let mut second = body.clone();
-    second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+    let second = decode_leg(&body, &first);
     assert_eq!(text_of(post(&c, format!("{d}/v1/chat/completions"), &second).await, true, false).await, want);
     assert_eq!(fallbacks(&c, &d, "pull_failed").await, 1.0);
     // And through the proxy: the prefill leg cannot be sent, so the prompt is computed here.
@@ -370,11 +374,9 @@ async fn tensor_parallel_workers_move_kv_rank_by_rank_and_refuse_another_layout(
     {
         let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": 8, "ignore_eos": true, "temperature": 0});
         let want = text_of(post(&c, format!("{m}/v1/completions"), &body).await, false, false).await;
-        let first: Value =
-            post(&c, format!("{p}/v1/completions"), &prefill_leg(&body)).await.json().await.expect("JSON");
+        let first = prefill_answer(&c, format!("{p}/v1/completions"), &body).await;
         assert_eq!(first["kv_transfer_params"]["tp_size"], 2, "{first}");
-        let mut second = body.clone();
-        second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+        let second = decode_leg(&body, &first);
         let computed = counter(&c, &d, "tessera:prompt_tokens_computed_total").await;
         let got = text_of(post(&c, format!("{d}/v1/completions"), &second).await, false, false).await;
         assert_eq!(got, want, "{prompt}");
@@ -385,9 +387,8 @@ async fn tensor_parallel_workers_move_kv_rank_by_rank_and_refuse_another_layout(
     let body =
         json!({"model": "smollm2", "prompt": "Hello there", "max_tokens": 8, "ignore_eos": true, "temperature": 0});
     let want = text_of(post(&c, format!("{s}/v1/completions"), &body).await, false, false).await;
-    let first: Value = post(&c, format!("{p}/v1/completions"), &prefill_leg(&body)).await.json().await.expect("JSON");
-    let mut second = body.clone();
-    second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+    let first = prefill_answer(&c, format!("{p}/v1/completions"), &body).await;
+    let second = decode_leg(&body, &first);
     assert_eq!(text_of(post(&c, format!("{s}/v1/completions"), &second).await, false, false).await, want);
     assert_eq!(fallbacks(&c, &s, "pull_failed").await, 1.0);
     for w in [mono, prefill, decode, single] {
@@ -425,8 +426,7 @@ async fn data_parallel_replicas_each_serve_and_pull_their_own_kv() {
     assert_eq!(engines.len(), 2, "both replicas prefilled: {engines:?}");
     for (body, first) in bodies.iter().zip(&firsts) {
         let want = text_of(post(&c, format!("{m}/v1/completions"), body).await, false, false).await;
-        let mut second = body.clone();
-        second["kv_transfer_params"] = first["kv_transfer_params"].clone();
+        let second = decode_leg(body, first);
         let got = text_of(post(&c, format!("{d}/v1/completions"), &second).await, false, false).await;
         assert_eq!(got, want);
     }

@@ -112,28 +112,14 @@ impl KvCache {
         let (k, v) = &self.layers[layer];
         // One tensor at a time: attention takes the key then the value lock.
         for t in [k, v] {
-            if !t.device().is_cpu() {
+            if t.device().is_cpu() {
+                copy_out(t, blocks.iter().map(|&b| b as usize * bb), bb, out)?;
+            } else {
                 // Staged through the host block by block.
                 for &b in blocks {
                     let host = t.narrow(0, b as usize * self.block_size, self.block_size)?.to_device(&Device::Cpu)?;
-                    let (storage, layout) = host.storage_and_layout();
-                    let Storage::Cpu(cpu) = &*storage else {
-                        return Err(ModelError::Config("KV cache copy to host failed".into()));
-                    };
-                    let base = layout.start_offset() * t.dtype().size_in_bytes();
-                    out.extend_from_slice(&host_bytes(cpu)?[base..base + bb]);
+                    copy_out(&host, [0], bb, out)?;
                 }
-                continue;
-            }
-            let (storage, layout) = t.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                return Err(ModelError::Config("KV cache copy to host failed".into()));
-            };
-            let bytes = host_bytes(cpu)?;
-            let base = layout.start_offset() * t.dtype().size_in_bytes();
-            for &b in blocks {
-                let at = base + b as usize * bb;
-                out.extend_from_slice(&bytes[at..at + bb]);
             }
         }
         Ok(())
@@ -165,6 +151,20 @@ impl KvCache {
         }
         Ok(())
     }
+}
+
+/// Append `len` bytes at each byte offset of a host tensor's data to `out`.
+fn copy_out(t: &Tensor, offsets: impl IntoIterator<Item = usize>, len: usize, out: &mut Vec<u8>) -> Result<()> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(ModelError::Config("KV cache copy to host failed".into()));
+    };
+    let bytes = host_bytes(cpu)?;
+    let base = layout.start_offset() * t.dtype().size_in_bytes();
+    for at in offsets {
+        out.extend_from_slice(&bytes[base + at..base + at + len]);
+    }
+    Ok(())
 }
 
 /// Copy whole blocks into a host cache tensor in place (one memcpy per block).

@@ -7,41 +7,27 @@ use tessera_models::Communicator;
 
 use crate::{Result, RunnerError, Worker};
 
-/// One rank's KV memory as bytes, by block (the prefill/decode KV transfer reads pinned
-/// blocks and writes pulled ones through this, beside the steps that run on other blocks).
+/// KV memory as bytes, by block (the prefill/decode KV transfer reads pinned blocks and
+/// writes pulled ones through this, beside the steps that run on other blocks). The bytes
+/// of `blocks` are laid out layer after layer; each layer is every block's keys, then every
+/// block's values.
 pub trait KvBlockStore: Send + Sync {
     fn num_layers(&self) -> usize;
     /// Bytes of one block of one layer's keys (and again of its values).
     fn block_bytes(&self) -> usize;
-    /// Append one layer's `blocks`: every block's keys, then every block's values.
-    fn read_blocks(&self, layer: usize, blocks: &[u32], out: &mut Vec<u8>) -> Result<()>;
-    /// Write data laid out as [`KvBlockStore::read_blocks`] gives it.
-    fn write_blocks(&self, layer: usize, blocks: &[u32], data: &[u8]) -> Result<()>;
-
-    /// Every layer's `blocks`, layer after layer.
-    fn read_all(&self, blocks: &[u32]) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(self.num_layers() * 2 * self.block_bytes() * blocks.len());
-        for layer in 0..self.num_layers() {
-            self.read_blocks(layer, blocks, &mut out)?;
-        }
-        Ok(out)
-    }
-
+    /// Every layer's `blocks`.
+    fn read_all(&self, blocks: &[u32]) -> Result<Vec<u8>>;
     /// Write what [`KvBlockStore::read_all`] gives.
-    fn write_all(&self, blocks: &[u32], data: &[u8]) -> Result<()> {
-        let per = 2 * self.block_bytes() * blocks.len();
-        if data.len() != per * self.num_layers() {
-            return Err(RunnerError::Plan(format!(
-                "KV data of {} bytes for {} layers of {per}",
-                data.len(),
-                self.num_layers()
-            )));
-        }
-        for (layer, chunk) in data.chunks_exact(per.max(1)).enumerate() {
-            self.write_blocks(layer, blocks, chunk)?;
-        }
-        Ok(())
+    fn write_all(&self, blocks: &[u32], data: &[u8]) -> Result<()>;
+}
+
+/// `data` must hold `layers` layers of `blocks`: an error otherwise, before anything is written.
+fn check_len(data: &[u8], layers: usize, block_bytes: usize, blocks: usize) -> Result<usize> {
+    let per = 2 * block_bytes * blocks;
+    if data.len() != per * layers {
+        return Err(RunnerError::Plan(format!("KV data of {} bytes for {layers} layers of {per}", data.len())));
     }
+    Ok(per)
 }
 
 impl KvBlockStore for tessera_models::KvCache {
@@ -51,11 +37,19 @@ impl KvBlockStore for tessera_models::KvCache {
     fn block_bytes(&self) -> usize {
         tessera_models::KvCache::block_bytes(self)
     }
-    fn read_blocks(&self, layer: usize, blocks: &[u32], out: &mut Vec<u8>) -> Result<()> {
-        Ok(tessera_models::KvCache::read_blocks(self, layer, blocks, out)?)
+    fn read_all(&self, blocks: &[u32]) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.num_layers() * 2 * self.block_bytes() * blocks.len());
+        for layer in 0..self.num_layers() {
+            self.read_blocks(layer, blocks, &mut out)?;
+        }
+        Ok(out)
     }
-    fn write_blocks(&self, layer: usize, blocks: &[u32], data: &[u8]) -> Result<()> {
-        Ok(tessera_models::KvCache::write_blocks(self, layer, blocks, data)?)
+    fn write_all(&self, blocks: &[u32], data: &[u8]) -> Result<()> {
+        let per = check_len(data, self.num_layers(), self.block_bytes(), blocks.len())?;
+        for (layer, chunk) in data.chunks_exact(per.max(1)).enumerate() {
+            self.write_blocks(layer, blocks, chunk)?;
+        }
+        Ok(())
     }
 }
 
@@ -64,8 +58,6 @@ impl KvBlockStore for tessera_models::KvCache {
 /// and pipeline layout exchange blocks rank by rank.
 pub struct RankedKv {
     ranks: Vec<tessera_models::KvCache>,
-    /// (rank, local layer) of each store layer.
-    index: Vec<(usize, usize)>,
 }
 
 impl RankedKv {
@@ -75,30 +67,33 @@ impl RankedKv {
         if let Some(r) = ranks.iter().position(|c| c.block_bytes() != bb) {
             return Err(RunnerError::Plan(format!("rank {r}'s KV blocks differ in size from rank 0's")));
         }
-        let index = ranks.iter().enumerate().flat_map(|(r, c)| (0..c.num_layers()).map(move |l| (r, l))).collect();
-        Ok(Self { ranks, index })
-    }
-
-    fn at(&self, layer: usize) -> Result<(&tessera_models::KvCache, usize)> {
-        let &(r, l) = self.index.get(layer).ok_or_else(|| RunnerError::Plan(format!("no KV layer {layer}")))?;
-        Ok((&self.ranks[r], l))
+        Ok(Self { ranks })
     }
 }
 
 impl KvBlockStore for RankedKv {
     fn num_layers(&self) -> usize {
-        self.index.len()
+        self.ranks.iter().map(|c| c.num_layers()).sum()
     }
     fn block_bytes(&self) -> usize {
         self.ranks.first().map_or(0, |c| c.block_bytes())
     }
-    fn read_blocks(&self, layer: usize, blocks: &[u32], out: &mut Vec<u8>) -> Result<()> {
-        let (c, l) = self.at(layer)?;
-        Ok(c.read_blocks(l, blocks, out)?)
+    fn read_all(&self, blocks: &[u32]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for c in &self.ranks {
+            out.extend(KvBlockStore::read_all(c, blocks)?);
+        }
+        Ok(out)
     }
-    fn write_blocks(&self, layer: usize, blocks: &[u32], data: &[u8]) -> Result<()> {
-        let (c, l) = self.at(layer)?;
-        Ok(c.write_blocks(l, blocks, data)?)
+    fn write_all(&self, blocks: &[u32], data: &[u8]) -> Result<()> {
+        let per = check_len(data, self.num_layers(), self.block_bytes(), blocks.len())?;
+        let mut at = 0;
+        for c in &self.ranks {
+            let len = c.num_layers() * per;
+            KvBlockStore::write_all(c, blocks, &data[at..at + len])?;
+            at += len;
+        }
+        Ok(())
     }
 }
 

@@ -41,6 +41,26 @@ impl EngineCollector {
         Ok(())
     }
 
+    /// A counter with one sample per engine and value of `label`.
+    fn counter_by(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        label: &'static str,
+        values: impl Fn(&EngineStats) -> Vec<(&'static str, u64)>,
+    ) -> std::fmt::Result {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (i, s) in self.engines.iter().enumerate() {
+            for (value, n) in values(s) {
+                let mut labels = self.labels(i);
+                labels.push((label, value.to_string()));
+                ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+
     fn counter(
         &self,
         enc: &mut DescriptorEncoder,
@@ -152,31 +172,17 @@ impl Collector for EngineCollector {
         self.counter(e, "tessera:kv_pins_expired", "Prefilled requests whose KV nobody pulled in time.", |s| {
             count(&s.kv.pins_expired)
         })?;
-        let mut m = enc.encode_descriptor(
-            "tessera:kv_transfer_fallbacks",
-            "Decode legs that computed their prompt locally, by reason.",
-            None,
-            MetricType::Counter,
-        )?;
-        for (i, s) in self.engines.iter().enumerate() {
-            for why in Fallback::ALL {
-                let mut labels = self.labels(i);
-                labels.push(("reason", why.as_str().to_string()));
-                ConstCounter::new(s.kv.fallbacks(why)).encode(m.encode_family(&labels)?)?;
-            }
-        }
-        let mut m =
-            enc.encode_descriptor("vllm:request_success", "Requests finished, by reason.", None, MetricType::Counter)?;
-        for (i, s) in self.engines.iter().enumerate() {
-            for (reason, c) in
-                [("stop", &s.finished_stop), ("length", &s.finished_length), ("abort", &s.finished_abort)]
-            {
-                let mut labels = self.labels(i);
-                labels.push(("finished_reason", reason.to_string()));
-                ConstCounter::new(count(c)).encode(m.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+        let fallbacks = "Decode legs that computed their prompt locally, by reason.";
+        self.counter_by(e, "tessera:kv_transfer_fallbacks", fallbacks, "reason", |s| {
+            Fallback::ALL.iter().map(|&why| (why.as_str(), s.kv.fallbacks(why))).collect()
+        })?;
+        self.counter_by(e, "vllm:request_success", "Requests finished, by reason.", "finished_reason", |s| {
+            vec![
+                ("stop", count(&s.finished_stop)),
+                ("length", count(&s.finished_length)),
+                ("abort", count(&s.finished_abort)),
+            ]
+        })
     }
 }
 

@@ -90,12 +90,6 @@ impl KvBlockStore for ExecutorStore {
     fn block_bytes(&self) -> usize {
         self.block_bytes
     }
-    fn read_blocks(&self, _: usize, _: &[u32], _: &mut Vec<u8>) -> tessera_runner::Result<()> {
-        Err(tessera_runner::RunnerError::Plan("ranks in other processes are read whole (read_all)".into()))
-    }
-    fn write_blocks(&self, _: usize, _: &[u32], _: &[u8]) -> tessera_runner::Result<()> {
-        Err(tessera_runner::RunnerError::Plan("ranks in other processes are written whole (write_all)".into()))
-    }
     fn read_all(&self, blocks: &[u32]) -> tessera_runner::Result<Vec<u8>> {
         self.ask(|reply| Command::KvRead { blocks: blocks.to_vec(), reply })
     }

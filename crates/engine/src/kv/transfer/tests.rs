@@ -37,22 +37,27 @@ impl KvBlockStore for MemStore {
     fn block_bytes(&self) -> usize {
         self.bb
     }
-    fn read_blocks(&self, layer: usize, blocks: &[u32], out: &mut Vec<u8>) -> Result<()> {
-        let d = self.data[layer].lock().unwrap();
-        for half in [&d.0, &d.1] {
-            for &b in blocks {
-                out.extend_from_slice(&half[b as usize * self.bb..(b as usize + 1) * self.bb]);
+    fn read_all(&self, blocks: &[u32]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for layer in &self.data {
+            let d = layer.lock().unwrap();
+            for half in [&d.0, &d.1] {
+                for &b in blocks {
+                    out.extend_from_slice(&half[b as usize * self.bb..(b as usize + 1) * self.bb]);
+                }
             }
         }
-        Ok(())
+        Ok(out)
     }
-    fn write_blocks(&self, layer: usize, blocks: &[u32], data: &[u8]) -> Result<()> {
-        let mut guard = self.data[layer].lock().unwrap();
-        let d = &mut *guard;
+    fn write_all(&self, blocks: &[u32], data: &[u8]) -> Result<()> {
         let n = blocks.len() * self.bb;
-        for (half, src) in [&mut d.0, &mut d.1].into_iter().zip([&data[..n], &data[n..]]) {
-            for (&b, bytes) in blocks.iter().zip(src.chunks_exact(self.bb)) {
-                half[b as usize * self.bb..(b as usize + 1) * self.bb].copy_from_slice(bytes);
+        for (layer, chunk) in self.data.iter().zip(data.chunks_exact(2 * n)) {
+            let mut guard = layer.lock().unwrap();
+            let d = &mut *guard;
+            for (half, src) in [&mut d.0, &mut d.1].into_iter().zip([&chunk[..n], &chunk[n..]]) {
+                for (&b, bytes) in blocks.iter().zip(src.chunks_exact(self.bb)) {
+                    half[b as usize * self.bb..(b as usize + 1) * self.bb].copy_from_slice(bytes);
+                }
             }
         }
         Ok(())
