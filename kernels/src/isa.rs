@@ -12,7 +12,8 @@ pub enum Isa {
     Avx2,
     /// AVX2 code with AVX-VNNI's VEX-encoded `vpdpbusd` (Alder Lake, Sapphire Rapids, Zen 5).
     AvxVnni,
-    /// AVX2 code with the AVX-512 VNNI `vpdpbusd` integer dot product (256-bit, AVX512VL).
+    /// AVX2 code with the AVX-512 VNNI `vpdpbusd` integer dot product: 512-bit for the packed
+    /// GEMM (two groups of 8 columns per vector), 256-bit (AVX512VL) elsewhere.
     Avx512Vnni,
 }
 
@@ -40,7 +41,10 @@ impl Isa {
                 if is_x86_feature_detected!("avxvnni") {
                     out.push(Isa::AvxVnni);
                 }
-                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                if is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512bw")
+                {
                     out.push(Isa::Avx512Vnni);
                 }
             }
@@ -68,7 +72,7 @@ impl Isa {
             Isa::Scalar => "scalar (no SIMD)",
             Isa::Avx2 => "AVX2+FMA",
             Isa::AvxVnni => "AVX2+FMA with AVX-VNNI dot products",
-            Isa::Avx512Vnni => "AVX2+FMA with AVX-512 VNNI dot products",
+            Isa::Avx512Vnni => "AVX2+FMA with AVX-512 VNNI dot products (512-bit GEMM)",
         }
     }
 }

@@ -50,7 +50,8 @@ impl QMatrix {
         if let (Some(p), Some(gemm)) = (self.packed(), packed_gemm(isa, ty)) {
             // Q4_K's packed form takes its Q8_K activations as blocks of 32.
             let acts = if ty.is_k() { as_blocks_32(&quantize_rows_k(x, k)) } else { quantize_rows(x, k) };
-            split(p.groups, (chunk_rows(n) / GROUP).max(1), |groups| {
+            // An even number of groups per task, so the 512-bit kernel can take them in pairs.
+            split(p.groups, (chunk_rows(n) / GROUP).max(1).next_multiple_of(2), |groups| {
                 // SAFETY: `packed_gemm` chose a path this CPU has for this type; each task
                 // writes only its groups' columns, and the chunks are disjoint.
                 unsafe { gemm(p, ty, groups, &acts, k / QK, ptr.at(0), n) };
@@ -92,7 +93,7 @@ fn packed_gemm(isa: Isa, ty: crate::QType) -> Option<PackedGemm> {
         #[cfg(target_arch = "x86_64")]
         Isa::AvxVnni => Some(crate::quant::x86_packed::avxvnni::gemm),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => Some(crate::quant::x86_packed::vnni::gemm),
+        Isa::Avx512Vnni => Some(crate::quant::x86_packed512::gemm),
         _ => None,
     }
 }

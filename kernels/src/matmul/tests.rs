@@ -326,3 +326,31 @@ fn k_quants_need_whole_super_blocks() {
     assert!(QMatrix::new(QType::Q6K, 2, 256, vec![0; 420]).is_ok());
     assert_eq!(QType::from_name("Q5_K"), Some(QType::Q5K));
 }
+
+/// The 512-bit VNNI GEMM (pairs of column groups) gives exactly the 256-bit VNNI kernel's
+/// bits on every packed type, including a trailing odd group and a partial last group.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_512_bit_gemm_equals_the_256_bit_one_bit_for_bit() {
+    if !Isa::available().contains(&Isa::Avx512Vnni) {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    for ty in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        for (n, k, m) in [(37, 96, 9), (48, 608, 3), (8, 32, 1), (129, 256, 17)] {
+            let w = random_matrix(ty, n, k, &mut rng);
+            let p = w.packed().expect("packable type");
+            let acts = quantize_rows(&random_x(m, k, &mut rng), k);
+            let (mut wide, mut narrow) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+            // SAFETY: the CPU has AVX-512 VNNI (checked above); `p` packs `w`, `acts` holds
+            // `m` whole rows and each output holds `m × n` values.
+            unsafe {
+                crate::quant::x86_packed512::gemm(p, ty, 0..p.groups, &acts, k / QK, wide.as_mut_ptr(), n);
+                crate::quant::x86_packed::vnni::gemm(p, ty, 0..p.groups, &acts, k / QK, narrow.as_mut_ptr(), n);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&wide), bits(&narrow), "{ty:?} n={n} k={k} m={m}");
+        }
+    }
+}

@@ -14,6 +14,8 @@ pub(crate) mod x86;
 pub(crate) mod x86_k;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_packed;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_packed512;
 
 pub use kquant::{quantize_row_k, quantize_rows_k, ActBlockK, QK_K};
 
