@@ -8,23 +8,25 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{Addressable, LLMInferenceService, LLMInferenceServiceConfig, LLMInferenceServiceStatus};
+use crate::api::{
+    Addressable, LLMInferenceService, LLMInferenceServiceConfig, LLMInferenceServiceSpec, LLMInferenceServiceStatus,
+};
+use crate::children;
 use crate::combine::{combine, config_names};
 use crate::conditions::{self as cond, Conditions, Status};
-use crate::names;
-use crate::render;
+use crate::kinds::{self, Installed};
 use crate::template::GlobalConfig;
 use crate::Error;
+use crate::{desired, names, render, routing_status};
 
-/// The one field manager for everything the operator applies.
-pub const MANAGER: &str = "tessera-operator";
+pub use crate::children::MANAGER;
 /// The annotation that stops a service.
 pub const STOP_ANNOTATION: &str = "serving.kserve.io/stop";
 
@@ -36,6 +38,8 @@ pub struct Settings {
     /// Where the operator's presets live (looked up after the service's own namespace).
     pub system_namespace: String,
     pub global: GlobalConfig,
+    /// The third-party kinds the cluster serves; `None`: ask its discovery at start-up.
+    pub installed: Option<Installed>,
 }
 
 /// Reconcile counters, exported on `/metrics`.
@@ -74,88 +78,58 @@ async fn fetch_configs(ctx: &Ctx, svc: &LLMInferenceService) -> Result<Vec<LLMIn
     Ok(out)
 }
 
-async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
-where
-    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    Ok(api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj)).await?)
-}
-
-async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), Error>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 fn is_stopped(svc: &LLMInferenceService) -> bool {
     svc.annotations().get(STOP_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
-/// Apply a Deployment; one whose live selector differs (a role label changed: prefill added
-/// or removed) is replaced, since selectors are immutable.
-async fn apply_deployment(api: &Api<Deployment>, d: &Deployment) -> Result<Deployment, Error> {
-    let name = d.metadata.name.clone().unwrap_or_default();
-    if let Some(live) = api.get_opt(&name).await? {
-        if live.spec.selector != d.spec.selector {
-            tracing::info!(%name, "the Deployment's selector changes: replacing it");
-            delete_if_present(api, &name).await?;
+/// The workload conditions that apply to `spec`'s topology: (condition, kind, object name).
+fn workload_parts(svc: &str, spec: &LLMInferenceServiceSpec) -> Vec<(&'static str, &'static str, String)> {
+    let mut out = vec![];
+    match spec.workload.worker {
+        Some(_) => out.push((cond::WORKER_WORKLOAD_READY, "LeaderWorkerSet", names::multi_node(svc))),
+        None => out.push((cond::MAIN_WORKLOAD_READY, "Deployment", names::main_workload(svc))),
+    }
+    match spec.prefill.as_ref().map(|p| p.worker.is_some()) {
+        Some(true) => {
+            out.push((cond::PREFILL_WORKER_WORKLOAD_READY, "LeaderWorkerSet", names::prefill_multi_node(svc)))
+        }
+        Some(false) => out.push((cond::PREFILL_WORKLOAD_READY, "Deployment", names::prefill_workload(svc))),
+        None => {}
+    }
+    out
+}
+
+const WORKLOAD_CONDITIONS: [&str; 4] = [
+    cond::MAIN_WORKLOAD_READY,
+    cond::WORKER_WORKLOAD_READY,
+    cond::PREFILL_WORKLOAD_READY,
+    cond::PREFILL_WORKER_WORKLOAD_READY,
+];
+const ROUTER_CONDITIONS: [&str; 4] =
+    [cond::HTTPROUTES_READY, cond::GATEWAYS_READY, cond::INFERENCE_POOL_READY, cond::SCHEDULER_WORKLOAD_READY];
+
+/// Stopped: every workload and router condition that applies says so.
+fn stopped_conditions(conds: &mut Conditions, svc: &str, spec: &LLMInferenceServiceSpec) {
+    let msg = format!("the {STOP_ANNOTATION} annotation is \"true\"; workloads and router objects are deleted");
+    let parts: Vec<&str> = workload_parts(svc, spec).into_iter().map(|(c, _, _)| c).collect();
+    for c in WORKLOAD_CONDITIONS {
+        match parts.contains(&c) {
+            true => conds.set(c, Status::False, "Stopped", &msg),
+            false => conds.remove(c),
         }
     }
-    apply(api, d).await
-}
-
-/// The objects of a single-node service (with its prefill workload, if split).
-struct Children {
-    main: Deployment,
-    service: Service,
-    prefill: Option<(Deployment, Service)>,
-}
-
-/// A workload condition (`ty`) from the Deployment's `Available` condition.
-fn deployment_condition(conds: &mut Conditions, ty: &str, d: &Deployment) {
-    let available = d
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_.as_deref() == Some("Available")));
-    match available {
-        Some(a) if a.status.as_deref() == Some("True") => conds.set(ty, Status::True, "", ""),
-        Some(a) => conds.set(
-            ty,
-            if a.status.as_deref() == Some("False") { Status::False } else { Status::Unknown },
-            a.reason.as_deref().unwrap_or("DeploymentUnavailable"),
-            a.message.as_deref().unwrap_or(""),
-        ),
-        None => conds.set(
-            ty,
-            Status::Unknown,
-            "DeploymentNotAvailableYet",
-            "the Deployment reports no Available condition yet",
-        ),
-    }
-}
-
-/// Router objects belong to a later version: report them Unknown, never an error.
-fn router_conditions(conds: &mut Conditions, spec: &crate::api::LLMInferenceServiceSpec) {
     let router = spec.router.clone().unwrap_or_default();
-    let parts = [
-        (cond::HTTPROUTES_READY, router.route.is_some(), "router.route"),
-        (cond::GATEWAYS_READY, router.gateway.is_some(), "router.gateway"),
-        (cond::INFERENCE_POOL_READY, router.scheduler.is_some(), "router.scheduler"),
-        (cond::SCHEDULER_WORKLOAD_READY, router.scheduler.is_some(), "router.scheduler"),
-    ];
-    for (ty, wanted, field) in parts {
-        if wanted {
-            let msg = format!("{field} is accepted but routing is not handled by this operator version yet");
-            conds.set(ty, Status::Unknown, "RoutingNotHandledYet", &msg);
-        } else {
-            conds.remove(ty);
+    let gateway = router.route.is_some() || router.gateway.as_ref().is_some_and(|g| g.refs.is_some());
+    let by_ref = router.scheduler.as_ref().and_then(|s| s.pool.as_ref()).is_some_and(|p| p.reference.is_some());
+    for (c, on) in [
+        (cond::HTTPROUTES_READY, router.route.is_some()),
+        (cond::GATEWAYS_READY, gateway),
+        (cond::INFERENCE_POOL_READY, router.scheduler.is_some()),
+        (cond::SCHEDULER_WORKLOAD_READY, router.scheduler.is_some() && !by_ref),
+    ] {
+        match on {
+            true => conds.set(c, Status::False, "Stopped", &msg),
+            false => conds.remove(c),
         }
     }
 }
@@ -163,8 +137,9 @@ fn router_conditions(conds: &mut Conditions, spec: &crate::api::LLMInferenceServ
 async fn reconcile(svc: Arc<LLMInferenceService>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let ns = svc.namespace().unwrap_or_default();
     let name = svc.name_any();
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = svc.uid().unwrap_or_default();
+    let client = &ctx.client;
+    let installed = ctx.settings.installed.unwrap_or(Installed::ALL);
     let old = svc.status.clone().unwrap_or_default();
     let mut conds = Conditions(old.conditions.clone().unwrap_or_default());
     let mut status = LLMInferenceServiceStatus { observed_generation: svc.metadata.generation, ..old.clone() };
@@ -174,71 +149,60 @@ async fn reconcile(svc: Arc<LLMInferenceService>, ctx: Arc<Ctx>) -> Result<Actio
         Err(e) => Err(e),
     };
     // Build every object before writing any: nothing is created from an invalid spec.
-    let objects = combined.and_then(|spec| {
-        if spec.workload.worker.is_some() || spec.prefill.as_ref().is_some_and(|p| p.worker.is_some()) {
-            return Ok((spec, None));
-        }
-        let main = render::main_deployment(&svc, &spec)?;
-        let service = render::workload_service(&svc, &spec);
-        let prefill = render::prefill_deployment(&svc, &spec)?.map(|d| (d, render::prefill_service(&svc)));
-        Ok((spec, Some(Children { main, service, prefill })))
+    let stopped = is_stopped(&svc);
+    let mut objects = combined.and_then(|spec| {
+        let children = if stopped { vec![] } else { desired::children(&svc, &spec, installed)? };
+        Ok((spec, children))
     });
+    if let Ok((_, children)) = &objects {
+        if let Err(e) = desired::check_group_sizes(client, &ns, children).await {
+            objects = Err(e);
+        }
+    }
     match objects {
         Err(Error::Kube(e)) => return Err(Error::Kube(e)),
         Err(e) => {
-            tracing::warn!(%ns, %name, reason = e.reason(), "cannot combine: {e}");
+            tracing::warn!(%ns, %name, reason = e.reason(), "cannot render: {e}");
             conds.set(cond::PRESETS_COMBINED, Status::False, e.reason(), &e.to_string());
         }
         Ok((spec, children)) => {
             conds.set(cond::PRESETS_COMBINED, Status::True, "", "");
-            let (dep_name, svc_name) = (names::main_workload(&name), names::workload_service(&name));
-            let (pre_name, pre_svc) = (names::prefill_workload(&name), names::prefill_service(&name));
-            match children {
-                _ if is_stopped(&svc) => {
-                    for d in [&dep_name, &pre_name] {
-                        delete_if_present(&deployments, d).await?;
-                    }
-                    for s in [&svc_name, &pre_svc] {
-                        delete_if_present(&services, s).await?;
-                    }
-                    let msg = format!("the {STOP_ANNOTATION} annotation is \"true\"; workloads are deleted");
-                    conds.set(cond::MAIN_WORKLOAD_READY, Status::False, "Stopped", &msg);
-                    match spec.prefill {
-                        Some(_) => conds.set(cond::PREFILL_WORKLOAD_READY, Status::False, "Stopped", &msg),
-                        None => conds.remove(cond::PREFILL_WORKLOAD_READY),
-                    }
-                    status.url = None;
-                    status.address = None;
-                    status.addresses = None;
-                }
-                None => {
-                    let msg = "multi-node (worker) workloads are not handled by this operator version yet";
-                    conds.set(cond::MAIN_WORKLOAD_READY, Status::Unknown, "TopologyNotHandledYet", msg);
-                }
-                Some(Children { main, service, prefill }) => {
-                    let live = apply_deployment(&deployments, &main).await?;
-                    apply(&services, &service).await?;
-                    deployment_condition(&mut conds, cond::MAIN_WORKLOAD_READY, &live);
-                    match prefill {
-                        Some((d, s)) => {
-                            let live = apply_deployment(&deployments, &d).await?;
-                            apply(&services, &s).await?;
-                            deployment_condition(&mut conds, cond::PREFILL_WORKLOAD_READY, &live);
+            let mut live = vec![];
+            for c in &children {
+                live.push(children::apply(client, &ns, c).await?);
+            }
+            children::delete_unwanted(client, &ns, &uid, &children::catalogue(&name, installed), &children).await?;
+            if stopped {
+                stopped_conditions(&mut conds, &name, &spec);
+                status.url = None;
+                status.address = None;
+                status.addresses = None;
+            } else {
+                let parts = workload_parts(&name, &spec);
+                for c in WORKLOAD_CONDITIONS {
+                    match parts.iter().find(|(p, _, _)| *p == c) {
+                        Some((_, kind, obj)) => {
+                            let found = live
+                                .iter()
+                                .find(|l| l.types.as_ref().is_some_and(|t| t.kind == *kind) && l.name_any() == *obj);
+                            routing_status::workload_condition(&mut conds, c, kind, found);
                         }
-                        None => {
-                            // `prefill` removed: what it created goes.
-                            delete_if_present(&deployments, &pre_name).await?;
-                            delete_if_present(&services, &pre_svc).await?;
-                            conds.remove(cond::PREFILL_WORKLOAD_READY);
-                        }
+                        None => conds.remove(c),
                     }
-                    let url = render::workload_url(&svc);
-                    status.url = Some(url.clone());
-                    status.address = Some(Addressable { url: Some(url.clone()), ..Default::default() });
-                    status.addresses = Some(vec![Addressable { url: Some(url), ..Default::default() }]);
+                }
+                let urls = routing_status::report(client, &svc, spec.router.as_ref(), installed, &mut conds).await?;
+                let routed = spec.router.as_ref().is_some_and(|r| r.route.is_some());
+                let urls = if routed { urls } else { vec![render::workload_url(&svc)] };
+                let addr = |u: &String| Addressable { url: Some(u.clone()), ..Default::default() };
+                status.url = urls.first().cloned();
+                status.address = urls.first().map(addr);
+                status.addresses = (!urls.is_empty()).then(|| urls.iter().map(addr).collect());
+            }
+            if spec.router.is_none() {
+                for c in ROUTER_CONDITIONS {
+                    conds.remove(c);
                 }
             }
-            router_conditions(&mut conds, &spec);
         }
     }
     conds.roll_up_all();
@@ -292,8 +256,28 @@ where
     }
 }
 
+/// Services in `store` in namespace `ns` (any when `None`): the ones a change of a route, pool
+/// or Gateway may concern (a router may come from presets or baseRefs, not only the spec).
+fn routed(
+    store: &kube::runtime::reflector::Store<LLMInferenceService>,
+    ns: Option<String>,
+) -> Vec<ObjectRef<LLMInferenceService>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|s| ns.is_none() || s.namespace() == ns)
+        .map(|s| ObjectRef::from_obj(&*s))
+        .collect()
+}
+
 /// Run one controller per watched namespace (or one for all) until the process is signalled.
-pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
+pub async fn run(client: Client, mut settings: Settings, metrics: Arc<Metrics>) {
+    let installed = match settings.installed {
+        Some(i) => i,
+        None => Installed::discover(&client).await,
+    };
+    tracing::info!(?installed, "third-party kinds served by the cluster");
+    settings.installed = Some(installed);
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
         vec![None]
     } else {
@@ -301,32 +285,78 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
     };
     let ctx = Arc::new(Ctx { client: client.clone(), settings, metrics, failures: Mutex::new(HashMap::new()) });
     let runs = scopes.into_iter().map(|ns| {
-        let configs: Api<LLMInferenceServiceConfig> = Api::all(client.clone());
-        let controller = Controller::new(scoped::<LLMInferenceService>(&client, &ns), watcher::Config::default());
+        let wc = watcher::Config::default;
+        let mut controller = Controller::new(scoped::<LLMInferenceService>(&client, &ns), wc());
         let store = controller.store();
         let system_ns = ctx.settings.system_namespace.clone();
-        controller
-            .owns(scoped::<Deployment>(&client, &ns), watcher::Config::default())
-            .owns(scoped::<Service>(&client, &ns), watcher::Config::default())
-            .watches(configs, watcher::Config::default(), move |cfg: LLMInferenceServiceConfig| {
-                let (cfg_name, cfg_ns) = (cfg.name_any(), cfg.namespace().unwrap_or_default());
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|s| {
-                        let ns_ok = cfg_ns == system_ns || s.namespace().as_deref() == Some(cfg_ns.as_str());
-                        ns_ok && config_names(s).contains(&cfg_name)
-                    })
-                    .map(|s| ObjectRef::from_obj(&*s))
-                    .collect::<Vec<_>>()
-            })
-            .shutdown_on_signal()
-            .run(reconcile, error_policy, ctx.clone())
-            .for_each(|res| async move {
-                if let Err(e) = res {
-                    tracing::debug!("controller: {e}");
+        // Configs in the watched namespace and the system namespace only (all when unscoped).
+        let mut config_scopes = vec![ns.clone()];
+        if ns.as_ref().is_some_and(|n| *n != system_ns) {
+            config_scopes.push(Some(system_ns.clone()));
+        }
+        for scope in config_scopes {
+            let (store, system_ns) = (store.clone(), system_ns.clone());
+            controller = controller.watches(
+                scoped::<LLMInferenceServiceConfig>(&client, &scope),
+                wc(),
+                move |cfg: LLMInferenceServiceConfig| {
+                    let (cfg_name, cfg_ns) = (cfg.name_any(), cfg.namespace().unwrap_or_default());
+                    store
+                        .state()
+                        .into_iter()
+                        .filter(|s| {
+                            let ns_ok = cfg_ns == system_ns || s.namespace().as_deref() == Some(cfg_ns.as_str());
+                            ns_ok && config_names(s).contains(&cfg_name)
+                        })
+                        .map(|s| ObjectRef::from_obj(&*s))
+                        .collect::<Vec<_>>()
+                },
+            );
+        }
+        controller =
+            controller.owns(scoped::<Deployment>(&client, &ns), wc()).owns(scoped::<Service>(&client, &ns), wc());
+        let dynamic = |ar: &kube::core::ApiResource| match &ns {
+            Some(n) => Api::<DynamicObject>::namespaced_with(client.clone(), n, ar),
+            None => Api::<DynamicObject>::all_with(client.clone(), ar),
+        };
+        if installed.lws {
+            let ar = kinds::lws();
+            controller = controller.owns_with(dynamic(&ar), ar, wc());
+        }
+        // Routes (managed or referenced) and pools: services with a router in their namespace.
+        for (on, ar) in [
+            (installed.routes, kinds::http_route()),
+            (installed.pool_alpha, kinds::pool_alpha()),
+            (installed.pool_v1, kinds::pool_v1()),
+        ] {
+            if on {
+                let store = store.clone();
+                controller = controller
+                    .watches_with(dynamic(&ar), ar, wc(), move |o: DynamicObject| routed(&store, o.namespace()));
+            }
+        }
+        // Gateways: anywhere, or (scoped) in the watched namespace and the ingress gateway's.
+        if installed.gateways {
+            let ar = kinds::gateway();
+            let apis = match &ns {
+                None => vec![Api::<DynamicObject>::all_with(client.clone(), &ar)],
+                Some(n) => {
+                    let mut scopes = vec![n.clone(), ctx.settings.global.ingress_gateway_namespace.clone()];
+                    scopes.dedup();
+                    scopes.iter().map(|s| Api::<DynamicObject>::namespaced_with(client.clone(), s, &ar)).collect()
                 }
-            })
+            };
+            for api in apis {
+                let store = store.clone();
+                controller =
+                    controller.watches_with(api, ar.clone(), wc(), move |_: DynamicObject| routed(&store, None));
+            }
+        }
+        controller.shutdown_on_signal().run(reconcile, error_policy, ctx.clone()).for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!("controller: {e}");
+            }
+        })
     });
     futures::future::join_all(runs).await;
 }
@@ -336,7 +366,8 @@ pub async fn install_presets(client: &Client, namespace: &str, image: &str) -> R
     let api: Api<LLMInferenceServiceConfig> = Api::namespaced(client.clone(), namespace);
     let presets = crate::presets::shipped(image)?;
     for p in &presets {
-        apply(&api, p).await?;
+        let name = p.metadata.name.clone().unwrap_or_default();
+        api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(p)).await?;
     }
     Ok(presets.len())
 }

@@ -9,6 +9,12 @@ pub enum Error {
     Template { template: String, message: String },
     #[error("{0}")]
     Invalid(String),
+    /// A kind the spec needs whose CRD the cluster does not serve (reason `<Kind>NotInstalled`).
+    #[error("{message}")]
+    NotInstalled { reason: String, message: String },
+    /// The spec changes something that may not change (reason `InvalidSpec`).
+    #[error("{0}")]
+    Immutable(String),
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("json: {0}")]
@@ -18,9 +24,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// `what` needs `kind`'s CRD, which the cluster does not serve.
+    pub fn not_installed(kind: &str, what: &str) -> Error {
+        Error::NotInstalled {
+            reason: format!("{kind}NotInstalled"),
+            message: format!(
+                "{what} needs the {kind} CRD, which this cluster does not serve; install it and restart the operator"
+            ),
+        }
+    }
+
     /// The condition reason this error reports.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> &str {
         match self {
+            Error::NotInstalled { reason, .. } => reason,
+            Error::Immutable(_) => "InvalidSpec",
             Error::ConfigNotFound { .. } => "ConfigNotFound",
             Error::Template { .. } => "TemplateError",
             Error::Invalid(_) => "InvalidSpec",

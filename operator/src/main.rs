@@ -26,6 +26,11 @@ enum Cmd {
         #[arg(long, default_value = "ghcr.io/tessera-ai/tessera:latest")]
         worker_image: String,
     },
+    /// Print the ClusterRole with the least RBAC the operator needs (YAML).
+    Rbac {
+        #[arg(long, default_value = "tessera-operator")]
+        name: String,
+    },
     /// Run the controller.
     Run(RunArgs),
 }
@@ -92,6 +97,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ingress_gateway_name: args.ingress_gateway_name,
             ingress_gateway_namespace: args.ingress_gateway_namespace,
         },
+        installed: None,
     };
     tokio::select! {
         _ = controller::run(client, settings, metrics) => Ok(()),
@@ -111,11 +117,10 @@ async fn main() -> anyhow::Result<()> {
             emit(&tessera_operator::api::crds_yaml()?)?;
         }
         Cmd::Presets { worker_image } => {
-            for p in tessera_operator::presets::shipped(&worker_image)? {
-                if !emit(&format!("---\n{}", serde_yaml::to_string(&p)?))? {
-                    break;
-                }
-            }
+            emit(&tessera_operator::presets::shipped_yaml(&worker_image)?)?;
+        }
+        Cmd::Rbac { name } => {
+            emit(&serde_yaml::to_string(&tessera_operator::rbac::cluster_role(&name))?)?;
         }
         Cmd::Run(args) => run(args).await?,
     }

@@ -45,6 +45,35 @@ pub fn prefill_service(svc: &str) -> String {
     child_name(svc, "-kserve-prefill-workload-svc")
 }
 
+/// The LeaderWorkerSet of a multi-node workload (and its ServiceAccount).
+pub fn multi_node(svc: &str) -> String {
+    child_name(svc, "-kserve-mn")
+}
+pub fn prefill_multi_node(svc: &str) -> String {
+    child_name(svc, "-kserve-mn-prefill")
+}
+pub fn route(svc: &str) -> String {
+    child_name(svc, "-kserve-route")
+}
+pub fn pool(svc: &str) -> String {
+    child_name(svc, "-inference-pool")
+}
+pub fn scheduler(svc: &str) -> String {
+    child_name(svc, "-kserve-router-scheduler")
+}
+pub fn epp_service(svc: &str) -> String {
+    child_name(svc, "-epp-service")
+}
+pub fn epp_service_account(svc: &str) -> String {
+    child_name(svc, "-epp-sa")
+}
+pub fn epp_role(svc: &str) -> String {
+    child_name(svc, "-epp-role")
+}
+pub fn epp_role_binding(svc: &str) -> String {
+    child_name(svc, "-epp-rb")
+}
+
 /// Which workload a pod belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -64,19 +93,70 @@ impl Role {
     }
 }
 
-/// Labels on a workload's pods (and the selector of its Service).
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// `app.kubernetes.io/name` and `part-of`: on every child.
+pub fn base_labels(svc: &str) -> BTreeMap<String, String> {
+    labels(&[("app.kubernetes.io/name", svc), ("app.kubernetes.io/part-of", "llminferenceservice")])
+}
+
+/// What a workload Service selects: the serving pods of one role — single-node pods and
+/// multi-node leaders alike (workers carry no `kserve.io/component`).
+pub fn selector(svc: &str, role: Role) -> BTreeMap<String, String> {
+    let mut l = base_labels(svc);
+    l.extend(labels(&[("kserve.io/component", "workload"), ("llm-d.ai/role", role.as_str())]));
+    l
+}
+
+/// What an InferencePool selects: every serving pod, decode and prefill (the endpoint
+/// picker tells them apart by `llm-d.ai/role`).
+pub fn pool_selector(svc: &str) -> BTreeMap<String, String> {
+    let mut l = base_labels(svc);
+    l.insert("kserve.io/component".into(), "workload".into());
+    l
+}
+
+/// Labels on a single-node workload's pods (and its Deployment's selector).
 pub fn workload_labels(svc: &str, role: Role) -> BTreeMap<String, String> {
     let component = match role {
         Role::Prefill => "llminferenceservice-workload-prefill",
         _ => "llminferenceservice-workload",
     };
-    BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), svc.to_string()),
-        ("app.kubernetes.io/part-of".to_string(), "llminferenceservice".to_string()),
-        ("app.kubernetes.io/component".to_string(), component.to_string()),
-        ("kserve.io/component".to_string(), "workload".to_string()),
-        ("llm-d.ai/role".to_string(), role.as_str().to_string()),
-    ])
+    let mut l = selector(svc, role);
+    l.insert("app.kubernetes.io/component".into(), component.into());
+    l
+}
+
+/// Labels on a multi-node group's leader pod.
+pub fn leader_labels(svc: &str, role: Role) -> BTreeMap<String, String> {
+    let component = match role {
+        Role::Prefill => "llminferenceservice-workload-leader-prefill",
+        _ => "llminferenceservice-workload-leader",
+    };
+    let mut l = selector(svc, role);
+    l.insert("app.kubernetes.io/component".into(), component.into());
+    l
+}
+
+/// Labels on a multi-node group's worker pods (and on the LeaderWorkerSet).
+pub fn worker_labels(svc: &str, role: Role) -> BTreeMap<String, String> {
+    let component = match role {
+        Role::Prefill => "llminferenceservice-workload-worker-prefill",
+        _ => "llminferenceservice-workload-worker",
+    };
+    let mut l = base_labels(svc);
+    l.insert("app.kubernetes.io/component".into(), component.into());
+    l
+}
+
+/// Labels on the router objects (route, pool) and, with `scheduler`, on the endpoint picker.
+pub fn router_labels(svc: &str, scheduler: bool) -> BTreeMap<String, String> {
+    let component = if scheduler { "llminferenceservice-router-scheduler" } else { "llminferenceservice-router" };
+    let mut l = base_labels(svc);
+    l.insert("app.kubernetes.io/component".into(), component.into());
+    l
 }
 
 #[cfg(test)]

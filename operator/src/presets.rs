@@ -34,6 +34,15 @@ pub fn shipped(image: &str) -> Result<Vec<LLMInferenceServiceConfig>, Error> {
     SHIPPED.iter().map(|y| Ok(serde_yaml::from_str(&y.replace(IMAGE_PLACEHOLDER, image))?)).collect()
 }
 
+/// Our presets as one YAML stream (what `tessera-operator presets` prints).
+pub fn shipped_yaml(image: &str) -> Result<String, Error> {
+    let mut out = String::new();
+    for p in shipped(image)? {
+        out.push_str(&format!("---\n{}", serde_yaml::to_string(&p)?));
+    }
+    Ok(out)
+}
+
 fn worker_preset(p: Option<&crate::api::ParallelismSpec>, dp: &'static str, pp: &'static str) -> &'static str {
     match p {
         Some(p) if p.pipeline.is_some() && p.data.is_none() => pp,

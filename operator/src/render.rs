@@ -63,7 +63,7 @@ impl Storage {
     }
 }
 
-fn owned_meta(svc: &LLMInferenceService, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+pub(crate) fn owned_meta(svc: &LLMInferenceService, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: svc.namespace(),
@@ -138,10 +138,18 @@ fn add_storage(pod: &mut PodSpec, uri: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Labels of the main workload's pods: role `both`, or `decode` when prefill is split off.
+/// The main workload's role: `both`, or `decode` when prefill is split off.
+pub fn main_role(spec: &LLMInferenceServiceSpec) -> Role {
+    if spec.prefill.is_some() {
+        Role::Decode
+    } else {
+        Role::Both
+    }
+}
+
+/// Labels of the main workload's pods.
 fn main_labels(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> BTreeMap<String, String> {
-    let role = if spec.prefill.is_some() { Role::Decode } else { Role::Both };
-    names::workload_labels(&svc.name_any(), role)
+    names::workload_labels(&svc.name_any(), main_role(spec))
 }
 
 /// `spec.model.criticality` → `TESSERA_CRITICALITY` on the `main` container (the worker sheds
@@ -220,9 +228,7 @@ pub fn prefill_deployment(
     let Some(prefill) = &spec.prefill else { return Ok(None) };
     let labels = names::workload_labels(&svc.name_any(), Role::Prefill);
     let mut pod = prefill.template.clone().unwrap_or_default();
-    add_storage(&mut pod, &spec.model.uri)?;
-    add_criticality(&mut pod, spec);
-    add_disaggregation(svc, &mut pod, Role::Prefill);
+    prepare_pod(svc, spec, &mut pod, Role::Prefill)?;
     crate::parallelism::apply(&mut pod, prefill.parallelism.as_ref());
     let name = names::prefill_workload(&svc.name_any());
     Ok(Some(deployment(svc, name, labels, prefill.replicas, pod)))
@@ -231,6 +237,7 @@ pub fn prefill_deployment(
 /// The headless Service `<name>-kserve-prefill-workload-svc` over the prefill pods.
 pub fn prefill_service(svc: &LLMInferenceService) -> Service {
     let labels = names::workload_labels(&svc.name_any(), Role::Prefill);
+    let selector = names::selector(&svc.name_any(), Role::Prefill);
     let port = |name: &str, port: i32| ServicePort {
         name: Some(name.into()),
         port,
@@ -242,7 +249,7 @@ pub fn prefill_service(svc: &LLMInferenceService) -> Service {
         metadata: owned_meta(svc, names::prefill_service(&svc.name_any()), labels.clone()),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
-            selector: Some(labels),
+            selector: Some(selector),
             ports: Some(vec![port("http", PORT), port("kv-transfer", KV_PORT)]),
             ..Default::default()
         }),
@@ -250,15 +257,27 @@ pub fn prefill_service(svc: &LLMInferenceService) -> Service {
     }
 }
 
+/// Wire storage, criticality and (when prefill is split off) the disaggregation settings into
+/// a workload pod of `role`.
+pub(crate) fn prepare_pod(
+    svc: &LLMInferenceService,
+    spec: &LLMInferenceServiceSpec,
+    pod: &mut PodSpec,
+    role: Role,
+) -> Result<(), Error> {
+    add_storage(pod, &spec.model.uri)?;
+    add_criticality(pod, spec);
+    if spec.prefill.is_some() {
+        add_disaggregation(svc, pod, role);
+    }
+    Ok(())
+}
+
 /// The single-node Deployment `<name>-kserve` (role `both`, or `decode` when prefill is set).
 pub fn main_deployment(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> Result<Deployment, Error> {
     let labels = main_labels(svc, spec);
     let mut pod = spec.workload.template.clone().unwrap_or_default();
-    add_storage(&mut pod, &spec.model.uri)?;
-    add_criticality(&mut pod, spec);
-    if spec.prefill.is_some() {
-        add_disaggregation(svc, &mut pod, Role::Decode);
-    }
+    prepare_pod(svc, spec, &mut pod, main_role(spec))?;
     crate::parallelism::apply(&mut pod, spec.workload.parallelism.as_ref());
     Ok(deployment(svc, names::main_workload(&svc.name_any()), labels, spec.workload.replicas, pod))
 }
@@ -267,9 +286,9 @@ pub fn main_deployment(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec
 pub fn workload_service(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> Service {
     let labels = main_labels(svc, spec);
     Service {
-        metadata: owned_meta(svc, names::workload_service(&svc.name_any()), labels.clone()),
+        metadata: owned_meta(svc, names::workload_service(&svc.name_any()), labels),
         spec: Some(ServiceSpec {
-            selector: Some(labels),
+            selector: Some(names::selector(&svc.name_any(), main_role(spec))),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: PORT,

@@ -110,21 +110,21 @@ async fn opt_sample_applied_with_kubectl() {
     assert_eq!(spec.ports.unwrap()[0].port, 8000);
     assert_eq!(s.owner_references()[0].uid, svc.uid().unwrap());
 
-    let routes = env.condition(name, "HTTPRoutesReady", |c| c.status == "Unknown").await;
-    assert_eq!(routes.reason.as_deref(), Some("RoutingNotHandledYet"));
+    // `router.route: {}` with the default Gateway, which does not exist here.
+    let gw = env.condition(name, "GatewaysReady", |c| c.status == "False").await;
+    assert_eq!(gw.reason.as_deref(), Some("RefsInvalid"));
     assert!(env.condition(name, "PresetsCombined", |_| true).await.status == "True");
     mark_available(&env, &format!("{name}-kserve")).await;
     env.condition(name, "MainWorkloadReady", |c| c.status == "True").await;
     let ready = env.condition(name, "Ready", |c| c.status != "True").await;
-    assert_eq!((ready.status.as_str(), ready.reason.as_deref()), ("Unknown", Some("RoutingNotHandledYet")));
-    let url = format!("http://{name}-kserve-workload-svc.{ns}.svc.cluster.local:8000");
+    assert_eq!((ready.status.as_str(), ready.reason.as_deref()), ("False", Some("RefsInvalid")));
     let svc = env.api::<LLMInferenceService>().get(name).await.unwrap();
-    assert_eq!(svc.status.unwrap().url.as_deref(), Some(url.as_str()));
+    assert_eq!(svc.status.unwrap().url, None, "routed through a Gateway that has no address yet");
 
     let table = kubectl(&env, &["get", "llmisvc"]);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "URL", "READY", "REASON", "AGE"], "{table}");
-    assert!(table.contains(&url) && table.contains("RoutingNotHandledYet"), "{table}");
+    assert!(table.contains("RefsInvalid"), "{table}");
     let wide = kubectl(&env, &["get", "llmisvc", "-o", "wide"]);
     assert!(wide.lines().next().unwrap().contains("URLS"), "{wide}");
 }

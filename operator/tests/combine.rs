@@ -210,7 +210,7 @@ fn invalid_specs_are_refused_with_a_reason() {
             "metadata": {"name": "s", "namespace": "n"}, "spec": spec}))
         .unwrap();
         let e = combine(&svc, &configs, &GlobalConfig::default()).unwrap_err();
-        (e.reason(), e.to_string())
+        (e.reason().to_string(), e.to_string())
     };
     let (r, m) = case(json!({"model": {"uri": "hf://a"}, "worker": {}}), vec![]);
     assert_eq!(r, "InvalidSpec");

@@ -60,7 +60,7 @@ pub async fn client() -> Client {
 /// What kube-apiserver 1.20 cannot take: CEL rules (`x-kubernetes-validations`, newer than
 /// 1.20) and empty-string defaults (1.20 reads `default: ""` as null and refuses the CRD; a
 /// list-map key that loses its default becomes required instead).
-fn strip_cel(v: &mut Value) {
+pub fn strip_cel(v: &mut Value) {
     match v {
         Value::Object(o) => {
             o.remove("x-kubernetes-validations");
@@ -132,6 +132,38 @@ async fn install_crds(kubeconfig: &Path) {
     .await;
 }
 
+/// What kube-apiserver 1.20 cannot take in a pod spec: gRPC probes (Kubernetes 1.27; the
+/// scheduler preset's picker uses them) become TCP probes on the same port.
+pub fn downgrade_probes(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            for key in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                if let Some(port) = o.get(key).and_then(|p| p.get("grpc")).and_then(|g| g.get("port")).cloned() {
+                    let probe = o[key].as_object_mut().unwrap();
+                    probe.remove("grpc");
+                    probe.insert("tcpSocket".into(), serde_json::json!({ "port": port }));
+                }
+            }
+            o.values_mut().for_each(downgrade_probes);
+        }
+        Value::Array(a) => a.iter_mut().for_each(downgrade_probes),
+        _ => {}
+    }
+}
+
+/// The shipped presets, as the operator installs them, with [`downgrade_probes`] applied.
+pub async fn install_presets(client: &Client, ns: &str) {
+    let api: Api<tessera_operator::api::LLMInferenceServiceConfig> = Api::namespaced(client.clone(), ns);
+    for p in tessera_operator::presets::shipped("tessera:test").expect("presets") {
+        let mut v = serde_json::to_value(&p).unwrap();
+        downgrade_probes(&mut v);
+        let name = p.metadata.name.clone().unwrap();
+        api.patch(&name, &PatchParams::apply(controller::MANAGER).force(), &Patch::Apply(&v))
+            .await
+            .unwrap_or_else(|e| panic!("install preset {name}: {e}"));
+    }
+}
+
 /// Poll `f` until it yields `Some`, or panic after `timeout` naming `what`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
@@ -167,7 +199,7 @@ impl Env {
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => panic!("create namespace {ns}: {e}"),
         }
-        controller::install_presets(&client, &ns, "tessera:test").await.expect("install presets");
+        install_presets(&client, &ns).await;
         let metrics = Arc::new(Metrics::default());
         let controller = Self::spawn(&client, &ns, metrics.clone());
         Env { client, ns, metrics, controller }
@@ -177,7 +209,9 @@ impl Env {
         let settings = Settings {
             namespaces: vec![ns.to_string()],
             system_namespace: ns.to_string(),
-            global: GlobalConfig::default(),
+            // Each test's default Gateway is its own (`gateway` in its namespace).
+            global: GlobalConfig { ingress_gateway_name: "gateway".into(), ingress_gateway_namespace: ns.into() },
+            installed: None,
         };
         tokio::spawn(controller::run(client.clone(), settings, metrics))
     }
@@ -226,6 +260,82 @@ impl Env {
         let ok = self.metrics.reconciles.get_or_create(&vec![("result".into(), "ok".into())]).get();
         let err = self.metrics.reconciles.get_or_create(&vec![("result".into(), "error".into())]).get();
         ok + err
+    }
+}
+
+impl Env {
+    /// An untyped API for `ar` in this namespace.
+    pub fn dynamic(&self, ar: &kube::core::ApiResource) -> Api<kube::api::DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.ns, ar)
+    }
+
+    /// Wait for the object `name` of kind `ar` to satisfy `pred`.
+    pub async fn object(
+        &self,
+        ar: &kube::core::ApiResource,
+        name: &str,
+        pred: impl Fn(&kube::api::DynamicObject) -> bool,
+    ) -> kube::api::DynamicObject {
+        let api = self.dynamic(ar);
+        eventually(&format!("{} {name}", ar.kind), Duration::from_secs(30), || async {
+            api.get_opt(name).await.ok().flatten().filter(|o| pred(o))
+        })
+        .await
+    }
+
+    /// Merge-patch the status of object `name` of kind `ar`.
+    pub async fn patch_status(&self, ar: &kube::core::ApiResource, name: &str, status: Value) {
+        let p = serde_json::json!({ "status": status });
+        self.dynamic(ar)
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&p))
+            .await
+            .unwrap_or_else(|e| panic!("patch status of {} {name}: {e}", ar.kind));
+    }
+
+    /// The names of every object of the kinds the operator creates in this namespace, as
+    /// `Kind/name` (sorted), to compare a whole namespace with what a step should leave.
+    pub async fn inventory(&self) -> Vec<String> {
+        use tessera_operator::kinds;
+        let mut out = vec![];
+        for ar in [
+            kinds::deployment(),
+            kinds::service(),
+            kinds::service_account(),
+            kinds::role(),
+            kinds::role_binding(),
+            kinds::lws(),
+            kinds::http_route(),
+            kinds::pool_alpha(),
+            kinds::pool_v1(),
+        ] {
+            let list = self.dynamic(&ar).list(&Default::default()).await.unwrap();
+            for o in list.items {
+                let name = o.metadata.name.clone().unwrap_or_default();
+                // The namespace's own default ServiceAccount is not ours.
+                if !(ar.kind == "ServiceAccount" && name == "default") {
+                    let group = if ar.group.is_empty() { String::new() } else { format!(".{}", ar.group) };
+                    out.push(format!("{}{group}/{name}", ar.kind));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Wait until [`Env::inventory`] equals `want` (sorted here).
+    pub async fn expect_inventory(&self, step: &str, want: &[String]) {
+        let mut want = want.to_vec();
+        want.sort();
+        let mut last = vec![];
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            last = self.inventory().await;
+            if last == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        panic!("{step}: the namespace holds\n{last:#?}\nbut should hold\n{want:#?}");
     }
 }
 
