@@ -11,6 +11,8 @@ pub const WORKER_DP: &str = "kserve-config-llm-worker-data-parallel";
 pub const DECODE_WORKER_DP: &str = "kserve-config-llm-decode-worker-data-parallel";
 pub const PREFILL_WORKER_DP: &str = "kserve-config-llm-prefill-worker-data-parallel";
 pub const WORKER_PP: &str = "kserve-config-llm-worker-pipeline-parallel";
+pub const DECODE_WORKER_PP: &str = "kserve-config-llm-decode-worker-pipeline-parallel";
+pub const PREFILL_WORKER_PP: &str = "kserve-config-llm-prefill-worker-pipeline-parallel";
 pub const SCHEDULER: &str = "kserve-config-llm-scheduler";
 pub const ROUTER_ROUTE: &str = "kserve-config-llm-router-route";
 
@@ -25,6 +27,8 @@ const SHIPPED: &[&str] = &[
     include_str!("../presets/kserve-config-llm-decode-worker-data-parallel.yaml"),
     include_str!("../presets/kserve-config-llm-prefill-worker-data-parallel.yaml"),
     include_str!("../presets/kserve-config-llm-worker-pipeline-parallel.yaml"),
+    include_str!("../presets/kserve-config-llm-decode-worker-pipeline-parallel.yaml"),
+    include_str!("../presets/kserve-config-llm-prefill-worker-pipeline-parallel.yaml"),
     include_str!("../presets/kserve-config-llm-scheduler.yaml"),
     include_str!("../presets/kserve-config-llm-router-route.yaml"),
 ];
@@ -69,11 +73,11 @@ pub fn for_topology(spec: &LLMInferenceServiceSpec) -> Vec<&'static str> {
         Some(prefill) => {
             out.push(match w.worker {
                 None => DECODE_TEMPLATE,
-                Some(_) => worker_preset(w.parallelism.as_ref(), DECODE_WORKER_DP, WORKER_PP),
+                Some(_) => worker_preset(w.parallelism.as_ref(), DECODE_WORKER_DP, DECODE_WORKER_PP),
             });
             out.push(match prefill.worker {
                 None => PREFILL_TEMPLATE,
-                Some(_) => worker_preset(prefill.parallelism.as_ref(), PREFILL_WORKER_DP, WORKER_PP),
+                Some(_) => worker_preset(prefill.parallelism.as_ref(), PREFILL_WORKER_DP, PREFILL_WORKER_PP),
             });
         }
     }
@@ -87,7 +91,7 @@ mod tests {
     #[test]
     fn every_shipped_preset_parses_and_has_its_image() {
         let presets = shipped("registry/tessera:1").unwrap();
-        assert_eq!(presets.len(), 9);
+        assert_eq!(presets.len(), 11);
         for p in &presets {
             let y = serde_yaml::to_string(p).unwrap();
             assert!(!y.contains(IMAGE_PLACEHOLDER), "{y}");
@@ -113,6 +117,12 @@ mod tests {
         assert_eq!(
             for_topology(&spec("{model: {uri: x}, prefill: {worker: {}}, worker: {}}")),
             [DECODE_WORKER_DP, PREFILL_WORKER_DP]
+        );
+        assert_eq!(
+            for_topology(&spec(
+                "{model: {uri: x}, prefill: {worker: {}, parallelism: {pipeline: 2}}, worker: {}, parallelism: {pipeline: 2}}"
+            )),
+            [DECODE_WORKER_PP, PREFILL_WORKER_PP]
         );
     }
 }

@@ -32,7 +32,7 @@ async fn run_subcommand_reconciles_and_exports_metrics() {
 
     let configs: Api<LLMInferenceServiceConfig> = Api::namespaced(client.clone(), &ns);
     eventually("presets installed", Duration::from_secs(30), || async {
-        (configs.list(&Default::default()).await.ok()?.items.len() == 9).then_some(())
+        (configs.list(&Default::default()).await.ok()?.items.len() == 11).then_some(())
     })
     .await;
     let svc = json!({"apiVersion": "serving.kserve.io/v1alpha1", "kind": "LLMInferenceService",

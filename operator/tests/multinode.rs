@@ -125,6 +125,23 @@ async fn pipeline_and_tensor_parallel_across_nodes_size_the_group() {
     assert_eq!(gpus(&t["workerTemplate"]["spec"]), "4");
     assert!(main_args(&t["leaderTemplate"]["spec"]).contains("--tensor-parallel-size 8"));
 
+    // Prefill/decode with pipeline-parallel groups: each role's preset, its KV role and degree.
+    env.apply::<LLMInferenceService>(service(
+        "pdpp",
+        json!({"model": {"uri": "hf://org/m"}, "worker": {}, "parallelism": {"pipeline": 2},
+               "prefill": {"worker": {}, "parallelism": {"pipeline": 3}}}),
+    ))
+    .await;
+    for (lws, role, size) in [("pdpp-kserve-mn", "kv_consumer", 2), ("pdpp-kserve-mn-prefill", "kv_producer", 3)] {
+        let o = env.object(&kinds::lws(), lws, |_| true).await;
+        let t = &o.data["spec"]["leaderWorkerTemplate"];
+        assert_eq!(t["size"], size, "{lws}");
+        for pod in ["leaderTemplate", "workerTemplate"] {
+            let args = main_args(&t[pod]["spec"]);
+            assert!(args.contains(role) && args.contains(&format!("--pipeline-parallel-size {size}")), "{args}");
+        }
+    }
+
     // A degree that does not split over nodes is refused, nothing created.
     env.apply::<LLMInferenceService>(service(
         "odd",

@@ -259,3 +259,20 @@ async fn scheduler_makes_pools_and_a_picker_and_its_removal_deletes_them() {
     let svc = env.api::<LLMInferenceService>().get("s").await.unwrap().status.unwrap();
     assert_eq!(svc.url, Some(url));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_referenced_gateway_is_refs_invalid() {
+    let env = Env::new("gwref").await;
+    let spec = json!({"model": {"uri": "hf://org/m"},
+        "router": {"route": {}, "gateway": {"refs": [{"name": "nope", "namespace": "elsewhere"}]}}});
+    env.apply::<LLMInferenceService>(service("g", spec)).await;
+    let c = env.condition("g", "GatewaysReady", |c| c.status == "False").await;
+    assert_eq!(c.reason.as_deref(), Some("RefsInvalid"));
+    assert!(c.message.unwrap().contains("Gateway elsewhere/nope does not exist"));
+    let ready = env.condition("g", "Ready", |c| c.status == "False").await;
+    assert_eq!(ready.reason.as_deref(), Some("RefsInvalid"));
+    // The route is still applied (a dangling parent is valid Gateway API), its parent the ref.
+    let r = env.object(&kinds::http_route(), "g-kserve-route", |_| true).await;
+    assert_eq!(r.data["spec"]["parentRefs"][0]["name"], "nope");
+    assert_eq!(r.data["spec"]["parentRefs"][0]["namespace"], "elsewhere");
+}
