@@ -40,7 +40,7 @@ const LWS: &str = "LeaderWorkerSet.leaderworkerset.x-k8s.io";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_parallel_group_labels_account_readiness_and_fixed_size() {
-    let env = Env::new("mn-dp").await;
+    let mut env = Env::new("mn-dp").await;
     let spec = json!({"model": {"uri": "hf://org/m"}, "worker": {}, "parallelism": {"data": 4, "dataLocal": 2}});
     env.apply::<LLMInferenceService>(service("dp", spec)).await;
     let svc = env.api::<LLMInferenceService>().get("dp").await.unwrap();
@@ -86,6 +86,7 @@ async fn data_parallel_group_labels_account_readiness_and_fixed_size() {
     env.condition("dp", "Ready", |c| c.status == "True").await;
     let conds = env.api::<LLMInferenceService>().get("dp").await.unwrap().status.unwrap().conditions.unwrap();
     assert!(conds.iter().all(|c| c.type_ != "MainWorkloadReady"), "{conds:?}");
+    env.assert_second_reconcile_writes_nothing().await;
 
     // The group size may not change: refused with a reason, the live LWS untouched.
     let p = json!({"spec": {"parallelism": {"data": 8, "dataLocal": 2}}});

@@ -322,6 +322,59 @@ impl Env {
         out
     }
 
+    /// Every object [`Env::inventory`] lists, and the services, as JSON (with resource versions).
+    pub async fn versions(&self) -> Vec<(String, String)> {
+        use tessera_operator::kinds;
+        let mut out = vec![];
+        let svc = kube::core::ApiResource::erase::<LLMInferenceService>(&());
+        for ar in [
+            svc,
+            kinds::deployment(),
+            kinds::service(),
+            kinds::service_account(),
+            kinds::role(),
+            kinds::role_binding(),
+            kinds::lws(),
+            kinds::http_route(),
+            kinds::pool_alpha(),
+            kinds::pool_v1(),
+        ] {
+            for o in self.dynamic(&ar).list(&Default::default()).await.unwrap().items {
+                let name = format!("{}/{}", ar.kind, o.metadata.name.clone().unwrap_or_default());
+                out.push((name, serde_json::to_string_pretty(&o).unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Idempotence: once the objects settle, a fresh operator reconciles them all again and
+    /// writes nothing.
+    pub async fn assert_second_reconcile_writes_nothing(&mut self) {
+        // Settled: unchanged over 2 s (the operator's reaction to the test's own status
+        // patches, which re-applies once on 1.20, must be over before the restart).
+        let mut before = self.versions().await;
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = self.versions().await;
+            if now == before {
+                break;
+            }
+            before = now;
+        }
+        self.restart_controller().await;
+        eventually("a reconcile by the new operator", Duration::from_secs(30), || async {
+            (self.reconciles() >= 1).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = self.versions().await;
+        for ((name, a), (_, b)) in after.iter().zip(&before) {
+            assert!(a == b, "the second reconcile wrote {name}:\nbefore {b}\nafter {a}");
+        }
+        assert_eq!(after.len(), before.len(), "the second reconcile created or deleted something");
+    }
+
     /// Wait until [`Env::inventory`] equals `want` (sorted here).
     pub async fn expect_inventory(&self, step: &str, want: &[String]) {
         let mut want = want.to_vec();
