@@ -16,6 +16,8 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
   fi
 fi
 scripts/fetch-models.sh >/dev/null
+# The images' Dockerfiles (no Docker engine here to build them): hadolint, from its PyPI wheel.
+"$(scripts/hadolint.sh)" Dockerfile.cuda operator/Dockerfile
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast 2>&1

@@ -8,12 +8,16 @@
 //! 8-column layout where the type has one, split over a persistent thread pool by output
 //! columns; paged attention read in place through block tables ([`paged_attention`]); and the
 //! fused element-wise ops of the step ([`silu_mul`], [`add_rms_norm`], [`write_cache_rows`]).
+//! With the `cuda` feature, also the CUDA versions' device code and entry-point names (`cuda`;
+//! `kernels/cuda/*.cu`, compiled by the build script for sm_80 and sm_90).
 //!
 //! Must not touch: tensors, devices, model layouts, files or the environment beyond the
 //! `TESSERA_KERNELS` override read by [`Isa::active`]. Models reach these kernels through one
 //! seam (`tessera_models::Linear`), never through `std::arch` themselves.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod elementwise;
 mod error;
 mod isa;

@@ -5,6 +5,9 @@
 //! request sent to the decode worker with `x-prefiller-host-port`.
 
 use std::process::{Command, Stdio};
+
+#[path = "image.rs"]
+mod image;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Container;
