@@ -263,6 +263,22 @@ impl Env {
     }
 }
 
+/// Every kind the operator creates.
+fn child_kinds() -> [kube::core::ApiResource; 9] {
+    use tessera_operator::kinds;
+    [
+        kinds::deployment(),
+        kinds::service(),
+        kinds::service_account(),
+        kinds::role(),
+        kinds::role_binding(),
+        kinds::lws(),
+        kinds::http_route(),
+        kinds::pool_alpha(),
+        kinds::pool_v1(),
+    ]
+}
+
 impl Env {
     /// An untyped API for `ar` in this namespace.
     pub fn dynamic(&self, ar: &kube::core::ApiResource) -> Api<kube::api::DynamicObject> {
@@ -295,19 +311,8 @@ impl Env {
     /// The names of every object of the kinds the operator creates in this namespace, as
     /// `Kind/name` (sorted), to compare a whole namespace with what a step should leave.
     pub async fn inventory(&self) -> Vec<String> {
-        use tessera_operator::kinds;
         let mut out = vec![];
-        for ar in [
-            kinds::deployment(),
-            kinds::service(),
-            kinds::service_account(),
-            kinds::role(),
-            kinds::role_binding(),
-            kinds::lws(),
-            kinds::http_route(),
-            kinds::pool_alpha(),
-            kinds::pool_v1(),
-        ] {
+        for ar in child_kinds() {
             let list = self.dynamic(&ar).list(&Default::default()).await.unwrap();
             for o in list.items {
                 let name = o.metadata.name.clone().unwrap_or_default();
@@ -324,21 +329,9 @@ impl Env {
 
     /// Every object [`Env::inventory`] lists, and the services, as JSON (with resource versions).
     pub async fn versions(&self) -> Vec<(String, String)> {
-        use tessera_operator::kinds;
         let mut out = vec![];
         let svc = kube::core::ApiResource::erase::<LLMInferenceService>(&());
-        for ar in [
-            svc,
-            kinds::deployment(),
-            kinds::service(),
-            kinds::service_account(),
-            kinds::role(),
-            kinds::role_binding(),
-            kinds::lws(),
-            kinds::http_route(),
-            kinds::pool_alpha(),
-            kinds::pool_v1(),
-        ] {
+        for ar in std::iter::once(svc).chain(child_kinds()) {
             for o in self.dynamic(&ar).list(&Default::default()).await.unwrap().items {
                 let name = format!("{}/{}", ar.kind, o.metadata.name.clone().unwrap_or_default());
                 out.push((name, serde_json::to_string_pretty(&o).unwrap()));
