@@ -142,6 +142,11 @@ async fn metrics_count_what_was_served() {
         let line = m.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} missing:\n{m}"));
         assert!(line.contains(labels), "{line}");
     }
+    // The CPU's fused kernels passed their start-up check against the references.
+    for kernel in ["add_rms_norm", "silu_mul"] {
+        let want = format!("tessera:kernel_path{{kernel=\"{kernel}\",path=\"fused\",reason=\"passed\"");
+        assert!(m.lines().any(|l| l.starts_with(&want)), "{want} missing:\n{m}");
+    }
     // 3 requests of known sizes: 2 stopped by length, 1 by a stop token (the greedy first token).
     let prompt = "Geography quiz. Answer briefly and precisely, with one word per answer and no explanations \
                   at all. Question one: the capital of France is";

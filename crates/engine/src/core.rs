@@ -271,6 +271,9 @@ pub fn spawn(
 ) -> EngineHandle {
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::new(cfg.num_blocks, cfg.block_size));
+    if let Ok(mut paths) = stats.kernel_paths.lock() {
+        *paths = executor.kernel_paths();
+    }
     let shared = Arc::new(Shared::default());
     let kv = kv.map(|link| crate::looper::KvSide::start(link, stats.clone(), cmd_tx.clone()));
     let core = crate::looper::Core::new(&cfg, executor, tokenizer, eos_token_ids, stats.clone(), shared.clone(), kv);

@@ -147,6 +147,8 @@ pub struct EngineStats {
     pub kv: KvTransferStats,
     /// Set when the executor can no longer run steps (a lost rank): the engine refuses work.
     failure: Mutex<Option<String>>,
+    /// The path each fused kernel takes (op, `fused` or `reference`, reason), from the executor.
+    pub kernel_paths: Mutex<Vec<(String, String, String)>>,
 }
 
 impl EngineStats {
@@ -176,6 +178,7 @@ impl EngineStats {
             prompt_tokens_computed: AtomicU64::new(0),
             kv: KvTransferStats::default(),
             failure: Mutex::new(None),
+            kernel_paths: Mutex::new(vec![]),
         }
     }
 

@@ -7,6 +7,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 use tessera_kernels::{QMatrix, QType};
 
+use crate::fused::Kernels;
 use crate::{ModelError, Result, Shard, Weight, WeightSource};
 
 /// How a [`Linear`] multiplies: candle's matmul (dense weights, other devices, and the
@@ -45,7 +46,7 @@ fn kernel_matrix(q: &QTensor) -> Result<Option<QMatrix>> {
     Ok(Some(QMatrix::new(ty, rows, cols, q.data()?.to_vec()).map_err(kernel_err)?))
 }
 
-fn kernel_err(e: tessera_kernels::KernelError) -> ModelError {
+pub(crate) fn kernel_err(e: tessera_kernels::KernelError) -> ModelError {
     ModelError::Config(format!("quantized matmul: {e}"))
 }
 
@@ -193,20 +194,6 @@ pub fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Resul
     f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()])
 }
 
-/// `silu(gate) · up` from the fused gate/up output `[.., 2·inter]` (f32, CPU) in one pass.
-fn cpu_silu_mul(gu: &Tensor, inter: usize) -> Result<Tensor> {
-    let mut dims = gu.dims().to_vec();
-    let rows = gu.elem_count() / (2 * inter);
-    let mut out = vec![0f32; rows * inter];
-    with_cpu_f32(gu, |data| {
-        tessera_kernels::silu_mul(tessera_kernels::Isa::active(), data, rows, inter, &mut out).map_err(kernel_err)
-    })?;
-    if let Some(last) = dims.last_mut() {
-        *last = inter;
-    }
-    Ok(Tensor::from_vec(out, dims, gu.device())?)
-}
-
 /// Root-mean-square layer norm.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -224,26 +211,10 @@ impl RmsNorm {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.w, self.eps)?)
     }
 
-    /// The residual step: `(x + delta, norm(x + delta))`, in one pass on the CPU.
-    pub fn add_forward(&self, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor)> {
-        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
-        if !(f32_cpu(x) && f32_cpu(delta) && f32_cpu(&self.w) && x.dims() == delta.dims()) {
-            let x = (x + delta)?;
-            let h = self.forward(&x)?;
-            return Ok((x, h));
-        }
-        let n = x.elem_count();
-        let (mut xo, mut h) = (vec![0f32; n], vec![0f32; n]);
-        with_cpu_f32(x, |xs| {
-            with_cpu_f32(delta, |ds| {
-                with_cpu_f32(&self.w, |w| {
-                    let isa = tessera_kernels::Isa::active();
-                    tessera_kernels::add_rms_norm(isa, xs, ds, w, self.eps, &mut xo, &mut h).map_err(kernel_err)
-                })
-            })
-        })?;
-        let dims = x.dims();
-        Ok((Tensor::from_vec(xo, dims, x.device())?, Tensor::from_vec(h, dims, x.device())?))
+    /// The residual step: `(x + delta, norm(x + delta))`, on the checked fused kernel when
+    /// there is one (one pass on the CPU).
+    pub fn add_forward(&self, kernels: &Kernels, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor)> {
+        kernels.add_rms_norm(x, delta, &self.w, self.eps)
     }
 }
 
@@ -328,12 +299,12 @@ impl GatedMlp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // On the CPU the fused projection's rows feed one silu·mul pass (no split copies).
+    pub fn forward(&self, kernels: &Kernels, x: &Tensor) -> Result<Tensor> {
+        // The fused projection's rows feed one silu·mul (one pass on the CPU, no split copies).
         if let SharedInput::Fused { w, widths } = &self.gate_up {
-            if let (&[g, u], true) = (&widths[..], x.device().is_cpu() && x.dtype() == DType::F32) {
+            if let &[g, u] = &widths[..] {
                 if g == u {
-                    return self.down.forward(&cpu_silu_mul(&w.forward(x)?, g)?);
+                    return self.down.forward(&kernels.silu_mul(&w.forward(x)?, g)?);
                 }
             }
         }

@@ -11,6 +11,7 @@
 mod attention;
 mod config;
 mod error;
+pub mod fused;
 mod kv;
 mod layers;
 mod llama;

@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{paged_attention, CacheWriter, DeviceSlots};
+use crate::fused::{KernelReport, Kernels, ServedShapes};
 use crate::layers::{Embedding, GatedMlp, SharedInput};
 use crate::moe::Moe;
 use crate::{
@@ -56,6 +57,8 @@ pub struct Llama {
     tp: TensorParallel,
     pp: PipelineParallel,
     heads: HeadLayout,
+    /// The fused kernels that passed their check on this device (the reference for the rest).
+    kernels: Kernels,
 }
 
 impl Llama {
@@ -166,6 +169,10 @@ impl Llama {
                 },
             });
         }
+        // Each fused kernel is checked against its reference on this device before use.
+        let shapes =
+            ServedShapes { hidden: cfg.hidden_size, inter: cfg.intermediate_size, eps: cfg.rms_norm_eps as f32 };
+        let kernels = Kernels::check(Kernels::candidates(device), device, dtype, shapes);
         Ok(Self {
             cfg: cfg.clone(),
             embed,
@@ -178,7 +185,18 @@ impl Llama {
             tp,
             pp,
             heads,
+            kernels,
         })
+    }
+
+    /// What the start-up check decided for each fused kernel (fused or reference, and why).
+    pub fn kernel_reports(&self) -> &[KernelReport] {
+        self.kernels.reports()
+    }
+
+    /// Use `kernels` instead of the ones checked at load (tests inject kernels this way).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
     }
 
     /// Pipeline stages of the model (1 without pipeline parallelism).
@@ -192,7 +210,7 @@ impl Llama {
         let none = Tensor::zeros((0, self.cfg.hidden_size), self.dtype, &self.device)?;
         for b in &self.blocks {
             if let Mlp::Moe(moe) = &b.mlp {
-                moe.forward(&none, &self.tp)?;
+                moe.forward(&self.kernels, &none, &self.tp)?;
             }
         }
         Ok(())
@@ -269,13 +287,14 @@ impl Llama {
             let (kc, vc) = cache.layer(i);
             writer.write(kc, vc, &k, &v)?;
             let a = paged_attention(&q, kc, vc, &input.attn, nkv, gather.as_ref())?;
-            let (x1, h1) = b.mlp_norm.add_forward(&x, &self.tp.all_reduce(&b.attn.o.forward(&a)?)?)?;
+            let k_ = &self.kernels;
+            let (x1, h1) = b.mlp_norm.add_forward(k_, &x, &self.tp.all_reduce(&b.attn.o.forward(&a)?)?)?;
             let m = match &b.mlp {
-                Mlp::Dense(d) => self.tp.all_reduce(&d.forward(&h1)?)?,
-                Mlp::Moe(moe) => moe.forward(&h1, &self.tp)?,
+                Mlp::Dense(d) => self.tp.all_reduce(&d.forward(k_, &h1)?)?,
+                Mlp::Moe(moe) => moe.forward(k_, &h1, &self.tp)?,
             };
             (x, h) = match self.blocks.get(i + 1) {
-                Some(next) => next.attn_norm.add_forward(&x1, &m)?,
+                Some(next) => next.attn_norm.add_forward(k_, &x1, &m)?,
                 None => ((x1 + m)?, h1),
             };
         }

@@ -12,6 +12,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::fused::Kernels;
 use crate::layers::GatedMlp;
 use crate::{part, Linear, MoeConfig, Result, TensorParallel, WeightSource};
 
@@ -70,7 +71,7 @@ impl Moe {
 
     /// For each (row, expert, weight) in `work` whose expert is held here: weight × expert(x[row]),
     /// summed per row into a `[rows of x, hidden]` tensor (experts in id order).
-    fn apply(&self, x: &Tensor, work: &[(u32, usize, f32)]) -> Result<Tensor> {
+    fn apply(&self, kernels: &Kernels, x: &Tensor, work: &[(u32, usize, f32)]) -> Result<Tensor> {
         let mut out = x.zeros_like()?;
         for (e, mlp) in &self.experts {
             let (rows, weights): (Vec<u32>, Vec<f32>) =
@@ -80,7 +81,7 @@ impl Moe {
             }
             let dev = x.device();
             let idx = Tensor::new(rows.as_slice(), dev)?;
-            let y = mlp.forward(&x.index_select(&idx, 0)?)?;
+            let y = mlp.forward(kernels, &x.index_select(&idx, 0)?)?;
             let wt = Tensor::from_vec(weights, (rows.len(), 1), dev)?.to_dtype(y.dtype())?;
             out = out.index_add(&idx, &y.broadcast_mul(&wt)?, 0)?;
         }
@@ -88,12 +89,12 @@ impl Moe {
     }
 
     /// The layer's output for `x` (`[T, hidden]`, the same on every rank of the group).
-    pub fn forward(&self, x: &Tensor, tp: &TensorParallel) -> Result<Tensor> {
+    pub fn forward(&self, kernels: &Kernels, x: &Tensor, tp: &TensorParallel) -> Result<Tensor> {
         if !self.expert_parallel {
             let routes = self.route(x)?;
             let work: Vec<(u32, usize, f32)> =
                 routes.iter().enumerate().flat_map(|(t, r)| r.iter().map(move |&(e, w)| (t as u32, e, w))).collect();
-            return tp.all_reduce(&self.apply(x, &work)?);
+            return tp.all_reduce(&self.apply(kernels, x, &work)?);
         }
         // This rank's share of its replica's tokens (none on an idle replica).
         let (a, b) = part(x.dim(0)?, tp.world(), tp.rank());
@@ -132,7 +133,7 @@ impl Moe {
             let ids: Vec<u32> = ir.to_vec1()?;
             let work: Vec<(u32, usize, f32)> =
                 ids.iter().enumerate().map(|(j, &e)| (j as u32, e as usize, 1.0)).collect();
-            replies.push(self.apply(xr, &work)?);
+            replies.push(self.apply(kernels, xr, &work)?);
         }
         let back = comm.all_to_all(replies)?;
         let mut out = mine.zeros_like()?;

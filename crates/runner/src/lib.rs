@@ -58,6 +58,12 @@ pub trait Executor: Send {
     fn kv_write(&mut self, _blocks: &[u32], _data: &[u8]) -> Result<()> {
         Err(RunnerError::Plan("this executor cannot write KV blocks".into()))
     }
+
+    /// The path each fused kernel takes after its start-up check, as (op, `fused` or
+    /// `reference`, reason); empty when the executor does not know.
+    fn kernel_paths(&self) -> Vec<(String, String, String)> {
+        vec![]
+    }
 }
 
 impl Executor for Worker {
@@ -75,5 +81,9 @@ impl Executor for Worker {
 
     fn kv_write(&mut self, blocks: &[u32], data: &[u8]) -> Result<()> {
         self.kv_cache().write_all(blocks, data)
+    }
+
+    fn kernel_paths(&self) -> Vec<(String, String, String)> {
+        self.model().kernel_reports().iter().map(worker::kernel_path).collect()
     }
 }

@@ -73,6 +73,10 @@ impl Executor for LockstepExecutor {
         true
     }
 
+    fn kernel_paths(&self) -> Vec<(String, String, String)> {
+        self.inner.kernel_paths()
+    }
+
     fn kv_read(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {
         self.inner.kv_read(blocks)
     }

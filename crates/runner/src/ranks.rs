@@ -167,6 +167,10 @@ impl Executor for TensorParallelExecutor {
         self.failed.clone()
     }
 
+    fn kernel_paths(&self) -> Vec<(String, String, String)> {
+        self.worker.kernel_paths()
+    }
+
     fn kv_read(&mut self, blocks: &[u32]) -> Result<Vec<u8>> {
         self.kv(|w, c, l| crate::kvio::read(w, c, l, blocks))
     }

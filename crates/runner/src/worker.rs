@@ -214,3 +214,10 @@ impl Worker {
         Ok(out)
     }
 }
+
+/// A check report as the metric's labels: (op, `fused` or `reference`, the reason's first word).
+pub fn kernel_path(r: &tessera_models::fused::KernelReport) -> (String, String, String) {
+    let path = if r.fused { "fused" } else { "reference" };
+    let reason = r.reason.split([':', ' ']).next().unwrap_or_default();
+    (r.op.as_str().to_string(), path.to_string(), reason.to_string())
+}

@@ -90,6 +90,21 @@ impl EngineCollector {
         Ok(())
     }
 
+    /// `tessera:kernel_path{kernel, path, reason}`: which path each fused kernel takes after
+    /// its start-up check against the reference (`fused`, or `reference` and why).
+    fn kernel_paths(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let help = "Path of each fused kernel after its start-up check: fused, or reference (and why).";
+        let mut m = enc.encode_descriptor("tessera:kernel_path", help, None, MetricType::Gauge)?;
+        for (i, s) in self.engines.iter().enumerate() {
+            let paths = s.kernel_paths.lock().map(|p| p.clone()).unwrap_or_default();
+            for (kernel, path, reason) in paths {
+                let l: Labels = vec![("kernel", kernel), ("path", path), ("reason", reason), ("engine", i.to_string())];
+                ConstGauge::new(1.0).encode(m.encode_family(&l)?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// A gauge of value 1 whose labels carry the information.
     fn info(
         &self,
@@ -126,6 +141,7 @@ impl Collector for EngineCollector {
         self.info(e, "vllm:cache_config_info", "KV cache configuration.", |s| {
             vec![("block_size", s.block_size.to_string()), ("num_gpu_blocks", s.num_blocks.to_string())]
         })?;
+        self.kernel_paths(e)?;
         self.info(e, "vllm:lora_requests_info", "LoRA adapters in use (none are loaded).", |_| {
             vec![
                 ("max_lora", "0".to_string()),

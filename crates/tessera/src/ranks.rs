@@ -181,7 +181,20 @@ fn build(
 ) -> Result<Worker, ServeError> {
     let (tp, pp) = groups(s, world)?;
     let model = Llama::load_pipelined(cfg, weights, s.max_model_len, s.dtype, &s.device, tp, pp)?;
+    log_kernel_checks(&model);
     Ok(Worker::new(model, s.num_blocks, s.block_size, s.kv_dtype)?)
+}
+
+/// Log what the start-up check decided for each fused kernel (a refused one is a warning).
+pub(crate) fn log_kernel_checks(model: &Llama) {
+    for r in model.kernel_reports() {
+        let (op, kernel) = (r.op.as_str(), r.kernel);
+        if r.fused {
+            tracing::info!(op, kernel, "fused kernel checked against its reference: {}", r.reason);
+        } else if r.kernel != "none" {
+            tracing::warn!(op, kernel, "fused kernel refused, using the reference: {}", r.reason);
+        }
+    }
 }
 
 fn rank_worker(s: &RankSetup, comm: Arc<dyn Communicator>) -> Result<Worker, ServeError> {

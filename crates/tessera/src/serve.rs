@@ -303,6 +303,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 leader
             } else if tp * a.pipeline_parallel_size == 1 {
                 let model = Llama::load(&cfg, weights, max_model_len, dtype, &device)?;
+                crate::ranks::log_kernel_checks(&model);
                 let worker = Worker::new(model, num_blocks, a.block_size, sz.kv_dtype)?;
                 if a.kv_transfer_config.is_some() {
                     let store: Arc<dyn KvBlockStore> = Arc::new(worker.kv_cache());
