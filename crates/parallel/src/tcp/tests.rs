@@ -26,11 +26,19 @@ fn on_ranks<T: Send + 'static>(
 ) -> Vec<T> {
     let group = make(world);
     let f = std::sync::Arc::new(f);
+    // Every rank keeps its links open until all ranks are done: a rank that closed its
+    // sockets while a peer still read from them could cut that peer's last message short.
+    let done = std::sync::Arc::new(std::sync::Barrier::new(world));
     let hs: Vec<_> = group
         .into_iter()
         .map(|c| {
-            let f = f.clone();
-            std::thread::spawn(move || f(c.as_ref()))
+            let (f, done) = (f.clone(), done.clone());
+            std::thread::spawn(move || {
+                // A rank that fails still reaches the barrier, so the others do not wait forever.
+                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c.as_ref())));
+                done.wait();
+                out.unwrap_or_else(|p| std::panic::resume_unwind(p))
+            })
         })
         .collect();
     hs.into_iter().map(|h| h.join().expect("rank thread")).collect()
