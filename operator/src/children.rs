@@ -63,6 +63,19 @@ pub async fn apply(client: &Client, ns: &str, child: &Child) -> Result<DynamicOb
     if same_kind(&child.ar, &kinds::deployment()) {
         if let Some(live) = api.get_opt(name).await? {
             if live.data["spec"]["selector"] != child.obj.data["spec"]["selector"] {
+                let owner = |o: &DynamicObject| {
+                    o.metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .find(|r| r.controller == Some(true))
+                        .map(|r| r.uid.clone())
+                };
+                if owner(&live) != owner(&child.obj) {
+                    return Err(Error::Invalid(format!(
+                        "Deployment {name} exists and is not this service's; rename or delete it"
+                    )));
+                }
                 tracing::info!(%name, "the Deployment's selector changes: replacing it");
                 delete_exact(&api, &live).await?;
             }

@@ -135,6 +135,11 @@ fn stopped_conditions(conds: &mut Conditions, svc: &str, spec: &LLMInferenceServ
 }
 
 async fn reconcile(svc: Arc<LLMInferenceService>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    // Being deleted (foreground deletion: the garbage collector is removing the children):
+    // recreating them now would fight it.
+    if svc.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
     let ns = svc.namespace().unwrap_or_default();
     let name = svc.name_any();
     let uid = svc.uid().unwrap_or_default();
@@ -164,6 +169,13 @@ async fn reconcile(svc: Arc<LLMInferenceService>, ctx: Arc<Ctx>) -> Result<Actio
         Err(e) => {
             tracing::warn!(%ns, %name, reason = e.reason(), "cannot render: {e}");
             conds.set(cond::PRESETS_COMBINED, Status::False, e.reason(), &e.to_string());
+            if stopped {
+                // Stop needs no spec: what the service owns goes even when it cannot be rendered.
+                children::delete_unwanted(client, &ns, &uid, &children::catalogue(&name, installed), &[]).await?;
+                status.url = None;
+                status.address = None;
+                status.addresses = None;
+            }
         }
         Ok((spec, children)) => {
             conds.set(cond::PRESETS_COMBINED, Status::True, "", "");

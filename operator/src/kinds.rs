@@ -64,9 +64,22 @@ impl Installed {
 
     /// Ask the API server's discovery (readable by every authenticated user).
     pub async fn discover(client: &Client) -> Installed {
+        // Absent only when discovery says so; other errors (an API server restarting) are
+        // retried for a while rather than taken as "not installed" for the process's life.
         let has = |ar: ApiResource| async move {
             let gvk = GroupVersionKind::gvk(&ar.group, &ar.version, &ar.kind);
-            kube::discovery::pinned_kind(client, &gvk).await.is_ok()
+            for attempt in 1..=10 {
+                match kube::discovery::pinned_kind(client, &gvk).await {
+                    Ok(_) => return true,
+                    Err(kube::Error::Api(e)) if e.code == 404 => return false,
+                    Err(kube::Error::Discovery(_)) => return false,
+                    Err(e) => {
+                        tracing::warn!(kind = %ar.kind, attempt, "discovery failed, retrying: {e}");
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    }
+                }
+            }
+            false
         };
         Installed {
             lws: has(lws()).await,

@@ -49,7 +49,7 @@ pub fn group(p: &ParallelismSpec, gpus: Option<i32>, what: &str) -> Result<Group
                 "{what}parallelism.data ({data}) is not a multiple of dataLocal ({local})"
             )));
         }
-        let need = local * tensor;
+        let need = local.checked_mul(tensor).ok_or_else(|| too_large(what))?;
         if let Some(g) = gpus.filter(|g| *g < need) {
             return Err(Error::Invalid(format!(
                 "each {what}worker pod hosts dataLocal × tensor = {need} ranks but requests {g} {GPU}"
@@ -67,7 +67,12 @@ pub fn group(p: &ParallelismSpec, gpus: Option<i32>, what: &str) -> Result<Group
             "{what}parallelism.tensor ({tensor}) does not split evenly over nodes of {per_pod} {GPU}"
         )));
     }
-    Ok(Group { size: pipeline * tensor / per_pod, gpus_per_pod: gpus.map(|_| per_pod) })
+    let ranks = pipeline.checked_mul(tensor).ok_or_else(|| too_large(what))?;
+    Ok(Group { size: ranks / per_pod, gpus_per_pod: gpus.map(|_| per_pod) })
+}
+
+fn too_large(what: &str) -> Error {
+    Error::Invalid(format!("{what}parallelism: the degrees multiply past {}", i32::MAX))
 }
 
 /// The `nvidia.com/gpu` of the pod's `main` container: limit, else request.

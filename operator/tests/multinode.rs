@@ -243,3 +243,22 @@ async fn worker_and_prefill_transitions_delete_exactly_what_they_created() {
     api.patch("t", &PatchParams::default(), &Patch::Merge(&stop(Value::Null))).await.unwrap();
     env.expect_inventory("un-stopped", &multi).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_deletes_the_workloads_even_when_the_spec_no_longer_renders() {
+    let env = Env::new("stop-bad").await;
+    let api = env.api::<LLMInferenceService>();
+    env.apply::<LLMInferenceService>(service("b", json!({"model": {"uri": "hf://org/m"}}))).await;
+    env.expect_inventory(
+        "running",
+        &names(&[("Deployment.apps", "-kserve"), ("Service", "-kserve-workload-svc")], "b"),
+    )
+    .await;
+    // A baseRef that does not exist, and the stop annotation, in one change.
+    let p = json!({"metadata": {"annotations": {"serving.kserve.io/stop": "true"}},
+                   "spec": {"baseRefs": [{"name": "missing-config"}]}});
+    api.patch("b", &PatchParams::default(), &Patch::Merge(&p)).await.unwrap();
+    env.expect_inventory("stopped with a broken spec", &[]).await;
+    let c = env.condition("b", "PresetsCombined", |c| c.status == "False").await;
+    assert_eq!(c.reason.as_deref(), Some("ConfigNotFound"));
+}
