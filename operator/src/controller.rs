@@ -105,8 +105,6 @@ const WORKLOAD_CONDITIONS: [&str; 4] = [
     cond::PREFILL_WORKLOAD_READY,
     cond::PREFILL_WORKER_WORKLOAD_READY,
 ];
-const ROUTER_CONDITIONS: [&str; 4] =
-    [cond::HTTPROUTES_READY, cond::GATEWAYS_READY, cond::INFERENCE_POOL_READY, cond::SCHEDULER_WORKLOAD_READY];
 
 /// Stopped: every workload and router condition that applies says so.
 fn stopped_conditions(conds: &mut Conditions, svc: &str, spec: &LLMInferenceServiceSpec) {
@@ -119,14 +117,7 @@ fn stopped_conditions(conds: &mut Conditions, svc: &str, spec: &LLMInferenceServ
         }
     }
     let router = spec.router.clone().unwrap_or_default();
-    let gateway = router.route.is_some() || router.gateway.as_ref().is_some_and(|g| g.refs.is_some());
-    let by_ref = router.scheduler.as_ref().and_then(|s| s.pool.as_ref()).is_some_and(|p| p.reference.is_some());
-    for (c, on) in [
-        (cond::HTTPROUTES_READY, router.route.is_some()),
-        (cond::GATEWAYS_READY, gateway),
-        (cond::INFERENCE_POOL_READY, router.scheduler.is_some()),
-        (cond::SCHEDULER_WORKLOAD_READY, router.scheduler.is_some() && !by_ref),
-    ] {
+    for (c, on) in routing_status::applicable(&router) {
         match on {
             true => conds.set(c, Status::False, "Stopped", &msg),
             false => conds.remove(c),
@@ -209,11 +200,6 @@ async fn reconcile(svc: Arc<LLMInferenceService>, ctx: Arc<Ctx>) -> Result<Actio
                 status.url = urls.first().cloned();
                 status.address = urls.first().map(addr);
                 status.addresses = (!urls.is_empty()).then(|| urls.iter().map(addr).collect());
-            }
-            if spec.router.is_none() {
-                for c in ROUTER_CONDITIONS {
-                    conds.remove(c);
-                }
             }
         }
     }

@@ -58,11 +58,10 @@ fn worker_preset(p: Option<&crate::api::ParallelismSpec>, dp: &'static str, pp: 
 pub fn for_topology(spec: &LLMInferenceServiceSpec) -> Vec<&'static str> {
     let mut out = vec![];
     if let Some(router) = &spec.router {
-        if router.scheduler.as_ref().is_some_and(|s| s.pool.as_ref().and_then(|p| p.reference.as_ref()).is_none()) {
+        if router.scheduler.is_some() && router.pool_ref().is_none() {
             out.push(SCHEDULER);
         }
-        let route_refs = router.route.as_ref().and_then(|r| r.http.as_ref()).and_then(|h| h.refs.as_ref());
-        if router.route.is_some() && route_refs.is_none_or(|r| r.is_empty()) {
+        if router.managed_route() {
             out.push(ROUTER_ROUTE);
         }
     }

@@ -29,22 +29,10 @@ pub const EPP_PORT: i32 = 9002;
 const POOL_ALPHA_GROUP: &str = "inference.networking.x-k8s.io";
 const POOL_V1_GROUP: &str = "inference.networking.k8s.io";
 
-/// Whether the service has a managed route (`router.route` without `http.refs`).
-pub fn managed_route(router: &RouterSpec) -> bool {
-    let refs = router.route.as_ref().and_then(|r| r.http.as_ref()).and_then(|h| h.refs.as_ref());
-    router.route.is_some() && refs.is_none_or(|r| r.is_empty())
-}
-
-/// `route.http.refs`: routes the user manages (validated and read, never written).
-pub fn route_refs(router: &RouterSpec) -> Vec<String> {
-    let refs = router.route.as_ref().and_then(|r| r.http.as_ref()).and_then(|h| h.refs.clone());
-    refs.unwrap_or_default().into_iter().map(|r| r.name).collect()
-}
-
 /// The pool the route's backend and the status read: `pool.ref`, or the managed one.
 pub fn pool_name(svc: &str, router: &RouterSpec) -> Option<String> {
-    let s = router.scheduler.as_ref()?;
-    Some(s.pool.as_ref().and_then(|p| p.reference.as_ref()).map(|r| r.name.clone()).unwrap_or_else(|| names::pool(svc)))
+    router.scheduler.as_ref()?;
+    Some(router.pool_ref().map(|r| r.name.clone()).unwrap_or_else(|| names::pool(svc)))
 }
 
 /// Every router object the spec asks for.
@@ -56,7 +44,7 @@ pub fn children(
     let Some(router) = &spec.router else { return Ok(vec![]) };
     let name = svc.name_any();
     let mut out = vec![];
-    if managed_route(router) {
+    if router.managed_route() {
         if !installed.routes {
             return Err(Error::not_installed("GatewayAPI", "spec.router.route"));
         }
@@ -64,7 +52,7 @@ pub fn children(
         out.push(Child::dynamic(kinds::http_route(), meta, json!({ "spec": route_spec(svc, router, installed) })));
     }
     if let Some(s) = &router.scheduler {
-        if s.pool.as_ref().and_then(|p| p.reference.as_ref()).is_none() {
+        if router.pool_ref().is_none() {
             if !(installed.pool_alpha || installed.pool_v1) {
                 return Err(Error::not_installed("InferencePool", "spec.router.scheduler"));
             }
@@ -88,9 +76,10 @@ pub fn children(
 fn route_spec(svc: &LLMInferenceService, router: &RouterSpec, installed: Installed) -> Value {
     let name = svc.name_any();
     let ns = svc.namespace().unwrap_or_default();
-    let mut spec = router.route.as_ref().and_then(|r| r.http.as_ref()).and_then(|h| h.spec.clone()).map(|s| s.0);
-    let mut spec = spec.take().unwrap_or(json!({}));
-    if let Some(refs) = router.gateway.as_ref().and_then(|g| g.refs.as_ref()).filter(|r| !r.is_empty()) {
+    let http = router.route.as_ref().and_then(|r| r.http.as_ref());
+    let mut spec = http.and_then(|h| h.spec.clone()).map_or(json!({}), |s| s.0);
+    let refs = router.gateway_refs();
+    if !refs.is_empty() {
         spec["parentRefs"] = refs
             .iter()
             .map(|r| {

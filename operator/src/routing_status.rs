@@ -16,7 +16,7 @@ use crate::children::{self, api};
 use crate::conditions::{self as cond, Conditions, Status};
 use crate::kinds::{self, Installed};
 use crate::names;
-use crate::router::{managed_route, pool_name, route_refs};
+use crate::router::pool_name;
 use crate::Error;
 
 /// Whether condition `ty` of a status condition list is `True`.
@@ -91,6 +91,21 @@ fn urls(route: &DynamicObject, gw: &DynamicObject, section: Option<&str>) -> Vec
     hosts.into_iter().map(|h| format!("{scheme}://{h}{port}{path}")).collect()
 }
 
+/// The router conditions and whether each applies to `router` (one that does not is absent).
+pub fn applicable(router: &RouterSpec) -> [(&'static str, bool); 4] {
+    let scheduler = router.scheduler.is_some();
+    [
+        (cond::HTTPROUTES_READY, router.route.is_some()),
+        (cond::GATEWAYS_READY, router.route.is_some() || !router.gateway_refs().is_empty()),
+        (cond::INFERENCE_POOL_READY, scheduler),
+        (cond::SCHEDULER_WORKLOAD_READY, scheduler && router.pool_ref().is_none()),
+    ]
+}
+
+fn applies(router: &RouterSpec, ty: &str) -> bool {
+    applicable(router).iter().any(|&(c, on)| c == ty && on)
+}
+
 /// Set the router conditions of `svc` and return its URLs (empty: no route, or no address yet).
 pub async fn report(
     client: &Client,
@@ -110,11 +125,14 @@ pub async fn report(
     let mut refs_invalid = None;
     if router.route.is_some() && installed.routes {
         let api = api(client, &ns, &kinds::http_route());
-        let names: Vec<String> = if managed_route(router) { vec![names::route(&name)] } else { route_refs(router) };
+        let names: Vec<String> = match router.managed_route() {
+            true => vec![names::route(&name)],
+            false => router.route_refs().iter().map(|r| r.name.clone()).collect(),
+        };
         for r in names {
             match api.get_opt(&r).await? {
                 Some(live) => routes.push(live),
-                None if !managed_route(router) => refs_invalid = Some(format!("HTTPRoute {ns}/{r} does not exist")),
+                None if !router.managed_route() => refs_invalid = Some(format!("HTTPRoute {ns}/{r} does not exist")),
                 None => {}
             }
         }
@@ -142,10 +160,10 @@ pub async fn report(
     for r in &routes {
         gws.extend(parents(r, &ns).into_iter().map(|(n, g, _)| (n, g)));
     }
-    for r in router.gateway.as_ref().and_then(|g| g.refs.as_ref()).into_iter().flatten() {
+    for r in router.gateway_refs() {
         gws.insert((r.namespace.clone().unwrap_or_else(|| ns.clone()), r.name.clone().unwrap_or_default()));
     }
-    if router.route.is_none() && router.gateway.as_ref().and_then(|g| g.refs.as_ref()).is_none_or(|r| r.is_empty()) {
+    if !applies(router, cond::GATEWAYS_READY) {
         conds.remove(cond::GATEWAYS_READY);
     } else if !installed.gateways {
         conds.set(cond::GATEWAYS_READY, Status::False, "GatewayAPINotInstalled", "the cluster does not serve Gateway");
@@ -178,8 +196,8 @@ pub async fn report(
 
     // The pool and the picker.
     match (&router.scheduler, pool_name(&name, router)) {
-        (Some(s), Some(pool)) => {
-            let by_ref = s.pool.as_ref().and_then(|p| p.reference.as_ref()).is_some();
+        (Some(_), Some(pool)) => {
+            let by_ref = router.pool_ref().is_some();
             let ar = if installed.pool_alpha { kinds::pool_alpha() } else { kinds::pool_v1() };
             let live = if installed.pool_alpha || installed.pool_v1 {
                 api(client, &ns, &ar).get_opt(&pool).await?

@@ -218,6 +218,28 @@ pub struct RouterSpec {
     pub scheduler: Option<SchedulerSpec>,
 }
 
+impl RouterSpec {
+    /// `route.http.refs`: routes the user manages (read, never written).
+    pub fn route_refs(&self) -> &[LocalObjectReference] {
+        self.route.as_ref().and_then(|r| r.http.as_ref()).and_then(|h| h.refs.as_deref()).unwrap_or_default()
+    }
+
+    /// A route the operator manages: `route` set without `http.refs`.
+    pub fn managed_route(&self) -> bool {
+        self.route.is_some() && self.route_refs().is_empty()
+    }
+
+    /// `gateway.refs`: the Gateways a managed route is attached to.
+    pub fn gateway_refs(&self) -> &[UntypedObjectReference] {
+        self.gateway.as_ref().and_then(|g| g.refs.as_deref()).unwrap_or_default()
+    }
+
+    /// `scheduler.pool.ref`: a pool someone else runs (no pool or picker of ours).
+    pub fn pool_ref(&self) -> Option<&LocalObjectReference> {
+        self.scheduler.as_ref()?.pool.as_ref()?.reference.as_ref()
+    }
+}
+
 /// An LLM served by Tessera workers.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
