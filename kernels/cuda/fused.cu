@@ -1,8 +1,9 @@
 // The fused element-wise ops of a step, the ones the CPU profile showed worth fusing:
 //   add_rms_norm: sum = x + delta; normed = sum / sqrt(mean(sum^2) + eps) * w   (one block per row)
 //   silu_mul:     out[r, i] = silu(gu[r, i]) * gu[r, inter + i]                 (gate/up fused output)
-//   rotary_qk:    q [T, H, D] and k [T, KVH, D] rotated at positions[T] by cos/sin [max_pos, D/2],
-//                 into out [T, H + KVH, D]; pairs (i, i + D/2) or, interleaved, (2i, 2i + 1).
+//   rotary_qk:    q [T, H, D] and k [T, KVH, D] rotated by their tokens' cos/sin rows [T, D/2], into
+//                 out = q' [T, H, D] followed by k' [T, KVH, D]; pairs (i, i + D/2) or, interleaved,
+//                 (2i, 2i + 1).
 // f32 arithmetic throughout; the start-up self-check compares each with its candle reference.
 #include "common.cuh"
 
@@ -37,17 +38,19 @@ __device__ void silu_mul(T* out, const T* gu, uint32_t rows, uint32_t inter) {
 }
 
 template <typename T>
-__device__ void rotary_qk(T* out, const T* q, const T* k, const uint32_t* positions, const T* cos, const T* sin,
-                          uint32_t tokens, uint32_t heads, uint32_t kv_heads, uint32_t d, uint32_t interleaved) {
+__device__ void rotary_qk(T* out, const T* q, const T* k, const T* cos, const T* sin, uint32_t tokens, uint32_t heads,
+                          uint32_t kv_heads, uint32_t d, uint32_t interleaved) {
     const uint32_t half = d / 2, all = heads + kv_heads;
     const size_t total = (size_t)tokens * all * half;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t t = i / ((size_t)all * half);
         const uint32_t h = (i / half) % all, p = i % half;
-        const T* src = h < heads ? q + ((size_t)t * heads + h) * d : k + ((size_t)t * kv_heads + (h - heads)) * d;
-        T* dst = out + ((size_t)t * all + h) * d;
+        const bool is_q = h < heads;
+        const size_t row = is_q ? (size_t)t * heads + h : (size_t)t * kv_heads + (h - heads);
+        const T* src = (is_q ? q : k) + row * d;
+        T* dst = out + (is_q ? 0 : (size_t)tokens * heads * d) + row * d;
         const uint32_t a = interleaved ? 2 * p : p, b = interleaved ? 2 * p + 1 : p + half;
-        const float c = to_f(cos[(size_t)positions[t] * half + p]), s = to_f(sin[(size_t)positions[t] * half + p]);
+        const float c = to_f(cos[t * half + p]), s = to_f(sin[t * half + p]);
         const float x0 = to_f(src[a]), x1 = to_f(src[b]);
         dst[a] = from_f<T>(x0 * c - x1 * s);
         dst[b] = from_f<T>(x0 * s + x1 * c);
@@ -62,11 +65,10 @@ __device__ void rotary_qk(T* out, const T* q, const T* k, const uint32_t* positi
     extern "C" __global__ void tessera_silu_mul_##t(TT* out, const TT* gu, uint32_t rows, uint32_t inter) { \
         silu_mul<TT>(out, gu, rows, inter);                                                                  \
     }                                                                                                        \
-    extern "C" __global__ void tessera_rotary_qk_##t(TT* out, const TT* q, const TT* k,                     \
-                                                     const uint32_t* positions, const TT* cos,              \
+    extern "C" __global__ void tessera_rotary_qk_##t(TT* out, const TT* q, const TT* k, const TT* cos,       \
                                                      const TT* sin, uint32_t tokens, uint32_t heads,        \
                                                      uint32_t kv_heads, uint32_t d, uint32_t interleaved) { \
-        rotary_qk<TT>(out, q, k, positions, cos, sin, tokens, heads, kv_heads, d, interleaved);              \
+        rotary_qk<TT>(out, q, k, cos, sin, tokens, heads, kv_heads, d, interleaved);                         \
     }
 
 FUSED(f32, float)

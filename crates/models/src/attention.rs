@@ -1,12 +1,16 @@
-//! Attention over the paged KV cache, device-generic (candle ops only).
+//! Attention over the paged KV cache: the per-step metadata every layer shares.
 //!
-//! New keys/values are scattered into their cache slots, then each sequence attends over
-//! the slots of its context (gathered through its block table). GQA is handled by grouping
-//! query heads per KV head, so KV heads are never materialised repeatedly.
+//! A step's new keys/values go to their cache slots, then each sequence attends over the slots
+//! of its context (through its block table). The ops themselves (cache write, paged
+//! attention) are in [`crate::fused`]: a device-generic reference of candle ops, and the fused
+//! kernels (CPU, CUDA) checked against it. [`StepTables`] holds what those ops need of the
+//! step's metadata in the form each one reads, built once per step on first use, not per layer.
+
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::Result;
+use crate::{ModelError, Result};
 
 /// The attention span of one sequence in a batch.
 #[derive(Debug, Clone)]
@@ -23,8 +27,8 @@ pub struct SeqAttention {
 }
 
 impl SeqAttention {
-    /// Cache slot of every context position (the non-CPU path gathers through them).
-    fn context_slots(&self, block_size: usize) -> Vec<u32> {
+    /// Cache slot of every context position (the reference gathers through them).
+    pub(crate) fn context_slots(&self, block_size: usize) -> Vec<u32> {
         let bs = block_size as u32;
         (0..self.ctx_len as u32).map(|j| self.block_table[(j / bs) as usize] * bs + j % bs).collect()
     }
@@ -42,259 +46,154 @@ pub struct AttentionMetadata {
 }
 
 /// Causal mask for `q_len` queries at the end of a `ctx`-long context: `[q_len, ctx]`.
-fn causal_mask(q_len: usize, ctx: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(q_len: usize, ctx: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
     let offset = ctx - q_len;
     let mask: Vec<f32> =
         (0..q_len).flat_map(|i| (0..ctx).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (q_len, ctx), dev)?.to_dtype(dtype)?)
 }
 
-/// Where a step's new keys/values go: on the CPU the slots on the host (our cache-write
-/// kernel, in place, converting to the cache's type); elsewhere the slot mapping broadcast to
-/// `[T, kv_heads, head_dim]` for candle's `scatter_set`.
-pub(crate) enum CacheWriter {
-    Host(Vec<u32>),
-    Scatter(Tensor),
+/// The block tables packed for a device kernel: `tables` `[S, stride]` (rows padded with
+/// block 0), `seqs` `[S * 3]` as (first query row, query rows, context length), `seq_of_row`
+/// `[T]` (the sequence of each query row); u32 on the step's device.
+#[derive(Debug, Clone)]
+pub struct PackedTables {
+    pub tables: Tensor,
+    pub stride: usize,
+    pub seqs: Tensor,
+    pub seq_of_row: Tensor,
+    /// One past the largest cache slot any table reaches (checked against the cache's size).
+    pub slot_end: usize,
 }
 
-impl CacheWriter {
-    pub(crate) fn new(meta: &AttentionMetadata, kv_heads: usize, head_dim: usize) -> Result<Self> {
-        let slots = &meta.slot_mapping;
-        if slots.device().is_cpu() {
-            return Ok(Self::Host(slots.to_vec1::<u32>()?));
-        }
-        let t = slots.dim(0)?;
-        Ok(Self::Scatter(slots.reshape((t, 1, 1))?.broadcast_as((t, kv_heads, head_dim))?.contiguous()?))
+/// One step's attention metadata in the forms the ops read, each built on first use.
+pub struct StepTables<'a> {
+    pub meta: &'a AttentionMetadata,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    host_slots: OnceLock<Vec<u32>>,
+    scatter: OnceLock<Tensor>,
+    gather: OnceLock<Vec<Tensor>>,
+    packed: OnceLock<PackedTables>,
+}
+
+/// `cell`'s value, building it with `f` the first time.
+fn lazily<'c, T>(cell: &'c OnceLock<T>, f: impl FnOnce() -> Result<T>) -> Result<&'c T> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let v = f()?;
+    Ok(cell.get_or_init(|| v))
+}
+
+impl<'a> StepTables<'a> {
+    pub fn new(meta: &'a AttentionMetadata, kv_heads: usize, head_dim: usize) -> Self {
+        let (host_slots, scatter, gather, packed) = Default::default();
+        Self { meta, kv_heads, head_dim, host_slots, scatter, gather, packed }
     }
 
-    /// Write `k`, `v` (`[T, kv_heads, head_dim]`) into their slots of the layer's caches
-    /// (which may hold a narrower type than the model computes in: `--kv-cache-dtype`).
-    pub(crate) fn write(&self, k_cache: &Tensor, v_cache: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
-        match self {
-            Self::Host(slots) => {
-                // The kernel takes f32 rows (a no-op cast when they already are).
-                k_cache.inplace_op2(&k.to_dtype(DType::F32)?.contiguous()?, &HostWrite(slots))?;
-                v_cache.inplace_op2(&v.to_dtype(DType::F32)?.contiguous()?, &HostWrite(slots))?;
+    /// Rows of this step (new tokens).
+    pub fn rows(&self) -> Result<usize> {
+        Ok(self.meta.slot_mapping.dim(0)?)
+    }
+
+    /// The new tokens' cache slots on the host.
+    pub fn host_slots(&self) -> Result<&[u32]> {
+        lazily(&self.host_slots, || Ok(self.meta.slot_mapping.to_vec1::<u32>()?)).map(|v| v.as_slice())
+    }
+
+    /// The slot mapping broadcast to `[T, kv_heads, head_dim]`, for candle's `scatter_set`.
+    pub fn scatter_index(&self) -> Result<&Tensor> {
+        lazily(&self.scatter, || {
+            let (s, t) = (&self.meta.slot_mapping, self.rows()?);
+            Ok(s.reshape((t, 1, 1))?.broadcast_as((t, self.kv_heads, self.head_dim))?.contiguous()?)
+        })
+    }
+
+    /// Each sequence's context slots on `dev`, for candle's gather.
+    pub fn gather_slots(&self, dev: &Device) -> Result<&[Tensor]> {
+        lazily(&self.gather, || {
+            let bs = self.meta.block_size;
+            let slots = self.meta.seqs.iter().map(|s| Tensor::new(s.context_slots(bs).as_slice(), dev));
+            Ok(slots.collect::<candle_core::Result<Vec<_>>>()?)
+        })
+        .map(|v| v.as_slice())
+    }
+
+    /// The block tables packed for a device kernel, on `dev`.
+    pub fn packed(&self, dev: &Device) -> Result<&PackedTables> {
+        lazily(&self.packed, || {
+            let (meta, rows) = (self.meta, self.rows()?);
+            let bs = meta.block_size;
+            let blocks = |s: &SeqAttention| s.ctx_len.div_ceil(bs);
+            let stride = meta.seqs.iter().map(blocks).max().unwrap_or(0).max(1);
+            let mut tables = vec![0u32; meta.seqs.len() * stride];
+            let mut seqs = Vec::with_capacity(meta.seqs.len() * 3);
+            let mut seq_of_row = vec![u32::MAX; rows];
+            let mut slot_end = 0;
+            for (i, s) in meta.seqs.iter().enumerate() {
+                let used = s.block_table.get(..blocks(s)).ok_or_else(|| {
+                    ModelError::Config(format!(
+                        "sequence {i}: {} blocks for a context of {}",
+                        s.block_table.len(),
+                        s.ctx_len
+                    ))
+                })?;
+                tables[i * stride..i * stride + used.len()].copy_from_slice(used);
+                slot_end = used.iter().map(|&b| (b as usize + 1) * bs).fold(slot_end, usize::max);
+                if s.q_len > s.ctx_len || s.q_start + s.q_len > rows {
+                    return Err(ModelError::Config(format!("sequence {i}: rows outside the step or the context")));
+                }
+                let u = |n: usize| u32::try_from(n).map_err(|_| ModelError::Config(format!("{n} exceeds u32")));
+                seqs.extend([u(s.q_start)?, u(s.q_len)?, u(s.ctx_len)?]);
+                seq_of_row[s.q_start..s.q_start + s.q_len].fill(u(i)?);
             }
-            Self::Scatter(index) => {
-                k_cache.scatter_set(index, &k.to_dtype(k_cache.dtype())?.contiguous()?, 0)?;
-                v_cache.scatter_set(index, &v.to_dtype(v_cache.dtype())?.contiguous()?, 0)?;
+            if seq_of_row.contains(&u32::MAX) {
+                return Err(ModelError::Config("a query row belongs to no sequence".into()));
             }
-        }
-        Ok(())
+            let n = meta.seqs.len();
+            Ok(PackedTables {
+                tables: Tensor::from_vec(tables, (n, stride), dev)?,
+                stride,
+                seqs: Tensor::from_vec(seqs, n * 3, dev)?,
+                seq_of_row: Tensor::from_vec(seq_of_row, rows, dev)?,
+                slot_end,
+            })
+        })
     }
-}
-
-/// The in-place CPU cache write of one step's f32 rows at their host slots.
-struct HostWrite<'a>(&'a [u32]);
-
-impl candle_core::InplaceOp2 for HostWrite<'_> {
-    fn name(&self) -> &'static str {
-        "tessera-cache-write"
-    }
-
-    fn cpu_fwd(
-        &self,
-        cache: &mut candle_core::CpuStorage,
-        cl: &candle_core::Layout,
-        rows: &candle_core::CpuStorage,
-        rl: &candle_core::Layout,
-    ) -> candle_core::Result<()> {
-        use candle_core::CpuStorage;
-        use tessera_kernels::write_cache_rows;
-        let (CpuStorage::F32(src), true, true) = (rows, rl.is_contiguous(), cl.is_contiguous()) else {
-            candle_core::bail!("the cache write takes contiguous f32 rows into a contiguous cache")
-        };
-        let n = rl.shape().elem_count();
-        let src = &src[rl.start_offset()..rl.start_offset() + n];
-        let row = n / self.0.len().max(1);
-        let o = cl.start_offset();
-        let r = match cache {
-            CpuStorage::F32(c) => write_cache_rows(&mut c[o..], src, self.0, row),
-            CpuStorage::F16(c) => write_cache_rows(&mut c[o..], src, self.0, row),
-            CpuStorage::BF16(c) => write_cache_rows(&mut c[o..], src, self.0, row),
-            _ => candle_core::bail!("KV cache dtype without a CPU cache write"),
-        };
-        r.map_err(|e| candle_core::Error::Msg(format!("cache write: {e}")))
-    }
-}
-
-/// Off the CPU, each sequence's context slots as a device tensor for candle's gather, built
-/// once per step (not per layer); `None` on the CPU, where the kernel reads the block tables.
-pub(crate) struct DeviceSlots(Vec<Tensor>);
-
-impl DeviceSlots {
-    pub(crate) fn new(meta: &AttentionMetadata, dev: &Device) -> Result<Option<Self>> {
-        if dev.is_cpu() {
-            return Ok(None);
-        }
-        Ok(Some(Self::build(meta, dev)?))
-    }
-
-    /// The slot tensors on `dev`, whatever the device (tests take the gather path on the CPU).
-    fn build(meta: &AttentionMetadata, dev: &Device) -> Result<Self> {
-        let slots = meta.seqs.iter().map(|s| Tensor::new(s.context_slots(meta.block_size).as_slice(), dev));
-        Ok(Self(slots.collect::<candle_core::Result<_>>()?))
-    }
-}
-
-/// Our CPU kernel over the cache in place (f32, f16 or bf16 cache; f32 math).
-fn cpu_paged_attention(
-    q: &Tensor,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    meta: &AttentionMetadata,
-    num_kv_heads: usize,
-) -> Result<Tensor> {
-    use candle_core::{CpuStorage, Storage};
-    use tessera_kernels::{AttnShape, Isa, SeqSpan};
-    let (t, heads, hd) = q.dims3()?;
-    let dtype = q.dtype();
-    let q = q.to_dtype(DType::F32)?.contiguous()?;
-    let shape = AttnShape { heads, kv_heads: num_kv_heads, head_dim: hd, block_size: meta.block_size };
-    let seqs: Vec<SeqSpan> = meta
-        .seqs
-        .iter()
-        .map(|s| SeqSpan { q_start: s.q_start, q_len: s.q_len, ctx: s.ctx_len, blocks: &s.block_table })
-        .collect();
-    let mut out = vec![0f32; t * heads * hd];
-    {
-        let (qs, ql) = q.storage_and_layout();
-        let (ks, kl) = k_cache.storage_and_layout();
-        let (vs, vl) = v_cache.storage_and_layout();
-        let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
-            return Err(crate::ModelError::Config("CPU attention on non-CPU tensors".into()));
-        };
-        let qv = &qs.as_slice::<f32>()?[ql.start_offset()..ql.start_offset() + t * heads * hd];
-        let (ko, vo) = (kl.start_offset(), vl.start_offset());
-        let isa = Isa::active();
-        let r = match (ks, vs) {
-            (CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                tessera_kernels::paged_attention(isa, qv, &k[ko..], &v[vo..], &seqs, shape, &mut out)
-            }
-            (CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                tessera_kernels::paged_attention(isa, qv, &k[ko..], &v[vo..], &seqs, shape, &mut out)
-            }
-            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                tessera_kernels::paged_attention(isa, qv, &k[ko..], &v[vo..], &seqs, shape, &mut out)
-            }
-            _ => return Err(crate::ModelError::Config("KV cache dtype without a CPU attention kernel".into())),
-        };
-        r.map_err(|e| crate::ModelError::Config(format!("attention: {e}")))?;
-    }
-    Ok(Tensor::from_vec(out, (t, heads * hd), q.device())?.to_dtype(dtype)?)
-}
-
-/// Attention for every sequence of the batch. `q` is `[T, heads, head_dim]`; the cache
-/// already holds this step's keys/values. Returns `[T, heads * head_dim]`. On the CPU our
-/// kernel reads the cache in place through the block tables; elsewhere (with `device` slot
-/// tensors) candle ops gather it.
-pub(crate) fn paged_attention(
-    q: &Tensor,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    meta: &AttentionMetadata,
-    num_kv_heads: usize,
-    device: Option<&DeviceSlots>,
-) -> Result<Tensor> {
-    let Some(device) = device else {
-        return cpu_paged_attention(q, k_cache, v_cache, meta, num_kv_heads);
-    };
-    let (_t, heads, hd) = q.dims3()?;
-    let group = heads / num_kv_heads;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut outs = Vec::with_capacity(meta.seqs.len());
-    for (s, context_slots) in meta.seqs.iter().zip(&device.0) {
-        let ctx = s.ctx_len;
-        let qs = q.narrow(0, s.q_start, s.q_len)?; // [q, H, D]
-        let qs = qs.transpose(0, 1)?.contiguous()?.reshape((num_kv_heads, group * s.q_len, hd))?;
-        let gather = |c: &Tensor| -> Result<Tensor> {
-            Ok(c.index_select(context_slots, 0)?.to_dtype(q.dtype())?.transpose(0, 1)?.contiguous()?)
-        };
-        let (k, v) = (gather(k_cache)?, gather(v_cache)?); // [KVH, ctx, D]
-        let mut scores = (qs.matmul(&k.t()?)? * scale)?; // [KVH, g*q, ctx]
-        if s.q_len > 1 {
-            let mask = causal_mask(s.q_len, ctx, scores.dtype(), scores.device())?;
-            scores = scores.reshape((num_kv_heads, group, s.q_len, ctx))?.broadcast_add(&mask)?.reshape((
-                num_kv_heads,
-                group * s.q_len,
-                ctx,
-            ))?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let o = probs.matmul(&v)?; // [KVH, g*q, D]
-        let o = o.reshape((heads, s.q_len, hd))?.transpose(0, 1)?.reshape((s.q_len, heads * hd))?;
-        outs.push(o);
-    }
-    Ok(Tensor::cat(&outs, 0)?)
-}
-
-/// Reference attention without a cache, for tests: full causal attention of one sequence.
-#[cfg(test)]
-fn dense_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (t, heads, hd) = q.dims3()?;
-    let kvh = k.dim(1)?;
-    let group = heads / kvh;
-    let k = k.unsqueeze(2)?.expand((t, kvh, group, hd))?.reshape((t, heads, hd))?;
-    let v = v.unsqueeze(2)?.expand((t, kvh, group, hd))?.reshape((t, heads, hd))?;
-    let q = q.transpose(0, 1)?.contiguous()?;
-    let k = k.transpose(0, 1)?.contiguous()?;
-    let v = v.transpose(0, 1)?.contiguous()?;
-    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-    let mask = causal_mask(t, t, scores.dtype(), scores.device())?;
-    let p = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)?;
-    Ok(p.matmul(&v)?.transpose(0, 1)?.reshape((t, heads * hd))?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Paged attention over scattered slots equals dense causal attention.
     #[test]
-    fn paged_equals_dense() -> Result<()> {
+    fn packed_tables_hold_each_sequence_and_row() -> Result<()> {
         let dev = Device::Cpu;
-        let (t, h, kvh, d) = (5, 4, 2, 8);
-        let q = Tensor::randn(0f32, 1., (t, h, d), &dev)?;
-        let k = Tensor::randn(0f32, 1., (t, kvh, d), &dev)?;
-        let v = Tensor::randn(0f32, 1., (t, kvh, d), &dev)?;
-        let kc = Tensor::zeros((16, kvh, d), DType::F32, &dev)?;
-        let vc = Tensor::zeros((16, kvh, d), DType::F32, &dev)?;
-        // Blocks of 4: the table [2, 0] puts positions 0..4 in slots 8..12 and position 4 in slot 0.
-        let (bs, table) = (4, vec![2u32, 0]);
-        let slots = Tensor::new(&[8u32, 9, 10, 11, 0], &dev)?;
-        let idx = slots.reshape((t, 1, 1))?.broadcast_as((t, kvh, d))?.contiguous()?;
-        // The scatter path (other devices) and the host path write the same cells.
-        let (kc2, vc2) = (kc.zeros_like()?, vc.zeros_like()?);
-        CacheWriter::Scatter(idx).write(&kc, &vc, &k, &v)?;
-        CacheWriter::Host(slots.to_vec1()?).write(&kc2, &vc2, &k, &v)?;
-        for (a, b) in [(&kc, &kc2), (&vc, &vc2)] {
-            assert_eq!(a.to_vec3::<f32>()?, b.to_vec3::<f32>()?);
-        }
-        // Two steps: a prefill of 3 then 2 more tokens, attending over the cache.
-        let meta1 = AttentionMetadata {
-            slot_mapping: slots.narrow(0, 0, 3)?,
-            block_size: bs,
-            seqs: vec![SeqAttention { q_start: 0, q_len: 3, ctx_len: 3, block_table: table[..1].to_vec() }],
+        let meta = AttentionMetadata {
+            slot_mapping: Tensor::new(&[20u32, 8, 9, 10], &dev)?,
+            block_size: 4,
+            seqs: vec![
+                SeqAttention { q_start: 0, q_len: 1, ctx_len: 9, block_table: vec![3, 1, 5] },
+                SeqAttention { q_start: 1, q_len: 3, ctx_len: 3, block_table: vec![2, 7] },
+            ],
         };
-        let gather1 = DeviceSlots::build(&meta1, &dev)?;
-        let a = paged_attention(&q.narrow(0, 0, 3)?, &kc, &vc, &meta1, kvh, Some(&gather1))?;
-        let a_cpu = paged_attention(&q.narrow(0, 0, 3)?, &kc, &vc, &meta1, kvh, None)?;
-        let meta2 = AttentionMetadata {
-            slot_mapping: slots.narrow(0, 3, 2)?,
-            block_size: bs,
-            seqs: vec![SeqAttention { q_start: 0, q_len: 2, ctx_len: 5, block_table: table.clone() }],
+        let step = StepTables::new(&meta, 2, 8);
+        let p = step.packed(&dev)?;
+        // The unused trailing block of the second table is not read, so not counted.
+        assert_eq!((p.stride, p.slot_end), (3, 24));
+        assert_eq!(p.tables.to_vec2::<u32>()?, vec![vec![3, 1, 5], vec![2, 0, 0]]);
+        assert_eq!(p.seqs.to_vec1::<u32>()?, vec![0, 1, 9, 1, 3, 3]);
+        assert_eq!(p.seq_of_row.to_vec1::<u32>()?, vec![0, 1, 1, 1]);
+        assert_eq!(step.host_slots()?, &[20, 8, 9, 10]);
+        assert_eq!(step.scatter_index()?.dims(), &[4, 2, 8]);
+        assert_eq!(step.gather_slots(&dev)?[1].to_vec1::<u32>()?, vec![8, 9, 10]);
+        // A table too short for its context is an error, not a wild read.
+        let short = AttentionMetadata {
+            seqs: vec![SeqAttention { q_start: 0, q_len: 4, ctx_len: 9, block_table: vec![3] }],
+            ..meta.clone()
         };
-        assert_eq!(meta2.seqs[0].context_slots(bs), slots.to_vec1::<u32>()?);
-        let gather2 = DeviceSlots::build(&meta2, &dev)?;
-        let b = paged_attention(&q.narrow(0, 3, 2)?, &kc, &vc, &meta2, kvh, Some(&gather2))?;
-        let b_cpu = paged_attention(&q.narrow(0, 3, 2)?, &kc, &vc, &meta2, kvh, None)?;
-        let want = dense_causal_attention(&q, &k, &v)?;
-        for (path, got) in [("candle ops", Tensor::cat(&[a, b], 0)?), ("CPU kernel", Tensor::cat(&[a_cpu, b_cpu], 0)?)]
-        {
-            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "{path}: max diff {diff}");
-        }
+        assert!(StepTables::new(&short, 2, 8).packed(&dev).is_err());
         Ok(())
     }
 }

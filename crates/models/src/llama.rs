@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::attention::{paged_attention, CacheWriter, DeviceSlots};
+use crate::attention::StepTables;
 use crate::fused::{KernelReport, Kernels, ServedShapes};
 use crate::layers::{Embedding, GatedMlp, SharedInput};
 use crate::moe::Moe;
@@ -169,11 +169,7 @@ impl Llama {
                 },
             });
         }
-        // Each fused kernel is checked against its reference on this device before use.
-        let shapes =
-            ServedShapes { hidden: cfg.hidden_size, inter: cfg.intermediate_size, eps: cfg.rms_norm_eps as f32 };
-        let kernels = Kernels::check(Kernels::candidates(device), device, dtype, shapes);
-        Ok(Self {
+        Self {
             cfg: cfg.clone(),
             embed,
             blocks,
@@ -185,13 +181,48 @@ impl Llama {
             tp,
             pp,
             heads,
-            kernels,
-        })
+            kernels: Kernels::reference(),
+        }
+        .with_checked_kernels(dtype, 16)
+    }
+
+    /// Check each fused kernel against its reference on this device at the served shapes,
+    /// with a cache of `cache_dtype` in blocks of `block_size`, then let the tensor-parallel
+    /// ranks vote (a collective: every rank of the group calls it). Load checks with a cache of
+    /// the model's type; the worker checks again when it serves another cache type.
+    pub fn check_kernels(&mut self, cache_dtype: DType, block_size: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let shapes = ServedShapes {
+            hidden: cfg.hidden_size,
+            inter: {
+                let (a, b) = crate::part(cfg.intermediate_size, self.tp.world(), self.tp.rank());
+                (b - a).max(1)
+            },
+            eps: cfg.rms_norm_eps as f32,
+            heads: self.heads.heads,
+            kv_heads: self.heads.kv_heads,
+            head_dim: cfg.head_dim,
+            interleaved: cfg.rope_interleaved,
+            block_size,
+        };
+        let checked = Kernels::check(Kernels::candidates(&self.device), &self.device, self.dtype, cache_dtype, shapes);
+        self.kernels = checked.agree(&self.tp, &self.device)?;
+        Ok(())
+    }
+
+    fn with_checked_kernels(mut self, cache_dtype: DType, block_size: usize) -> Result<Self> {
+        self.check_kernels(cache_dtype, block_size)?;
+        Ok(self)
     }
 
     /// What the start-up check decided for each fused kernel (fused or reference, and why).
     pub fn kernel_reports(&self) -> &[KernelReport] {
         self.kernels.reports()
+    }
+
+    /// The (activation, cache) dtypes and block size the kernels were last checked with.
+    pub fn kernels_checked(&self) -> Option<(DType, DType, usize)> {
+        self.kernels.checked()
     }
 
     /// Use `kernels` instead of the ones checked at load (tests inject kernels this way).
@@ -264,8 +295,8 @@ impl Llama {
         }
         let (hd, nh, nkv) = (cfg.head_dim, self.heads.heads, self.heads.kv_heads);
         let (cos, sin) = self.rotary.tables_for(&input.positions)?;
-        let writer = CacheWriter::new(&input.attn, nkv, hd)?;
-        let gather = DeviceSlots::new(&input.attn, input.tokens.device())?;
+        let step = StepTables::new(&input.attn, nkv, hd);
+        let k_ = &self.kernels;
         let mut x = match &self.embed {
             Some(e) => self.tp.all_reduce(&e.forward(&input.tokens)?)?,
             None => self.pp.recv_activations()?,
@@ -282,12 +313,10 @@ impl Llama {
             let q = q.reshape((t, nh, hd))?;
             let k = k.reshape((t, nkv, hd))?;
             let v = v.reshape((t, nkv, hd))?;
-            let q = self.rotary.apply(&q, &cos, &sin)?;
-            let k = self.rotary.apply(&k, &cos, &sin)?;
+            let (q, k) = k_.rotary(&q, &k, &cos, &sin, cfg.rope_interleaved)?;
             let (kc, vc) = cache.layer(i);
-            writer.write(kc, vc, &k, &v)?;
-            let a = paged_attention(&q, kc, vc, &input.attn, nkv, gather.as_ref())?;
-            let k_ = &self.kernels;
+            k_.cache_write(kc, vc, &k, &v, &step)?;
+            let a = k_.paged_attention(&q, kc, vc, &step)?;
             let (x1, h1) = b.mlp_norm.add_forward(k_, &x, &self.tp.all_reduce(&b.attn.o.forward(&a)?)?)?;
             let m = match &b.mlp {
                 Mlp::Dense(d) => self.tp.all_reduce(&d.forward(k_, &h1)?)?,

@@ -75,14 +75,9 @@ impl Rotary {
         Ok((self.cos.index_select(positions, 0)?, self.sin.index_select(positions, 0)?))
     }
 
-    /// Rotate `x` of shape `[T, heads, head_dim]` with per-token tables from [`Self::tables_for`].
+    /// Rotate `x` of shape `[T, heads, head_dim]` with per-token tables from [`Self::tables_for`]
+    /// (the reference op; the forward pass goes through the checked kernels).
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        if self.interleaved {
-            let x = x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?; // [1, H, T, D]
-            let y = candle_nn::rotary_emb::rope_i(&x, cos, sin)?;
-            return Ok(y.squeeze(0)?.transpose(0, 1)?.contiguous()?);
-        }
-        let x = x.unsqueeze(0)?.contiguous()?;
-        Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
+        crate::fused::reference::rotary(x, cos, sin, self.interleaved)
     }
 }

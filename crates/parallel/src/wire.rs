@@ -83,13 +83,35 @@ fn code_dtype(c: u8, peer: usize) -> Result<DType> {
     })
 }
 
-/// `[dtype u8][rank u8][dims u64…][data]`; floats travel as f32, integers as themselves.
-pub(crate) fn encode_tensor(t: &Tensor) -> Result<Vec<u8>> {
-    let dims = t.dims();
-    let mut out = vec![dtype_code(t.dtype())?, dims.len() as u8];
+/// `[dtype u8][rank u8][dims u64…]`: a tensor's type and shape.
+pub(crate) fn encode_header(dtype: DType, dims: &[usize]) -> Result<Vec<u8>> {
+    let rank = u8::try_from(dims.len()).map_err(|_| CommError::Usage(format!("a tensor of rank {}", dims.len())))?;
+    let mut out = vec![dtype_code(dtype)?, rank];
     for &d in dims {
         out.extend_from_slice(&(d as u64).to_le_bytes());
     }
+    Ok(out)
+}
+
+/// The type and shape of [`encode_header`], and where the data starts.
+pub(crate) fn decode_header(b: &[u8], peer: usize) -> Result<(DType, Vec<usize>, usize)> {
+    let bad = |what: &str| CommError::Protocol { rank: peer, what: what.into() };
+    if b.len() < 2 {
+        return Err(bad("short tensor header"));
+    }
+    let dtype = code_dtype(b[0], peer)?;
+    let n = b[1] as usize;
+    let data_at = 2 + 8 * n;
+    if b.len() < data_at {
+        return Err(bad("short tensor shape"));
+    }
+    let dims = (0..n).map(|i| u64::from_le_bytes(b[2 + 8 * i..10 + 8 * i].try_into().unwrap_or([0; 8])) as usize);
+    Ok((dtype, dims.collect(), data_at))
+}
+
+/// `[header][data]`; floats travel as f32, integers as themselves.
+pub(crate) fn encode_tensor(t: &Tensor) -> Result<Vec<u8>> {
+    let mut out = encode_header(t.dtype(), t.dims())?;
     let flat = t.flatten_all()?;
     match t.dtype() {
         DType::U32 => out.extend(flat.to_vec1::<u32>()?.iter().flat_map(|x| x.to_le_bytes())),
@@ -102,17 +124,7 @@ pub(crate) fn encode_tensor(t: &Tensor) -> Result<Vec<u8>> {
 
 pub(crate) fn decode_tensor(b: &[u8], device: &Device, peer: usize) -> Result<Tensor> {
     let bad = |what: &str| CommError::Protocol { rank: peer, what: what.into() };
-    if b.len() < 2 {
-        return Err(bad("short tensor header"));
-    }
-    let dtype = code_dtype(b[0], peer)?;
-    let n = b[1] as usize;
-    let data_at = 2 + 8 * n;
-    if b.len() < data_at {
-        return Err(bad("short tensor shape"));
-    }
-    let dims: Vec<usize> =
-        (0..n).map(|i| u64::from_le_bytes(b[2 + 8 * i..10 + 8 * i].try_into().unwrap_or([0; 8])) as usize).collect();
+    let (dtype, dims, data_at) = decode_header(b, peer)?;
     let data = &b[data_at..];
     let count: usize = dims.iter().product();
     let t = match dtype {

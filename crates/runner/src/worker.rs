@@ -24,7 +24,12 @@ pub struct Worker {
 
 impl Worker {
     /// Allocate `num_blocks` cache blocks of `block_size` tokens of `kv_dtype` for `model`.
-    pub fn new(model: Llama, num_blocks: usize, block_size: usize, kv_dtype: DType) -> Result<Self> {
+    pub fn new(mut model: Llama, num_blocks: usize, block_size: usize, kv_dtype: DType) -> Result<Self> {
+        // The fused kernels were checked at load with a cache of the model's type: check again
+        // for the cache this worker serves (every rank of the group does, so they vote alike).
+        if model.kernels_checked() != Some((model.dtype(), kv_dtype, block_size)) {
+            model.check_kernels(kv_dtype, block_size)?;
+        }
         let cfg = model.config();
         let device = model.device().clone();
         let cache = KvCache::new(

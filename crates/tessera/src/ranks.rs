@@ -9,8 +9,9 @@
 //! HTTP), each hosting `tp / group` consecutive ranks; rank 0's rendezvous listens on the
 //! leader at `--rendezvous-port`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -125,6 +126,13 @@ pub(crate) enum Meet {
 
 impl Meet {
     fn join(&self, rank: usize, world: usize, s: &RankSetup) -> Result<Arc<dyn Communicator>, ServeError> {
+        if s.device.is_cuda() {
+            return Err(ServeError::Config(
+                "data-parallel expert parallelism across replicas runs on CPU ranks only (GPU ranks meet over NCCL \
+                 within one replica)"
+                    .into(),
+            ));
+        }
         Ok(match self {
             Meet::Local(hub) => Arc::new(hub.join(rank, s.device.clone())?),
             Meet::Tcp(at) => Arc::new(TcpComm::join(rank, world, at, s.join_timeout, s.device.clone())?),
@@ -146,8 +154,53 @@ type RankReports = mpsc::Receiver<(usize, Result<(), String>)>;
 /// How long the other ranks may take to load before start-up fails.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The process's one candle device per GPU: candle gives each `Device::new_cuda` call a new
+/// identity, and tensors of two identities cannot meet in one op.
+pub(crate) fn gpu(ordinal: usize) -> Result<Device, ServeError> {
+    static GPUS: OnceLock<Mutex<HashMap<usize, Device>>> = OnceLock::new();
+    let mut gpus = GPUS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(d) = gpus.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    let d = Device::new_cuda(ordinal).map_err(|e| {
+        ServeError::Config(format!("GPU {ordinal}: {e} (this build needs the `cuda` feature and a GPU)"))
+    })?;
+    gpus.insert(ordinal, d.clone());
+    Ok(d)
+}
+
+/// `s` for global rank `rank`: on GPUs each rank of this pod drives its own GPU (ordinal =
+/// its index among the pod's ranks); on the CPU every rank shares the device.
+fn for_rank(s: &RankSetup, rank: usize) -> Result<RankSetup, ServeError> {
+    if !s.device.is_cuda() {
+        return Ok(s.clone());
+    }
+    let local = s.topology.local_ranks(s.tp * s.pp)?;
+    Ok(RankSetup { device: gpu(rank.saturating_sub(local.start))?, ..s.clone() })
+}
+
+/// How long one NCCL operation may take before the communicator is aborted (a peer is gone
+/// or hung): long enough for the largest prefill's collectives, short enough to fail a step.
+#[cfg(feature = "cuda")]
+const NCCL_OP_TIMEOUT: Duration = Duration::from_secs(120);
+
 fn join(s: &RankSetup, rank: usize) -> Result<Arc<dyn Communicator>, ServeError> {
     let world = s.tp * s.pp;
+    if s.device.is_cuda() {
+        // GPU ranks (threads of this pod or in other pods) meet over NCCL, its id passed
+        // through the TCP rendezvous at the leader.
+        #[cfg(feature = "cuda")]
+        return Ok(Arc::new(tessera_parallel::NcclComm::join(
+            rank,
+            world,
+            &s.topology.leader,
+            s.join_timeout,
+            NCCL_OP_TIMEOUT,
+            &s.device,
+        )?));
+        #[cfg(not(feature = "cuda"))]
+        return Err(ServeError::Config("GPU ranks need a build with the `cuda` feature".into()));
+    }
     match &s.local {
         Some(hub) => Meet::Local(hub.clone()).join(rank, world, s),
         None => Meet::Tcp(s.topology.leader.clone()).join(rank, world, s),
@@ -181,8 +234,9 @@ fn build(
 ) -> Result<Worker, ServeError> {
     let (tp, pp) = groups(s, world)?;
     let model = Llama::load_pipelined(cfg, weights, s.max_model_len, s.dtype, &s.device, tp, pp)?;
-    log_kernel_checks(&model);
-    Ok(Worker::new(model, s.num_blocks, s.block_size, s.kv_dtype)?)
+    let worker = Worker::new(model, s.num_blocks, s.block_size, s.kv_dtype)?;
+    log_kernel_checks(worker.model());
+    Ok(worker)
 }
 
 /// Log what the start-up check decided for each fused kernel (a refused one is a warning).
@@ -211,7 +265,8 @@ fn spawn_followers(s: &RankSetup, ranks: impl Iterator<Item = usize>) -> Result<
         std::thread::Builder::new()
             .name(format!("tessera-rank-{rank}"))
             .spawn(move || {
-                let built = join(&s, rank).and_then(|c| rank_worker(&s, c.clone()).map(|w| (w, c)));
+                let built = for_rank(&s, rank)
+                    .and_then(|s| join(&s, rank).and_then(|c| rank_worker(&s, c.clone()).map(|w| (w, c))));
                 match built {
                     Ok((w, comm)) => {
                         register(&s, rank, &w);
@@ -255,8 +310,9 @@ pub(crate) fn start_leader(
 ) -> Result<Box<dyn Executor>, ServeError> {
     let local = s.topology.local_ranks(s.tp * s.pp)?;
     let rx = spawn_followers(s, local.clone().skip(1))?;
-    let c0 = join(s, 0)?;
-    let worker = build(s, cfg, weights, c0.clone())?;
+    let s0 = for_rank(s, 0)?;
+    let c0 = join(&s0, 0)?;
+    let worker = build(&s0, cfg, weights, c0.clone())?;
     register(s, 0, &worker);
     wait_loaded(&rx, local.len() - 1)?;
     tracing::info!(

@@ -151,10 +151,10 @@ pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
 fn pick_device(d: DeviceArg) -> Result<Device, ServeError> {
     match d {
         DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
-        DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| {
-            ServeError::Config(format!("--device cuda: {e} (this build needs the `cuda` feature and a GPU)"))
-        }),
+        // One candle device per GPU for the whole process (see `ranks::gpu`).
+        DeviceArg::Auto if candle_core::utils::cuda_is_available() => Ok(crate::ranks::gpu(0).unwrap_or(Device::Cpu)),
+        DeviceArg::Auto => Ok(Device::Cpu),
+        DeviceArg::Cuda => crate::ranks::gpu(0).map_err(|e| ServeError::Config(format!("--device cuda: {e}"))),
     }
 }
 
@@ -303,8 +303,8 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 leader
             } else if tp * a.pipeline_parallel_size == 1 {
                 let model = Llama::load(&cfg, weights, max_model_len, dtype, &device)?;
-                crate::ranks::log_kernel_checks(&model);
                 let worker = Worker::new(model, num_blocks, a.block_size, sz.kv_dtype)?;
+                crate::ranks::log_kernel_checks(worker.model());
                 if a.kv_transfer_config.is_some() {
                     let store: Arc<dyn KvBlockStore> = Arc::new(worker.kv_cache());
                     keep_store(i, KvStore::Shared(store));
