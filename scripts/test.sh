@@ -23,3 +23,13 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast 2>&1
 # The CUDA build (candle's CUDA back-end and kernels, NCCL) must compile: nvcc from PyPI wheels.
 scripts/cuda-check.sh
+# The GPU smoke test needs a GPU: here it must refuse clearly (exit 2), not fail half-way.
+set +e
+smoke=$(scripts/gpu-smoke 2>&1)
+code=$?
+set -e
+if [ "$code" -ne 2 ] || ! grep -q "no NVIDIA GPU here" <<<"$smoke"; then
+  echo "test: scripts/gpu-smoke without a GPU exited $code: $smoke" >&2
+  exit 1
+fi
+echo "test: scripts/gpu-smoke refuses without a GPU (exit 2)"

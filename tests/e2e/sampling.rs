@@ -143,10 +143,13 @@ async fn metrics_count_what_was_served() {
         assert!(line.contains(labels), "{line}");
     }
     // The CPU's fused kernels passed their start-up check against the references.
-    for kernel in ["add_rms_norm", "silu_mul"] {
+    for kernel in ["add_rms_norm", "silu_mul", "cache_write", "paged_attention"] {
         let want = format!("tessera:kernel_path{{kernel=\"{kernel}\",path=\"fused\",reason=\"passed\"");
         assert!(m.lines().any(|l| l.starts_with(&want)), "{want} missing:\n{m}");
     }
+    // The CPU has no fused rotary: the reference runs, and the metric says why.
+    let want = "tessera:kernel_path{kernel=\"rotary\",path=\"reference\",reason=\"no\"";
+    assert!(m.lines().any(|l| l.starts_with(want)), "{want} missing:\n{m}");
     // 3 requests of known sizes: 2 stopped by length, 1 by a stop token (the greedy first token).
     let prompt = "Geography quiz. Answer briefly and precisely, with one word per answer and no explanations \
                   at all. Question one: the capital of France is";

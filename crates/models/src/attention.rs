@@ -78,7 +78,7 @@ pub struct StepTables<'a> {
 }
 
 /// `cell`'s value, building it with `f` the first time.
-fn lazily<'c, T>(cell: &'c OnceLock<T>, f: impl FnOnce() -> Result<T>) -> Result<&'c T> {
+fn lazily<T>(cell: &OnceLock<T>, f: impl FnOnce() -> Result<T>) -> Result<&T> {
     if let Some(v) = cell.get() {
         return Ok(v);
     }
