@@ -1,5 +1,6 @@
 //! The CUDA kernels of `kernels/cuda` (built by `tessera-kernels` with the `cuda` feature) as
-//! fused candidates: each launches on the tensors' own CUDA storage and stream. The fatbins
+//! fused candidates, each a candle custom op (`CustomOp1/2/3`, the cache write an `InplaceOp2`)
+//! launching on the tensors' own CUDA storage and stream. The fatbins
 //! are loaded once per device (SASS for sm_80/sm_90, PTX that newer GPUs compile at load).
 //! Like every candidate they run only after the start-up check has compared them with the
 //! references on the GPU itself.
@@ -11,12 +12,14 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
-use candle_core::op::BackpropOp;
-use candle_core::{DType, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use tessera_kernels::cuda::{self as images, Dt, FusedOp as Entry};
 
 use super::{FusedKernel, FusedOp, OpArgs};
+use crate::attention::PackedTables;
 use crate::{ModelError, Result};
+
+type CResult<T> = candle_core::Result<T>;
 
 /// One CUDA kernel.
 #[derive(Debug, Clone, Copy)]
@@ -83,20 +86,10 @@ fn function(dev: &CudaDevice, image: Image, name: &str) -> Result<CudaFunction> 
 }
 
 /// The contiguous elements of a CUDA tensor's storage.
-fn view<'s, T: CudaDType>(s: &'s CudaStorage, l: &Layout) -> Result<CudaView<'s, T>> {
-    let (a, b) =
-        l.contiguous_offsets().ok_or_else(|| ModelError::Config("a CUDA kernel needs contiguous input".into()))?;
+fn view<'s, T: CudaDType>(s: &'s CudaStorage, l: &Layout) -> CResult<CudaView<'s, T>> {
+    let msg = || candle_core::Error::Msg("a CUDA kernel needs contiguous input".into());
+    let (a, b) = l.contiguous_offsets().ok_or_else(msg)?;
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
-}
-
-/// `t`'s CUDA storage, read-locked, and its layout.
-macro_rules! cuda_storage {
-    ($t:expr => $g:ident, $s:ident, $l:ident) => {
-        let ($g, $l) = $t.storage_and_layout();
-        let Storage::Cuda($s) = &*$g else {
-            return Err(ModelError::Config("a CUDA kernel was handed a tensor on another device".into()));
-        };
-    };
 }
 
 /// Bind `$T` to the Rust type of `$dtype` (f32, f16, bf16) in `$body`.
@@ -115,7 +108,7 @@ macro_rules! by_dtype {
                 type $T = half::bf16;
                 $body
             }
-            other => Err(ModelError::Config(format!("no CUDA kernel for {other:?}"))),
+            other => Err(candle_core::Error::Msg(format!("no CUDA kernel for {other:?}"))),
         }
     };
 }
@@ -128,15 +121,6 @@ fn u32_of(n: usize) -> Result<u32> {
 fn elementwise(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65_536) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// A fresh tensor over `out` on `dev`.
-fn wrap<T: CudaDType>(
-    out: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    dev: &CudaDevice,
-    dims: &[usize],
-) -> Tensor {
-    Tensor::from_storage(Storage::Cuda(T::wrap_cuda_slice(out, dev.clone())), dims, BackpropOp::none(), false)
 }
 
 fn on_cuda(ts: &[&Tensor]) -> bool {
@@ -193,9 +177,22 @@ impl FusedKernel for CudaFused {
 
     fn run(&self, args: &OpArgs) -> Result<Vec<Tensor>> {
         match *args {
-            OpArgs::AddRmsNorm { x, delta, w, eps } => add_rms_norm(x, delta, w, eps),
-            OpArgs::SiluMul { gu, inter } => silu_mul(gu, inter).map(|t| vec![t]),
-            OpArgs::Rotary { q, k, cos, sin, interleaved } => rotary(q, k, cos, sin, interleaved),
+            OpArgs::AddRmsNorm { x, delta, w, eps } => {
+                let out = x.apply_op3_no_bwd(delta, w, &AddRmsNorm(eps))?;
+                Ok(vec![out.get(0)?.reshape(x.dims())?, out.get(1)?.reshape(x.dims())?])
+            }
+            OpArgs::SiluMul { gu, inter } => Ok(vec![gu.apply_op1_no_bwd(&SiluMul(inter))?]),
+            OpArgs::Rotary { q, k, cos, sin, interleaved } => {
+                let (t, heads, d) = q.dims3()?;
+                let (kt, kv_heads, kd) = k.dims3()?;
+                if cos.elem_count() != t * d / 2 || sin.elem_count() != t * d / 2 || (kt, kd) != (t, d) {
+                    return Err(ModelError::Config("rotary: tables or keys do not match the queries".into()));
+                }
+                let out = q.apply_op2_no_bwd(k, &Rotary { cos, sin, interleaved })?;
+                let q2 = out.narrow(0, 0, t * heads * d)?.reshape((t, heads, d))?;
+                let k2 = out.narrow(0, t * heads * d, t * kv_heads * d)?.reshape((t, kv_heads, d))?;
+                Ok(vec![q2, k2])
+            }
             OpArgs::CacheWrite { k_cache, v_cache, k, v, step } => {
                 let slots = step.meta.slot_mapping.contiguous()?;
                 // Every slot inside the cache, checked on the host before the kernel writes.
@@ -208,94 +205,168 @@ impl FusedKernel for CudaFused {
                 Ok(vec![k_cache.clone(), v_cache.clone()])
             }
             OpArgs::PagedAttention { q, k_cache, v_cache, step } => {
-                paged_attention(q, k_cache, v_cache, step).map(|t| vec![t])
+                let (heads, kv_heads) = (q.dim(1)?, k_cache.dim(1)?);
+                if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+                    return Err(ModelError::Config(format!("{heads} heads over {kv_heads} KV heads")));
+                }
+                let packed = step.packed(q.device())?;
+                if packed.slot_end > k_cache.dim(0)? || packed.slot_end > v_cache.dim(0)? {
+                    let cache = k_cache.dim(0)?;
+                    return Err(ModelError::Config(format!("block tables reach slot {} of {cache}", packed.slot_end)));
+                }
+                let op = Attention { packed, block_size: step.meta.block_size };
+                Ok(vec![q.apply_op3_no_bwd(k_cache, v_cache, &op)?])
             }
         }
     }
 }
 
-fn add_rms_norm(x: &Tensor, delta: &Tensor, w: &Tensor, eps: f32) -> Result<Vec<Tensor>> {
-    let dim = w.elem_count();
-    let rows = x.elem_count() / dim.max(1);
-    cuda_storage!(x => gx, xs, xl);
-    cuda_storage!(delta => gd, ds, dl);
-    cuda_storage!(w => gw, ws, wl);
-    let dev = xs.device().clone();
-    let cfg = LaunchConfig { grid_dim: (u32_of(rows)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let out = by_dtype!(x.dtype(), T => {
-        let f = function(&dev, Image::Fused, &images::fused_entry(Entry::AddRmsNorm, dt(x.dtype()).unwrap_or(Dt::F32)))?;
-        // SAFETY: the kernel writes all 2·rows·dim outputs (sums, then normed rows).
-        let mut out = unsafe { dev.alloc::<T>(2 * rows * dim)? };
-        let (xv, dv, wv) = (view::<T>(xs, xl)?, view::<T>(ds, dl)?, view::<T>(ws, wl)?);
-        let (r, d) = (u32_of(rows)?, u32_of(dim)?);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut out).arg(&xv).arg(&dv).arg(&wv).arg(&r).arg(&d).arg(&eps);
-        // SAFETY: the arguments match the kernel's signature; every pointer covers its extent.
-        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
-        Ok(wrap(out, &dev, &[2, rows, dim]))
-    })?;
-    drop((gx, gd, gw));
-    Ok(vec![out.get(0)?.reshape(x.dims())?, out.get(1)?.reshape(x.dims())?])
+/// Our error as a custom op's.
+fn ce(e: ModelError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
 }
 
-fn silu_mul(gu: &Tensor, inter: usize) -> Result<Tensor> {
-    let rows = gu.elem_count() / (2 * inter).max(1);
-    let mut dims = gu.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = inter;
-    }
-    cuda_storage!(gu => g, s, l);
-    let dev = s.device().clone();
-    let out = by_dtype!(gu.dtype(), T => {
-        let f = function(&dev, Image::Fused, &images::fused_entry(Entry::SiluMul, dt(gu.dtype()).unwrap_or(Dt::F32)))?;
-        // SAFETY: the kernel writes all rows·inter outputs.
-        let mut out = unsafe { dev.alloc::<T>(rows * inter)? };
-        let v = view::<T>(s, l)?;
-        let (r, i) = (u32_of(rows)?, u32_of(inter)?);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut out).arg(&v).arg(&r).arg(&i);
-        // SAFETY: the arguments match the kernel's signature.
-        unsafe { b.launch(elementwise(rows * inter)) }.map_err(cuda_err)?;
-        Ok(wrap(out, &dev, &dims))
-    })?;
-    drop(g);
-    Ok(out)
+fn launch_err(e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("CUDA launch: {e:?}"))
 }
 
-fn rotary(q: &Tensor, k: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Vec<Tensor>> {
-    let (t, heads, d) = q.dims3()?;
-    let (_, kv_heads, _) = k.dims3()?;
-    if cos.elem_count() != t * d / 2 || sin.elem_count() != t * d / 2 || k.dim(0)? != t {
-        return Err(ModelError::Config("rotary: tables or keys do not match the queries".into()));
+/// The entry point of a fused op for `d`'s elements.
+fn fused_function(dev: &CudaDevice, op: Entry, d: DType) -> candle_core::Result<CudaFunction> {
+    let t = dt(d).ok_or_else(|| candle_core::Error::Msg(format!("no CUDA kernel for {d:?}")))?;
+    function(dev, Image::Fused, &images::fused_entry(op, t)).map_err(ce)
+}
+
+/// `(x + delta, rms_norm(x + delta) · w)` as one `[2, rows, dim]` output.
+struct AddRmsNorm(f32);
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "tessera-cuda-add-rms-norm"
     }
-    cuda_storage!(q => gq, qs, ql);
-    cuda_storage!(k => gk, ks, kl);
-    cuda_storage!(cos => gc, cs, cl);
-    cuda_storage!(sin => gs, ss, sl);
-    let dev = qs.device().clone();
-    let out = by_dtype!(q.dtype(), T => {
-        let f = function(&dev, Image::Fused, &images::fused_entry(Entry::RotaryQk, dt(q.dtype()).unwrap_or(Dt::F32)))?;
-        let n = t * (heads + kv_heads) * d;
-        // SAFETY: the kernel writes every element of q' and k' (each pair of each row).
-        let mut out = unsafe { dev.alloc::<T>(n)? };
-        let (qv, kv, cv, sv) = (view::<T>(qs, ql)?, view::<T>(ks, kl)?, view::<T>(cs, cl)?, view::<T>(ss, sl)?);
-        let args = [u32_of(t)?, u32_of(heads)?, u32_of(kv_heads)?, u32_of(d)?, u32::from(interleaved)];
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut out).arg(&qv).arg(&kv).arg(&cv).arg(&sv);
-        for a in &args {
-            b.arg(a);
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        candle_core::bail!("a CUDA kernel")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ds: &CudaStorage,
+        dl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        let dim = wl.shape().elem_count();
+        let rows = xl.shape().elem_count() / dim.max(1);
+        let dev = xs.device().clone();
+        let f = fused_function(&dev, Entry::AddRmsNorm, xs.dtype())?;
+        let cfg =
+            LaunchConfig { grid_dim: (u32_of(rows).map_err(ce)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (r, d, eps) = (u32_of(rows).map_err(ce)?, u32_of(dim).map_err(ce)?, self.0);
+        by_dtype!(xs.dtype(), T => {
+            // SAFETY: the kernel writes all 2·rows·dim outputs (sums, then normed rows).
+            let mut out = unsafe { dev.alloc::<T>(2 * rows * dim)? };
+            let (xv, dv, wv) = (view::<T>(xs, xl)?, view::<T>(ds, dl)?, view::<T>(ws, wl)?);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut out).arg(&xv).arg(&dv).arg(&wv).arg(&r).arg(&d).arg(&eps);
+            // SAFETY: the arguments match the kernel's signature; every pointer covers its extent.
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
+            Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from((2, rows, dim))))
+        })
+    }
+}
+
+/// `silu(gate) · up` from the fused gate/up rows (the intermediate size).
+struct SiluMul(usize);
+
+impl CustomOp1 for SiluMul {
+    fn name(&self) -> &'static str {
+        "tessera-cuda-silu-mul"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        candle_core::bail!("a CUDA kernel")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> CResult<(CudaStorage, Shape)> {
+        let inter = self.0;
+        let rows = l.shape().elem_count() / (2 * inter).max(1);
+        let mut dims = l.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = inter;
         }
-        // SAFETY: the arguments match the kernel's signature.
-        unsafe { b.launch(elementwise(t * (heads + kv_heads) * d / 2)) }.map_err(cuda_err)?;
-        Ok(wrap(out, &dev, &[n]))
-    })?;
-    drop((gq, gk, gc, gs));
-    let q2 = out.narrow(0, 0, t * heads * d)?.reshape((t, heads, d))?;
-    let k2 = out.narrow(0, t * heads * d, t * kv_heads * d)?.reshape((t, kv_heads, d))?;
-    Ok(vec![q2, k2])
+        let dev = s.device().clone();
+        let f = fused_function(&dev, Entry::SiluMul, s.dtype())?;
+        let (r, i) = (u32_of(rows).map_err(ce)?, u32_of(inter).map_err(ce)?);
+        by_dtype!(s.dtype(), T => {
+            // SAFETY: the kernel writes all rows·inter outputs.
+            let mut out = unsafe { dev.alloc::<T>(rows * inter)? };
+            let v = view::<T>(s, l)?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut out).arg(&v).arg(&r).arg(&i);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { b.launch(elementwise(rows * inter)) }.map_err(launch_err)?;
+            Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(dims)))
+        })
+    }
+}
+
+/// Queries and keys rotated by their tokens' `cos`/`sin` rows: q' then k', flat.
+struct Rotary<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    interleaved: bool,
+}
+
+impl CustomOp2 for Rotary<'_> {
+    fn name(&self) -> &'static str {
+        "tessera-cuda-rotary-qk"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        candle_core::bail!("a CUDA kernel")
+    }
+
+    fn cuda_fwd(&self, qs: &CudaStorage, ql: &Layout, ks: &CudaStorage, kl: &Layout) -> CResult<(CudaStorage, Shape)> {
+        let (t, heads, d) = ql.shape().dims3()?;
+        let (_, kv_heads, _) = kl.shape().dims3()?;
+        let dev = qs.device().clone();
+        let f = fused_function(&dev, Entry::RotaryQk, qs.dtype())?;
+        let (gc, cl) = self.cos.storage_and_layout();
+        let (gs, sl) = self.sin.storage_and_layout();
+        let (Storage::Cuda(cs), Storage::Cuda(ss)) = (&*gc, &*gs) else {
+            candle_core::bail!("rotary tables off the GPU")
+        };
+        let n = t * (heads + kv_heads) * d;
+        let u = |v: usize| u32_of(v).map_err(ce);
+        let args = [u(t)?, u(heads)?, u(kv_heads)?, u(d)?, u32::from(self.interleaved)];
+        by_dtype!(qs.dtype(), T => {
+            // SAFETY: the kernel writes every element of q' and k' (each pair of each row).
+            let mut out = unsafe { dev.alloc::<T>(n)? };
+            let (qv, kv) = (view::<T>(qs, ql)?, view::<T>(ks, kl)?);
+            let (cv, sv) = (view::<T>(cs, cl)?, view::<T>(ss, sl)?);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut out).arg(&qv).arg(&kv).arg(&cv).arg(&sv);
+            for a in &args {
+                b.arg(a);
+            }
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { b.launch(elementwise(n / 2)) }.map_err(launch_err)?;
+            Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(n)))
+        })
+    }
 }
 
 /// Reshape-and-cache of one cache: rows `[T, kv_heads, D]` to their slots, in place.
@@ -336,14 +407,14 @@ impl candle_core::InplaceOp2 for CacheWrite<'_> {
         let f = function(&dev, Image::Cache, &name).map_err(err)?;
         let (slots_g, slots_l) = self.0.storage_and_layout();
         let Storage::Cuda(ss) = &*slots_g else { candle_core::bail!("the slot mapping is not on the GPU") };
-        let slots = view::<u32>(ss, slots_l).map_err(err)?;
+        let slots = view::<u32>(ss, slots_l)?;
         let (a, _) = cl.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("non-contiguous cache".into()))?;
         let (nn, rr) = (u32_of(n).map_err(err)?, u32_of(row_len).map_err(err)?);
         let stream = dev.cuda_stream();
         macro_rules! launch {
             ($C:ty, $S:ty) => {{
                 let mut c = cache.as_cuda_slice_mut::<$C>()?.slice_mut(a..);
-                let r = view::<$S>(rows, rl).map_err(err)?;
+                let r = view::<$S>(rows, rl)?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&mut c).arg(&r).arg(&slots).arg(&nn).arg(&rr);
                 // SAFETY: the arguments match the kernel's signature; every slot was checked
@@ -363,60 +434,76 @@ impl candle_core::InplaceOp2 for CacheWrite<'_> {
     }
 }
 
-fn paged_attention(
-    q: &Tensor,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    step: &crate::attention::StepTables,
-) -> Result<Tensor> {
-    let (t, heads, d) = q.dims3()?;
-    let kv_heads = k_cache.dim(1)?;
-    let (Some(qd), Some(cd)) = (dt(q.dtype()), dt(k_cache.dtype())) else {
-        return Err(ModelError::Config("no CUDA attention for these types".into()));
-    };
-    let name = images::attention_entry(qd, cd, d)
-        .ok_or_else(|| ModelError::Config(format!("no CUDA attention for head_dim {d}")))?;
-    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-        return Err(ModelError::Config(format!("{heads} heads over {kv_heads} KV heads")));
+/// Paged attention of `q` over the caches through the step's packed block tables.
+struct Attention<'a> {
+    packed: &'a PackedTables,
+    block_size: usize,
+}
+
+impl CustomOp3 for Attention<'_> {
+    fn name(&self) -> &'static str {
+        "tessera-cuda-paged-attention"
     }
-    let packed = step.packed(q.device())?;
-    if packed.slot_end > k_cache.dim(0)? || packed.slot_end > v_cache.dim(0)? {
-        return Err(ModelError::Config(format!(
-            "block tables reach slot {} of a cache of {}",
-            packed.slot_end,
-            k_cache.dim(0)?
-        )));
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        candle_core::bail!("a CUDA kernel")
     }
-    cuda_storage!(q => gq, qs, ql);
-    cuda_storage!(k_cache => gk, ks, kl);
-    cuda_storage!(v_cache => gv, vs, vl);
-    cuda_storage!(packed.tables => gt, ts, tl);
-    cuda_storage!(packed.seqs => gs, ss, sl);
-    cuda_storage!(packed.seq_of_row => gr, rs, rl);
-    let dev = qs.device().clone();
-    let f = function(&dev, Image::Attention, &name)?;
-    let scale = 1.0 / (d as f32).sqrt();
-    let dims = [u32_of(packed.stride)?, u32_of(heads)?, u32_of(kv_heads)?, u32_of(step.meta.block_size)?];
-    let cfg =
-        LaunchConfig { grid_dim: (u32_of(t)?, u32_of(heads)?, 1), block_dim: (u32_of(d)?, 1, 1), shared_mem_bytes: 0 };
-    let out = by_dtype!(q.dtype(), Q => {
-        // SAFETY: one block per (row, head) writes each of its D outputs.
-        let mut out = unsafe { dev.alloc::<Q>(t * heads * d)? };
-        let qv = view::<Q>(qs, ql)?;
-        let (tv, sv, rv) = (view::<u32>(ts, tl)?, view::<u32>(ss, sl)?, view::<u32>(rs, rl)?);
-        let stream = dev.cuda_stream();
-        by_dtype!(k_cache.dtype(), C => {
-            let (kv, vv) = (view::<C>(ks, kl)?, view::<C>(vs, vl)?);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut out).arg(&qv).arg(&kv).arg(&vv).arg(&tv).arg(&dims[0]).arg(&sv).arg(&rv);
-            b.arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&scale);
-            // SAFETY: the arguments match the kernel's signature; the tables were checked
-            // against the caches' size above.
-            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
-            Ok(())
-        })?;
-        Ok(wrap(out, &dev, &[t, heads * d]))
-    })?;
-    drop((gq, gk, gv, gt, gs, gr));
-    Ok(out)
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        let (t, heads, d) = ql.shape().dims3()?;
+        let kv_heads = kl.shape().dims()[1];
+        let (Some(qd), Some(cd)) = (dt(qs.dtype()), dt(ks.dtype())) else {
+            candle_core::bail!("no CUDA attention for {:?} over {:?}", qs.dtype(), ks.dtype())
+        };
+        let Some(name) = images::attention_entry(qd, cd, d) else {
+            candle_core::bail!("no CUDA attention for head_dim {d}")
+        };
+        let dev = qs.device().clone();
+        let f = function(&dev, Image::Attention, &name).map_err(ce)?;
+        let p = self.packed;
+        let (gt, tl) = p.tables.storage_and_layout();
+        let (gs, sl) = p.seqs.storage_and_layout();
+        let (gr, rl) = p.seq_of_row.storage_and_layout();
+        let (Storage::Cuda(ts), Storage::Cuda(ss), Storage::Cuda(rs)) = (&*gt, &*gs, &*gr) else {
+            candle_core::bail!("block tables off the GPU")
+        };
+        let u = |v: usize| u32_of(v).map_err(ce);
+        let dims = [u(p.stride)?, u(heads)?, u(kv_heads)?, u(self.block_size)?];
+        let scale = 1.0 / (d as f32).sqrt();
+        let cfg = LaunchConfig { grid_dim: (u(t)?, u(heads)?, 1), block_dim: (u(d)?, 1, 1), shared_mem_bytes: 0 };
+        by_dtype!(qs.dtype(), Q => {
+            // SAFETY: one block per (row, head) writes each of its D outputs.
+            let mut out = unsafe { dev.alloc::<Q>(t * heads * d)? };
+            let qv = view::<Q>(qs, ql)?;
+            let (tv, sv, rv) = (view::<u32>(ts, tl)?, view::<u32>(ss, sl)?, view::<u32>(rs, rl)?);
+            let stream = dev.cuda_stream();
+            by_dtype!(ks.dtype(), C => {
+                let (kv, vv) = (view::<C>(ks, kl)?, view::<C>(vs, vl)?);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&mut out).arg(&qv).arg(&kv).arg(&vv).arg(&tv).arg(&dims[0]).arg(&sv).arg(&rv);
+                b.arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&scale);
+                // SAFETY: the arguments match the kernel's signature; the caller checked the
+                // tables against the caches' size.
+                unsafe { b.launch(cfg) }.map_err(launch_err)?;
+                Ok(())
+            })?;
+            Ok((Q::wrap_cuda_slice(out, dev.clone()), Shape::from((t, heads * d))))
+        })
+    }
 }
