@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+use tessera_grammar::Constrained;
 use tessera_protocol::{FinishReason, SamplingParams};
 use tessera_runner::{Executor, TokenLogprobs};
 use tokenizers::Tokenizer;
@@ -28,6 +29,10 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Requests that may wait for their first step; past it new requests get 429.
     pub max_queued_requests: usize,
+    /// The served model's grammar compiler (structured outputs); `None` when its tokenizer
+    /// cannot back one. Built where the engine runs, never sent.
+    #[serde(skip)]
+    pub grammars: Option<tessera_grammar::Grammars>,
 }
 
 /// llm-d / KServe criticality of a model: under saturation Sheddable work is refused first,
@@ -108,6 +113,8 @@ pub(crate) enum Command {
         req: Box<EngineRequest>,
         txs: Vec<OutputTx>,
         arrival: Instant,
+        /// The compiled structured output (each choice starts from a copy).
+        grammar: Option<Box<Constrained>>,
     },
     Abort(u64),
     /// Free the blocks pinned under a sequence (its KV has been sent).
@@ -194,7 +201,9 @@ impl EngineHandle {
     }
 
     /// Check that a request can ever run, and resolve its `max_tokens`.
-    fn admit(&self, req: &mut EngineRequest) -> Result<(), EngineError> {
+    /// Check `req` against the engine's limits (fixing its `max_tokens`) and compile its
+    /// structured output, if any.
+    fn admit(&self, req: &mut EngineRequest) -> Result<Option<Constrained>, EngineError> {
         let (len, max_len) = (req.prompt.len(), self.cfg.max_model_len);
         if len == 0 {
             return Err(EngineError::TooLong("the prompt is empty".into()));
@@ -220,7 +229,13 @@ impl EngineHandle {
             )));
         }
         req.params.max_tokens = Some(max_tokens);
-        Ok(())
+        let Some(s) = &req.params.constraint else { return Ok(None) };
+        let invalid = |message: String| EngineError::Invalid { message, param: s.param.clone() };
+        let grammars = self.cfg.grammars.as_ref().ok_or_else(|| {
+            invalid(format!("`{}`: structured outputs are not available for this model's tokenizer", s.param))
+        })?;
+        let compiled = grammars.compile(&s.constraint).map_err(|e| invalid(format!("`{}`: {e}", s.param)))?;
+        Ok(Some(compiled))
     }
 
     /// Submit a request; each of its `n` choices streams on its own [`RequestStream`].
@@ -228,7 +243,7 @@ impl EngineHandle {
         if let Some(why) = self.stats.failure() {
             return Err(EngineError::Failed(why));
         }
-        self.admit(&mut req)?;
+        let grammar = self.admit(&mut req)?;
         if req.criticality == Criticality::Sheddable && self.saturated() {
             return Err(EngineError::Overloaded(
                 "the server is saturated and this model's requests are sheddable; retry later".into(),
@@ -247,7 +262,9 @@ impl EngineHandle {
             self.live.fetch_add(1, Ordering::SeqCst);
             streams.push(RequestStream { id: first_id + i, rx, cmd: self.cmd.clone(), live: self.live.clone() });
         }
-        if self.cmd.send(Command::Add { first_id, req: Box::new(req), txs, arrival: Instant::now() }).is_err() {
+        let grammar = grammar.map(Box::new);
+        let add = Command::Add { first_id, req: Box::new(req), txs, arrival: Instant::now(), grammar };
+        if self.cmd.send(add).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Stopped);
         }

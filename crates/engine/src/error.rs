@@ -21,6 +21,10 @@ pub enum EngineError {
     /// The server is shutting down and the request did not finish in time.
     #[error("{0}")]
     Shutdown(String),
+    /// The request is malformed in a way only the engine can tell (a structured-output
+    /// schema or grammar that does not compile): a 400 naming `param`.
+    #[error("{message}")]
+    Invalid { message: String, param: String },
     /// The link to a data-parallel replica on another pod failed or was refused.
     #[error("data-parallel RPC: {0}")]
     Rpc(String),

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use tessera_grammar::{Constrained, GrammarHandle};
 use tessera_protocol::{FinishReason, SamplingParams};
 use tessera_runner::{Executor, SamplingConfig, StepResult, TokenLogprobs};
 use tokenizers::Tokenizer;
@@ -80,6 +81,7 @@ fn sampling_config(p: &SamplingParams, seed: u64, stop_ids: Vec<u32>) -> Samplin
         stop_ids,
         logprobs: p.logprobs,
         prompt_logprobs: p.prompt_logprobs,
+        grammar: None,
     }
 }
 
@@ -155,7 +157,7 @@ impl Core {
 
     fn handle(&mut self, c: Command) {
         match c {
-            Command::Add { first_id, req, txs, arrival } => {
+            Command::Add { first_id, req, txs, arrival, grammar } => {
                 if let Some(why) = self.stats.failure() {
                     for tx in txs {
                         let _ = tx.send(Err(EngineError::Failed(why.clone())));
@@ -163,7 +165,7 @@ impl Core {
                     self.shared.queued.fetch_sub(1, Ordering::SeqCst);
                     return;
                 }
-                self.add(first_id, *req, txs, arrival)
+                self.add(first_id, *req, txs, arrival, grammar)
             }
             Command::Abort(id) => self.end(id, None),
             Command::Unpin(seq) => self.unpin(seq),
@@ -185,7 +187,14 @@ impl Core {
         }
     }
 
-    fn add(&mut self, first_id: u64, req: crate::EngineRequest, txs: Vec<OutputTx>, arrival: Instant) {
+    fn add(
+        &mut self,
+        first_id: u64,
+        req: crate::EngineRequest,
+        txs: Vec<OutputTx>,
+        arrival: Instant,
+        grammar: Option<Box<Constrained>>,
+    ) {
         let p = &req.params;
         let mut banned = p.stop_token_ids.clone();
         if !p.ignore_eos {
@@ -219,8 +228,10 @@ impl Core {
             );
             // Each choice draws from its own stream; choice 0 keeps the request's seed.
             let seed = base_seed.wrapping_add((i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
-            let mut seq = Sequence::new(id, req.prompt.clone(), sampling_config(p, seed, banned.clone()))
-                .with_priority(class, p.priority);
+            let mut sampling = sampling_config(p, seed, banned.clone());
+            // Every choice follows the grammar from its start, on its own copy.
+            sampling.grammar = grammar.as_ref().map(|g| GrammarHandle::new(g.fork()));
+            let mut seq = Sequence::new(id, req.prompt.clone(), sampling).with_priority(class, p.priority);
             if self.kv.is_some() && i == 0 {
                 seq.remote = req.remote.clone().map(Box::new);
             }

@@ -9,6 +9,7 @@ mod kv_transfer;
 mod requests;
 mod responses;
 mod sampling;
+mod structured;
 
 pub use error::ProtocolError;
 pub use kv_transfer::{KvIntent, KvTransferParams};
@@ -24,3 +25,4 @@ pub use responses::{
     TokenizeResponse, TopLogprob, Usage,
 };
 pub use sampling::{logprobs_count, FinishReason, ModelDefaults, SamplingParams, TokenLogprobs, MAX_LOGPROBS};
+pub use structured::{constraint, Constraint, StructuredOutput};

@@ -80,6 +80,8 @@ pub struct CommonParams {
     pub guided_regex: Option<Value>,
     pub guided_choice: Option<Value>,
     pub guided_grammar: Option<Value>,
+    /// vLLM's newer spelling: `{json | regex | choice | grammar | json_object}`.
+    pub structured_outputs: Option<Value>,
 }
 
 /// `POST /v1/completions`.

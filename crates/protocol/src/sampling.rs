@@ -67,6 +67,9 @@ pub struct SamplingParams {
     /// The prefill/decode leg this request is (`kv_transfer_params`).
     #[serde(default)]
     pub kv: crate::KvIntent,
+    /// What the output must match (structured outputs), if anything.
+    #[serde(default)]
+    pub constraint: Option<crate::StructuredOutput>,
 }
 
 impl Default for SamplingParams {
@@ -93,6 +96,7 @@ impl Default for SamplingParams {
             skip_special_tokens: true,
             priority: 0,
             kv: crate::KvIntent::Local,
+            constraint: None,
         }
     }
 }
@@ -245,23 +249,13 @@ impl SamplingParams {
             skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
             priority,
             kv,
+            constraint: crate::constraint(c)?,
         })
     }
 
     fn check_unsupported(c: &CommonParams) -> Result<(), ProtocolError> {
         unsupported("best_of", c.best_of.is_some_and(|b| Some(b) != c.n && b != 1), "use `n`")?;
         unsupported("use_beam_search", c.use_beam_search, "beam search is not implemented")?;
-        let structured = "structured output is not implemented";
-        let rf = c.response_format.as_ref().and_then(|v| v.get("type")).and_then(|t| t.as_str());
-        unsupported("response_format", rf.is_some_and(|t| t != "text"), structured)?;
-        for (name, v) in [
-            ("guided_json", &c.guided_json),
-            ("guided_regex", &c.guided_regex),
-            ("guided_choice", &c.guided_choice),
-            ("guided_grammar", &c.guided_grammar),
-        ] {
-            unsupported(name, v.as_ref().is_some_and(|v| !v.is_null()), structured)?;
-        }
         Ok(())
     }
 }
@@ -324,8 +318,8 @@ mod tests {
             (r#"{"prompt_logprobs":21}"#, None, "prompt_logprobs"),
             (r#"{"prompt_logprobs":-1}"#, None, "prompt_logprobs"),
             (r#"{"use_beam_search":true}"#, None, "use_beam_search"),
-            (r#"{"response_format":{"type":"json_object"}}"#, None, "response_format"),
-            (r#"{"guided_regex":"a+"}"#, None, "guided_regex"),
+            (r#"{"response_format":{"type":"yaml"}}"#, None, "response_format"),
+            (r#"{"guided_regex":["a+"]}"#, None, "guided_regex"),
         ] {
             let e = SamplingParams::from_common(&common(json), mt, None, &d).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{json}: {e}");

@@ -30,6 +30,9 @@ pub struct SamplingConfig {
     /// Return every prompt token's log-probability (given the tokens before it) and this
     /// many alternatives (vLLM's `prompt_logprobs`; `echo` with `logprobs`).
     pub prompt_logprobs: Option<usize>,
+    /// The sequence's structured-output matcher: its mask limits what may be sampled, and
+    /// the sampling rank commits each sampled token to it (rank 0 only; not sent to others).
+    pub grammar: Option<tessera_grammar::GrammarHandle>,
 }
 
 impl Default for SamplingConfig {
@@ -48,6 +51,7 @@ impl Default for SamplingConfig {
             stop_ids: vec![],
             logprobs: None,
             prompt_logprobs: None,
+            grammar: None,
         }
     }
 }

@@ -1,7 +1,10 @@
 //! One rank's worker: model + physical KV cache; executes step plans.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
+use tessera_grammar::GrammarHandle;
 use tessera_models::{AttentionMetadata, BatchInput, KvCache, Llama, SeqAttention};
 
 use crate::{sampler, Result, RunnerError, StepPlan, StepResult};
@@ -164,7 +167,25 @@ impl Worker {
         if plan.seqs.is_empty() {
             return Ok(vec![]);
         }
-        let logits = self.forward_micro_batched(plan, false)?;
+        // Structured outputs: each constrained sequence's mask is computed on another thread
+        // while the forward runs, so a constrained batch costs little more than a free one.
+        let constrained: Vec<(u64, GrammarHandle)> = plan
+            .seqs
+            .iter()
+            .filter_map(|s| s.sample.as_ref().and_then(|sp| sp.config.grammar.clone()).map(|g| (s.seq_id, g)))
+            .collect();
+        let (logits, masks) = if constrained.is_empty() {
+            (self.forward_micro_batched(plan, false)?, HashMap::new())
+        } else {
+            std::thread::scope(|scope| {
+                let masks = scope.spawn(|| {
+                    constrained.iter().map(|(id, g)| Ok((*id, g.lock().mask()?))).collect::<Result<HashMap<_, _>>>()
+                });
+                let logits = self.forward_micro_batched(plan, false);
+                let masks = masks.join().map_err(|_| RunnerError::Plan("the structured-output thread panicked".into()));
+                Ok::<_, RunnerError>((logits?, masks??))
+            })?
+        };
         if !plan.seqs.iter().any(|s| s.sample.is_some() || s.prompt_logprobs.is_some()) {
             return Ok(vec![]);
         }
@@ -199,10 +220,21 @@ impl Worker {
                         None => Vec::new(),
                     };
                     let (token, logprobs) = match (&s.sample, sample_row) {
-                        (Some(spec), Some(r)) => {
-                            let (t, lp) = sampler::sample(row(r), spec);
-                            (Some(t), lp)
-                        }
+                        (Some(spec), Some(r)) => match masks.get(&s.seq_id) {
+                            Some(mask) => {
+                                let mut masked = row(r).to_vec();
+                                mask.apply(&mut masked);
+                                let (t, lp) = sampler::sample(&masked, spec);
+                                if let Some(Err(e)) = spec.config.grammar.as_ref().map(|g| g.lock().commit(t)) {
+                                    tracing::warn!("sequence {}: {e}", s.seq_id);
+                                }
+                                (Some(t), lp)
+                            }
+                            None => {
+                                let (t, lp) = sampler::sample(row(r), spec);
+                                (Some(t), lp)
+                            }
+                        },
                         _ => (None, None),
                     };
                     (token.is_some() || !prompt_logprobs.is_empty()).then_some(StepResult {

@@ -89,6 +89,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::TooLong(m) => Self::BadRequest { message: m, param: Some("messages".into()) },
+            EngineError::Invalid { message, param } => Self::BadRequest { message, param: Some(param) },
             EngineError::Stopped | EngineError::Shutdown(_) | EngineError::Failed(_) | EngineError::Rpc(_) => {
                 Self::NotReady(e.to_string())
             }

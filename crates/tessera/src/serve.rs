@@ -148,6 +148,22 @@ pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// The structured-output compiler over the served tokenizer, or `None` (logged) when the
+/// tokenizer cannot back one: requests asking for a structured output then get a clear 400.
+fn grammars(tok: &tessera_loader::TokenizerBundle, vocab: usize) -> Option<tessera_grammar::Grammars> {
+    let started = std::time::Instant::now();
+    match tessera_grammar::Grammars::new(&tok.tokenizer, vocab, &tok.eos_token_ids) {
+        Ok(g) => {
+            tracing::info!("structured outputs: llguidance over {vocab} tokens, ready in {:?}", started.elapsed());
+            Some(g)
+        }
+        Err(e) => {
+            tracing::warn!("structured outputs are off: {e}");
+            None
+        }
+    }
+}
+
 fn pick_device(d: DeviceArg) -> Result<Device, ServeError> {
     match d {
         DeviceArg::Cpu => Ok(Device::Cpu),
@@ -371,6 +387,7 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
             },
         },
         max_queued_requests: a.max_queued_requests,
+        grammars: grammars(&tok, cfg.vocab_size),
     };
     let stores = kv_stores.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut links = Vec::with_capacity(count);
