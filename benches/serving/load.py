@@ -5,6 +5,8 @@
     load.py BASE_URL --prefill-tokens 512           # one prompt of ~N tokens, max_tokens 1
     load.py BASE_URL --prompt-tokens 256 --header x-prefiller-host-port:HOST:PORT
                                                     # longer prompts; extra request headers
+    load.py BASE_URL --concurrency 32 --json-schema '{"type": "object", ...}'
+                                                    # structured outputs on every request
 
 Every request's prompt is one of a few instructions under a tag unique to the run and the
 request (no server can answer it from a cached prompt: the figures measure batching and
@@ -44,6 +46,7 @@ def pct(xs, p):
 
 
 HEADERS = {}
+EXTRA = {}
 FILLER = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old tree "
           "and the river runs past the mill toward the sea ").split()
 
@@ -57,7 +60,7 @@ def one(base, model, prompt, max_tokens):
     u = urllib.parse.urlparse(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}, **EXTRA}
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", **HEADERS})
     r = conn.getresponse()
@@ -151,7 +154,11 @@ def main():
     p.add_argument("--repeat-prompts", action="store_true")
     p.add_argument("--prompt-tokens", type=int, default=0, help="~N tokens of filler before each prompt")
     p.add_argument("--header", action="append", default=[], help="NAME:VALUE, sent with every request")
+    p.add_argument("--json-schema", help="a JSON schema every request's output must follow (response_format)")
     args = p.parse_args()
+    if args.json_schema:
+        EXTRA["response_format"] = {"type": "json_schema",
+                                    "json_schema": {"name": "bench", "schema": json.loads(args.json_schema)}}
     for h in args.header:
         name, _, value = h.partition(":")
         HEADERS[name.strip()] = value.strip()
