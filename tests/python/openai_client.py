@@ -10,6 +10,7 @@ failed check prints `FAIL <check>: <why>` and `N passed, 1 failed`, and exits 1.
 import sys
 
 import openai
+import pydantic
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
 POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -203,7 +204,32 @@ def errors(c, m):
     return f"404 {notfound!r:.60}; 400 param={param!r}"
 
 
-CHECKS = [chat, completions, chat_stream, n_choices, chat_logprobs, completion_logprobs, stop, seed, errors]
+class City(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=20)
+    country: str = pydantic.Field(max_length=20)
+    population_millions: int = pydantic.Field(ge=0, le=60)
+    landmarks: list[str] = pydantic.Field(max_length=3)
+
+
+PARIS = [{"role": "user", "content": "Describe Paris as JSON: name, country, population in millions, landmarks."}]
+
+
+def parse(c, m):
+    """Structured outputs through the client's pydantic helper, plain and streamed."""
+    r = c.chat.completions.parse(model=m, messages=PARIS, response_format=City, max_tokens=160, temperature=0)
+    msg = r.choices[0].message
+    need(r.choices[0].finish_reason == "stop", f"finish_reason {r.choices[0].finish_reason!r}: {msg.content!r}")
+    need(isinstance(msg.parsed, City), f"no parsed City from {msg.content!r}")
+    with c.chat.completions.stream(model=m, messages=PARIS, response_format=City, max_tokens=160,
+                                   temperature=0) as stream:
+        final = stream.get_final_completion()
+    streamed = final.choices[0].message.parsed
+    need(isinstance(streamed, City), f"no parsed City from the stream: {final.choices[0].message.content!r}")
+    need(streamed == msg.parsed, f"streamed {streamed!r} != plain {msg.parsed!r}")
+    return f"{msg.parsed!r:.90}"
+
+
+CHECKS = [chat, completions, chat_stream, n_choices, chat_logprobs, completion_logprobs, stop, seed, errors, parse]
 
 
 def main():
