@@ -8,8 +8,8 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use tessera_grammar::Constrained;
-use tessera_protocol::{FinishReason, SamplingParams};
 use tessera_protocol::TokenLogprobs;
+use tessera_protocol::{FinishReason, SamplingParams};
 use tessera_runner::Executor;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc as tmpsc;

@@ -52,6 +52,8 @@ fn token_bytes(tokenizer: &tokenizers::Tokenizer, vocab: usize) -> Result<Vec<Ve
 pub struct Grammars {
     factory: Arc<ParserFactory>,
     vocab: usize,
+    /// Only the end-of-sequence tokens.
+    end: Mask,
 }
 
 impl std::fmt::Debug for Grammars {
@@ -70,11 +72,13 @@ impl Grammars {
         };
         let n = u32::try_from(vocab).map_err(|_| GrammarError::Tokenizer(format!("a vocabulary of {vocab}")))?;
         let trie = TokTrie::from(&TokRxInfo::new(n, first), &words).with_eos_tokens(&eos);
+        let mut end = SimpleVob::alloc(vocab);
+        eos.iter().for_each(|&t| end.allow_token(t));
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| GrammarError::Tokenizer(e.to_string()))?;
         factory.set_stderr_log_level(0);
         factory.limits_mut().verbose_errors = false;
-        Ok(Self { factory: Arc::new(factory), vocab })
+        Ok(Self { factory: Arc::new(factory), vocab, end: Mask(end) })
     }
 
     /// Entries in a mask (the model's logits width).
@@ -114,7 +118,7 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(GrammarError::Invalid(e));
         }
-        Ok(Constrained { matcher, vocab: self.vocab })
+        Ok(Constrained { matcher, vocab: self.vocab, end: self.end.clone() })
     }
 }
 
@@ -122,6 +126,7 @@ impl Grammars {
 pub struct Constrained {
     matcher: Matcher,
     vocab: usize,
+    end: Mask,
 }
 
 /// The tokens allowed next.
@@ -150,6 +155,15 @@ impl Mask {
 }
 
 impl Constrained {
+    /// The tokens allowed next, or only the end-of-sequence tokens (and the error) when the
+    /// matcher failed: the sequence then ends at once, the others of the step go on.
+    pub fn mask_or_end(&mut self) -> (Mask, Option<GrammarError>) {
+        match self.mask() {
+            Ok(m) => (m, None),
+            Err(e) => (self.end.clone(), Some(e)),
+        }
+    }
+
     /// The tokens allowed next; only the end-of-sequence tokens once the grammar is complete.
     pub fn mask(&mut self) -> Result<Mask> {
         let m = self.matcher.compute_mask_or_eos().map_err(|e| GrammarError::Matcher(e.to_string()))?;
@@ -172,7 +186,7 @@ impl Constrained {
 
     /// A copy at the same position (the other choices of an `n > 1` request).
     pub fn fork(&self) -> Constrained {
-        Constrained { matcher: self.matcher.deep_clone(), vocab: self.vocab }
+        Constrained { matcher: self.matcher.deep_clone(), vocab: self.vocab, end: self.end.clone() }
     }
 }
 

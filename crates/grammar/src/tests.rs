@@ -159,6 +159,16 @@ fn what_cannot_compile_is_refused_naming_the_construct() {
 }
 
 #[test]
+fn a_failed_matcher_ends_its_sequence() {
+    let g = grammars();
+    let mut m = g.compile(&Constraint::Regex("z+".into())).unwrap();
+    assert!(m.commit(u32::from(b'q')).is_err(), "a token the grammar does not allow");
+    let (mask, failed) = m.mask_or_end();
+    assert!(failed.is_some());
+    assert!(mask.allows(EOS) && mask.count() == 1, "only </s> after a failure");
+}
+
+#[test]
 fn masks_limit_logits() {
     let g = grammars();
     let mut m = g.compile(&Constraint::Regex("z".into())).unwrap();

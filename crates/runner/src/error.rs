@@ -7,9 +7,6 @@ pub enum RunnerError {
     Model(#[from] tessera_models::ModelError),
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
-    /// A structured-output matcher failed (the sequence's grammar cannot go on).
-    #[error("{0}")]
-    Grammar(#[from] tessera_grammar::GrammarError),
     #[error("invalid step plan: {0}")]
     Plan(String),
     /// A tensor-parallel rank failed or disconnected; the group cannot continue.

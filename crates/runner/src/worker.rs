@@ -179,11 +179,18 @@ impl Worker {
         } else {
             std::thread::scope(|scope| {
                 let masks = scope.spawn(|| {
-                    constrained.iter().map(|(id, g)| Ok((*id, g.lock().mask()?))).collect::<Result<HashMap<_, _>>>()
+                    let mask = |id: u64, g: &GrammarHandle| {
+                        let (m, failed) = g.lock().mask_or_end();
+                        if let Some(e) = failed {
+                            tracing::warn!("sequence {id} ends here: {e}");
+                        }
+                        (id, m)
+                    };
+                    constrained.iter().map(|(id, g)| mask(*id, g)).collect::<HashMap<_, _>>()
                 });
                 let logits = self.forward_micro_batched(plan, false);
                 let masks = masks.join().map_err(|_| RunnerError::Plan("the structured-output thread panicked".into()));
-                Ok::<_, RunnerError>((logits?, masks??))
+                Ok::<_, RunnerError>((logits?, masks?))
             })?
         };
         if !plan.seqs.iter().any(|s| s.sample.is_some() || s.prompt_logprobs.is_some()) {
