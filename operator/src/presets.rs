@@ -42,9 +42,26 @@ pub fn shipped(image: &str) -> Result<Vec<LLMInferenceServiceConfig>, Error> {
 pub fn shipped_yaml(image: &str) -> Result<String, Error> {
     let mut out = String::new();
     for p in shipped(image)? {
-        out.push_str(&format!("---\n{}", serde_yaml::to_string(&p)?));
+        // Keys sorted: the same text whether or not the build orders JSON maps by insertion
+        // (serde_json's `preserve_order`, which another crate of the workspace turns on).
+        let v = sorted(serde_json::to_value(&p)?);
+        out.push_str(&format!("---\n{}", serde_yaml::to_string(&v)?));
     }
     Ok(out)
+}
+
+/// `v` with every object's keys in sorted order.
+fn sorted(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(o) => {
+            let mut entries: Vec<(String, Value)> = o.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(sorted).collect()),
+        other => other,
+    }
 }
 
 fn worker_preset(p: Option<&crate::api::ParallelismSpec>, dp: &'static str, pp: &'static str) -> &'static str {

@@ -183,6 +183,8 @@ mod tests {
     #[test]
     fn every_spelling_becomes_one_constraint() {
         let schema = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        // `strict` closes the objects (OpenAI's strict mode).
+        let closed = serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": false});
         let cases = [
             (r#"{"response_format":{"type":"text"}}"#.to_string(), None),
             (r#"{"response_format":{"type":"json_object"}}"#.to_string(), Some(Constraint::JsonObject)),
@@ -190,7 +192,7 @@ mod tests {
                 format!(
                     r#"{{"response_format":{{"type":"json_schema","json_schema":{{"name":"x","strict":true,"schema":{schema}}}}}}}"#
                 ),
-                Some(Constraint::JsonSchema(schema.clone())),
+                Some(Constraint::JsonSchema(closed.clone())),
             ),
             (format!(r#"{{"guided_json":{schema}}}"#), Some(Constraint::JsonSchema(schema.clone()))),
             (
