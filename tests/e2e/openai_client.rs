@@ -1,6 +1,7 @@
 //! The official `openai` Python client (PyPI, pinned in `scripts/openai-venv.sh`) drives the
 //! SmolLM2 worker: chat, completions, streaming with usage, n=3, logprobs, stop, seed, errors
-//! (`tests/python/openai_client.py` holds the checks).
+//! structured outputs with a pydantic model, and a tool-calling round trip (`tests/python/openai_client.py`
+//! holds the checks).
 
 use std::path::Path;
 use std::process::Command;
@@ -15,7 +16,13 @@ async fn openai_python_client_passes() {
     let stdout = String::from_utf8_lossy(&venv.stdout);
     let python = stdout.lines().last().expect("the venv's python").trim().to_string();
 
-    let running = tessera::launch(serve_args(&smollm2_gguf(), &["--max-model-len", "2048"])).await.expect("worker");
+    // SmolLM2's own template, plus tools in the Hermes style (tests/fixtures/chatml_tools.jinja).
+    let template = root.join("tests/fixtures/chatml_tools.jinja");
+    let flags = ["--max-model-len", "2048", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"];
+    let mut args: Vec<&str> = flags.to_vec();
+    let template = template.to_str().expect("utf-8 path");
+    args.extend(["--chat-template", template]);
+    let running = tessera::launch(serve_args(&smollm2_gguf(), &args)).await.expect("worker");
     let base = format!("http://{}/v1", running.addr);
     let script = root.join("tests/python/openai_client.py");
     let out = tokio::task::spawn_blocking(move || Command::new(python).arg(script).args([&base, "smollm2"]).output())

@@ -208,3 +208,45 @@ async fn a_mixed_batch_equals_each_request_alone_and_bad_grammars_are_400s() {
         assert!(v["error"]["message"].as_str().unwrap().contains(construct), "{body}: {v}");
     }
 }
+
+/// `tool_choice: auto` with the Hermes parser: the model's text (here forced by a choice
+/// constraint to be a Hermes call) is read back into `tool_calls`, plain and streamed; without
+/// the flags, `auto` is a 400 naming them (vLLM's rule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tool_calls_are_parsed_and_need_the_flags() {
+    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/chatml_tools.jinja");
+    let template = template.to_str().unwrap();
+    let flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--chat-template", template];
+    let (_running, base) = start(&flags).await;
+    let c = client();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>";
+    let body = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Weather in Rome?"}],
+                      "tools": tools, "max_tokens": 40, "temperature": 0, "guided_choice": [call]});
+    let (status, v) = post(&c, format!("{base}/v1/chat/completions"), body.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    let ch = &v["choices"][0];
+    assert_eq!(ch["finish_reason"], "tool_calls", "{v}");
+    assert!(ch["message"]["content"].is_null(), "{v}");
+    let tc = &ch["message"]["tool_calls"][0];
+    assert_eq!((tc["type"].as_str(), tc["function"]["name"].as_str()), (Some("function"), Some("get_weather")), "{v}");
+    let args: Value = serde_json::from_str(tc["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Rome"}));
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let events = sse_events(c.post(format!("{base}/v1/chat/completions")).json(&streamed).send().await.unwrap()).await;
+    let chunks: Vec<Value> =
+        events.iter().filter(|e| e.as_str() != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls", "{last}");
+    assert_eq!(last["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"], tc["function"]["arguments"]);
+    drop(_running);
+
+    let (_plain, base) = start(&[]).await;
+    let body = json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "tools": tools});
+    let (status, v) = post(&c, format!("{base}/v1/chat/completions"), body).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "tool_choice", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--enable-auto-tool-choice"), "{v}");
+}

@@ -7,6 +7,7 @@
 Prints `ok <check>: <figures>` per check and closes with `N passed, 0 failed`. The first
 failed check prints `FAIL <check>: <why>` and `N passed, 1 failed`, and exits 1.
 """
+import json
 import sys
 
 import openai
@@ -229,7 +230,54 @@ def parse(c, m):
     return f"{msg.parsed!r:.90}"
 
 
-CHECKS = [chat, completions, chat_stream, n_choices, chat_logprobs, completion_logprobs, stop, seed, errors, parse]
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def streamed_calls(c, **kw):
+    """The tool calls and finish reason of a streamed chat completion, joined from its deltas."""
+    calls, finish = {}, None
+    for chunk in c.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            for d in ch.delta.tool_calls or []:
+                e = calls.setdefault(d.index, {"id": d.id, "name": "", "arguments": ""})
+                e["name"] += d.function.name or ""
+                e["arguments"] += d.function.arguments or ""
+            finish = ch.finish_reason or finish
+    return [calls[i] for i in sorted(calls)], finish
+
+
+def tools(c, m):
+    """tools -> tool_calls (a named function, then `required`; plain and streamed) -> a `tool`
+    message -> the model's answer."""
+    seen = []
+    for choice in [{"type": "function", "function": {"name": "get_weather"}}, "required"]:
+        kw = dict(model=m, messages=ASK, tools=WEATHER, tool_choice=choice, max_tokens=60, temperature=0)
+        r = c.chat.completions.create(**kw)
+        ch = r.choices[0]
+        need(ch.finish_reason == "tool_calls", f"{choice}: finish_reason {ch.finish_reason!r}: {ch.message}")
+        calls = ch.message.tool_calls or []
+        need(len(calls) >= 1 and calls[0].type == "function" and calls[0].id, f"{choice}: no tool call: {ch.message}")
+        need(calls[0].function.name == "get_weather", f"{choice}: called {calls[0].function.name!r}")
+        args = json.loads(calls[0].function.arguments)
+        need(isinstance(args.get("city"), str) and set(args) == {"city"}, f"{choice}: arguments {args!r}")
+        s_calls, s_finish = streamed_calls(c, **kw)
+        need(s_finish == "tool_calls" and s_calls and s_calls[0]["name"] == "get_weather",
+             f"{choice}: streamed {s_calls!r}, finish {s_finish!r}")
+        need(json.loads(s_calls[0]["arguments"]) == args, f"{choice}: streamed {s_calls[0]['arguments']} != {args}")
+        seen.append(args["city"])
+    follow = ASK + [ch.message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": calls[0].id, "content": "Sunny, 22 degrees Celsius"}]
+    r = c.chat.completions.create(model=m, messages=follow, tools=WEATHER, max_tokens=40, temperature=0)
+    answer = r.choices[0].message
+    need(answer.content or answer.tool_calls, f"no answer after the tool's result: {answer}")
+    return f"named/required called get_weather({seen}); answer {answer.content!r:.60}"
+
+
+CHECKS = [chat, completions, chat_stream, n_choices, chat_logprobs, completion_logprobs, stop, seed, errors, parse, tools]
 
 
 def main():

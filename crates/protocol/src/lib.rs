@@ -10,6 +10,7 @@ mod requests;
 mod responses;
 mod sampling;
 mod structured;
+mod tools;
 
 pub use error::ProtocolError;
 pub use kv_transfer::{KvIntent, KvTransferParams};
@@ -22,7 +23,8 @@ pub use responses::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatLogprobs,
     ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionResponse,
     DetokenizeResponse, ErrorBody, ErrorResponse, ModelCard, ModelList, PromptLogprob, PromptLogprobs,
-    TokenizeResponse, TopLogprob, Usage,
+    TokenizeResponse, ToolCallDelta, ToolCallOut, TopLogprob, Usage,
 };
 pub use sampling::{logprobs_count, FinishReason, ModelDefaults, SamplingParams, TokenLogprobs, MAX_LOGPROBS};
 pub use structured::{constraint, Constraint, StructuredOutput};
+pub use tools::{tool_request, FunctionCall, Tool, ToolChoice, ToolParser, ToolRequest};

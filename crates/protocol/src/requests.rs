@@ -120,6 +120,10 @@ pub struct ChatMessage {
     pub role: String,
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// An assistant turn's calls (`[{id, type, function: {name, arguments}}]`), as returned.
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` turn's answer to this call.
+    pub tool_call_id: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.

@@ -42,7 +42,11 @@ fn tool(i: usize, v: &Value) -> Result<Tool, ProtocolError> {
         return Err(at("`type` must be \"function\""));
     }
     let f = v.get("function").and_then(Value::as_object).ok_or_else(|| at("`function` must be an object"))?;
-    let name = f.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()).ok_or_else(|| at("`function.name` is required"))?;
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| at("`function.name` is required"))?;
     let parameters = match f.get("parameters") {
         None | Some(Value::Null) => json!({"type": "object"}),
         Some(p @ Value::Object(_)) => p.clone(),
@@ -54,7 +58,8 @@ fn tool(i: usize, v: &Value) -> Result<Tool, ProtocolError> {
 /// Validate `tools` and `tool_choice` (absent `tool_choice` means `auto` when tools are
 /// given, as OpenAI's). `None` when the request has no tools and no choice.
 pub fn tool_request(tools: Option<&[Value]>, choice: Option<&Value>) -> Result<Option<ToolRequest>, ProtocolError> {
-    let tools: Vec<Tool> = tools.unwrap_or_default().iter().enumerate().map(|(i, t)| tool(i, t)).collect::<Result<_, _>>()?;
+    let tools: Vec<Tool> =
+        tools.unwrap_or_default().iter().enumerate().map(|(i, t)| tool(i, t)).collect::<Result<_, _>>()?;
     let choice = match choice {
         None | Some(Value::Null) if tools.is_empty() => return Ok(None),
         None | Some(Value::Null) => ToolChoice::Auto,
@@ -62,7 +67,12 @@ pub fn tool_request(tools: Option<&[Value]>, choice: Option<&Value>) -> Result<O
             "none" => ToolChoice::None,
             "auto" => ToolChoice::Auto,
             "required" => ToolChoice::Required,
-            other => return Err(bad("tool_choice", format!("`tool_choice` must be none, auto, required or a function, got `{other}`"))),
+            other => {
+                return Err(bad(
+                    "tool_choice",
+                    format!("`tool_choice` must be none, auto, required or a function, got `{other}`"),
+                ))
+            }
         },
         Some(v) => {
             let name = v
@@ -70,7 +80,9 @@ pub fn tool_request(tools: Option<&[Value]>, choice: Option<&Value>) -> Result<O
                 .and_then(|f| f.get("name"))
                 .and_then(Value::as_str)
                 .filter(|_| v.get("type").and_then(Value::as_str) == Some("function"))
-                .ok_or_else(|| bad("tool_choice", "`tool_choice` must be {\"type\": \"function\", \"function\": {\"name\": ...}}"))?;
+                .ok_or_else(|| {
+                    bad("tool_choice", "`tool_choice` must be {\"type\": \"function\", \"function\": {\"name\": ...}}")
+                })?;
             ToolChoice::Named(name.to_string())
         }
     };
@@ -90,7 +102,9 @@ impl ToolRequest {
     /// `required` a non-empty list of `{"name", "parameters"}` calls (vLLM's forms).
     pub fn constraint(&self) -> Option<Constraint> {
         match &self.choice {
-            ToolChoice::Named(n) => self.tools.iter().find(|t| &t.name == n).map(|t| Constraint::JsonSchema(t.parameters.clone())),
+            ToolChoice::Named(n) => {
+                self.tools.iter().find(|t| &t.name == n).map(|t| Constraint::JsonSchema(t.parameters.clone()))
+            }
             ToolChoice::Required => {
                 let calls: Vec<Value> = self
                     .tools
@@ -161,7 +175,9 @@ impl std::str::FromStr for ToolParser {
             "llama3_json" => Self::Llama3Json,
             "mistral" => Self::Mistral,
             "pythonic" => Self::Pythonic,
-            other => return Err(format!("unknown tool-call parser `{other}` (hermes, llama3_json, mistral, pythonic)")),
+            other => {
+                return Err(format!("unknown tool-call parser `{other}` (hermes, llama3_json, mistral, pythonic)"))
+            }
         })
     }
 }
@@ -235,7 +251,9 @@ mod pythonic {
         fn ident(&mut self) -> Option<String> {
             self.ws();
             let start = self.at;
-            while self.at < self.s.len() && (self.s[self.at].is_ascii_alphanumeric() || b"_.".contains(&self.s[self.at])) {
+            while self.at < self.s.len()
+                && (self.s[self.at].is_ascii_alphanumeric() || b"_.".contains(&self.s[self.at]))
+            {
                 self.at += 1;
             }
             (self.at > start).then(|| String::from_utf8_lossy(&self.s[start..self.at]).into_owned())

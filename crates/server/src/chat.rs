@@ -13,10 +13,18 @@ pub struct ChatTemplate {
     eos_token: String,
 }
 
-#[derive(Serialize)]
-struct Msg<'a> {
-    role: &'a str,
-    content: &'a str,
+/// One message as a template sees it (`tool_calls` on an assistant turn that made calls,
+/// `tool_call_id` on a tool turn).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TemplateMessage {
+    pub role: String,
+    pub content: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 fn raise_exception(msg: String) -> Result<String, Error> {
@@ -36,10 +44,24 @@ impl ChatTemplate {
 
     /// Render `(role, content)` messages, with the generation prompt appended when asked.
     pub fn render(&self, messages: &[(String, String)], add_generation_prompt: bool) -> Result<String, ApiError> {
-        let msgs: Vec<Msg> = messages.iter().map(|(r, c)| Msg { role: r, content: c }).collect();
+        let msgs: Vec<TemplateMessage> = messages
+            .iter()
+            .map(|(r, c)| TemplateMessage { role: r.clone(), content: c.clone(), ..Default::default() })
+            .collect();
+        self.render_with_tools(&msgs, None, add_generation_prompt)
+    }
+
+    /// Render messages and, when given, the request's `tools` (as sent: `[{type, function}]`).
+    pub fn render_with_tools(
+        &self,
+        messages: &[TemplateMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ApiError> {
         let tmpl = self.env.get_template("chat").map_err(|e| ApiError::Internal(e.to_string()))?;
         tmpl.render(context! {
-            messages => minijinja::Value::from(minijinja::value::Serde(&msgs)),
+            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            tools => tools.map(|t| minijinja::Value::from(minijinja::value::Serde(t))),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,

@@ -12,7 +12,7 @@ mod metrics;
 mod routes;
 mod state;
 
-pub use chat::ChatTemplate;
+pub use chat::{ChatTemplate, TemplateMessage};
 pub use error::ApiError;
 pub use routes::app;
-pub use state::{AppState, KvInfo, ModelInfo, ServedModel};
+pub use state::{AppState, KvInfo, ModelInfo, ServedModel, ToolSupport};

@@ -42,6 +42,16 @@ pub struct ServedModel {
     pub vocab_size: usize,
     /// This worker's part in prefill/decode disaggregation, if any.
     pub kv: Option<KvInfo>,
+    pub tools: ToolSupport,
+}
+
+/// Tool calling as the flags set it up (`--enable-auto-tool-choice`, `--tool-call-parser`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ToolSupport {
+    /// `tool_choice: "auto"` is allowed.
+    pub auto: bool,
+    /// How calls are read from free text.
+    pub parser: Option<tessera_protocol::ToolParser>,
 }
 
 /// A worker's part in prefill/decode disaggregation (`--kv-transfer-config`); each engine

@@ -189,6 +189,12 @@ pub struct ServeArgs {
     /// Chat template: a file, or the template text itself.
     #[arg(long, env = "TESSERA_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
+    /// Let the model decide to call tools (`tool_choice: "auto"`); needs --tool-call-parser.
+    #[arg(long)]
+    pub enable_auto_tool_choice: bool,
+    /// How tool calls are read from the model's text: hermes, llama3_json, mistral, pythonic.
+    #[arg(long, value_parser = parse_tool_parser)]
+    pub tool_call_parser: Option<tessera_protocol::ToolParser>,
     /// Accepted for vLLM compatibility (requests are not logged by default).
     #[arg(long)]
     pub disable_log_requests: bool,
@@ -268,6 +274,10 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         u => return Err(format!("`{s}`: unknown size unit `{u}` (use K, M, G, KiB, MiB or GiB)")),
     };
     Ok((n * mult) as u64)
+}
+
+fn parse_tool_parser(s: &str) -> Result<tessera_protocol::ToolParser, String> {
+    s.parse()
 }
 
 #[cfg(test)]
@@ -371,5 +381,25 @@ mod tests {
         assert!(pin.unwrap_err().contains("pin_timeout"));
         let trusted = check(&["--kv-transfer-config", &kv(""), "--trusted-prefillers", "10.0.0.7,prefill.svc:8000"]);
         assert!(trusted.is_ok());
+    }
+
+    /// vLLM's tool flags: the parser names, and `auto` without a parser refused at start-up.
+    #[test]
+    fn tool_flags() {
+        let serve = |extra: &[&str]| {
+            let argv = ["tessera", "serve", "/mnt/models"].iter().chain(extra).map(|s| s.to_string());
+            match Cli::try_parse_from(normalize_argv(argv)) {
+                Ok(Cli { command: Command::Serve(a), .. }) => crate::serve::validate(&a).map_err(|e| e.to_string()),
+                Ok(_) => panic!("not serve"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        for p in ["hermes", "llama3_json", "mistral", "pythonic"] {
+            assert!(serve(&["--enable-auto-tool-choice", "--tool-call-parser", p]).is_ok(), "{p}");
+        }
+        let e = serve(&["--tool-call-parser", "xml"]).unwrap_err();
+        assert!(e.contains("xml") && e.contains("hermes"), "{e}");
+        let e = serve(&["--enable-auto-tool-choice"]).unwrap_err();
+        assert!(e.contains("--tool-call-parser"), "{e}");
     }
 }

@@ -133,6 +133,11 @@ pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
         return bad(format!("--shutdown-timeout must be a number of seconds >= 0, got {}", a.shutdown_timeout));
     }
+    if a.enable_auto_tool_choice && a.tool_call_parser.is_none() {
+        return bad(
+            "--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, mistral, pythonic)".into()
+        );
+    }
     if a.max_queued_requests == 0 {
         return bad("--max-queued-requests must be at least 1".into());
     }
@@ -443,6 +448,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
         },
         vocab_size: cfg.vocab_size,
         kv,
+        tools: tessera_server::ToolSupport { auto: a.enable_auto_tool_choice, parser: a.tool_call_parser },
     })
 }
 

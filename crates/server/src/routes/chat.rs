@@ -6,22 +6,26 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde_json::Value;
 use tessera_protocol::{
-    logprobs_count, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatDelta, ChatMessage, ChatResponseMessage, KvTransferParams, SamplingParams,
+    logprobs_count, tool_request, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, ChatMessage, ChatResponseMessage, FunctionCall, KvTransferParams,
+    SamplingParams, StructuredOutput, ToolCallDelta, ToolCallOut, ToolChoice, ToolParser, ToolRequest,
 };
 
 use super::generate::{collect, encode, sse, submit, usage, Piece};
 use super::{logprobs, parse, proxy, request_id};
 use crate::state::unix_now;
-use crate::{ApiError, AppState, ServedModel};
+use crate::{ApiError, AppState, ServedModel, TemplateMessage};
 
 const ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer"];
 
-/// Check the messages' roles and render them with the model's chat template.
+/// Check the messages' roles and render them with the model's chat template (with the
+/// request's `tools` when it offers any).
 pub(crate) fn render_messages(
     m: &ServedModel,
     messages: &[ChatMessage],
+    tools: Option<&[Value]>,
     add_generation_prompt: bool,
 ) -> Result<String, ApiError> {
     if messages.is_empty() {
@@ -38,30 +42,58 @@ pub(crate) fn render_messages(
                 param: Some("messages".into()),
             });
         }
-        msgs.push((msg.role.clone(), msg.text()?));
+        msgs.push(TemplateMessage {
+            role: msg.role.clone(),
+            content: msg.text()?,
+            name: msg.name.clone(),
+            tool_calls: msg.tool_calls.clone(),
+            tool_call_id: msg.tool_call_id.clone(),
+        });
     }
     let template = m
         .chat_template
         .as_ref()
         .ok_or_else(|| ApiError::bad("this model has no chat template; pass --chat-template or use /v1/completions"))?;
-    template.render(&msgs, add_generation_prompt)
+    template.render_with_tools(&msgs, tools, add_generation_prompt)
 }
 
-fn check_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+/// The request's tools, checked against what the flags allow (vLLM's rule: `auto` needs
+/// `--enable-auto-tool-choice` and `--tool-call-parser`).
+fn tools_of(m: &ServedModel, req: &ChatCompletionRequest) -> Result<Option<ToolRequest>, ApiError> {
+    let tools = tool_request(req.tools.as_deref(), req.tool_choice.as_ref())?;
+    if tools.as_ref().is_some_and(|t| t.choice == ToolChoice::Auto) && !(m.tools.auto && m.tools.parser.is_some()) {
         return Err(ApiError::BadRequest {
-            message: "`tools` is not supported by this server: tool calling is not implemented".into(),
-            param: Some("tools".into()),
-        });
-    }
-    let choice = req.tool_choice.as_ref().and_then(|c| c.as_str());
-    if req.tool_choice.as_ref().is_some_and(|c| !c.is_null()) && choice != Some("none") && choice != Some("auto") {
-        return Err(ApiError::BadRequest {
-            message: "`tool_choice` is not supported by this server: tool calling is not implemented".into(),
+            message: "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set".into(),
             param: Some("tool_choice".into()),
         });
     }
-    Ok(())
+    Ok(tools)
+}
+
+/// A finished choice as (content, tool calls): a forced choice's output is the calls
+/// (`required`: a list of `{name, parameters}`, a named function: its arguments); `auto`
+/// text goes through the parser; text that holds no well-formed call stays content.
+fn read_calls(
+    tools: Option<&ToolRequest>,
+    parser: Option<ToolParser>,
+    text: String,
+) -> (Option<String>, Vec<FunctionCall>) {
+    let Some(t) = tools else { return (Some(text), vec![]) };
+    match (&t.choice, parser) {
+        (ToolChoice::Required | ToolChoice::Named(_), _) => match t.forced_calls(&text) {
+            Some(calls) => (None, calls),
+            None => (Some(text), vec![]),
+        },
+        (ToolChoice::Auto, Some(p)) => match p.parse(&text) {
+            (_, calls) if calls.is_empty() => (Some(text), vec![]),
+            (content, calls) => ((!content.is_empty()).then_some(content), calls),
+        },
+        _ => (Some(text), vec![]),
+    }
+}
+
+fn call_out(function: FunctionCall) -> ToolCallOut {
+    ToolCallOut { id: request_id("chatcmpl-tool"), kind: "function", function }
 }
 
 pub(crate) async fn handle(
@@ -73,7 +105,7 @@ pub(crate) async fn handle(
     let req: ChatCompletionRequest = parse(body)?;
     let m = st.model()?;
     st.check_name(&req.model)?;
-    check_unsupported(&req)?;
+    let tools = tools_of(m, &req)?;
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (false, Some(k)) if k > 0 => {
@@ -95,8 +127,16 @@ pub(crate) async fn handle(
         let message = "`prompt_logprobs` are not available when `stream` is true";
         return Err(ApiError::BadRequest { message: message.into(), param: Some("prompt_logprobs".into()) });
     }
+    if let Some(constraint) = tools.as_ref().and_then(ToolRequest::constraint) {
+        if params.constraint.is_some() {
+            let message = "`tool_choice` forces a function call; it cannot be combined with another structured output";
+            return Err(ApiError::BadRequest { message: message.into(), param: Some("tool_choice".into()) });
+        }
+        params.constraint = Some(StructuredOutput { param: "tool_choice".into(), constraint });
+    }
     let prompt_k = params.prompt_logprobs;
-    let prompt_text = render_messages(m, &req.messages, true)?;
+    let offered = tools.as_ref().filter(|t| t.choice != ToolChoice::None).and(req.tools.as_deref());
+    let prompt_text = render_messages(m, &req.messages, offered, true)?;
     let prompt = encode(m, prompt_text, false).await?;
     let prompt_ids = prompt.clone();
     let mut kv_params = req.common.kv_transfer_params.clone();
@@ -124,7 +164,7 @@ pub(crate) async fn handle(
             let c = chunk(
                 vec![ChatChunkChoice {
                     index,
-                    delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                    delta: ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: vec![] },
                     logprobs: None,
                     finish_reason: None,
                 }],
@@ -133,8 +173,29 @@ pub(crate) async fn handle(
             first.push(serde_json::to_string(&c).map_err(|e| ApiError::Internal(e.to_string()))?);
         }
         let st2 = st.clone();
+        // With tools in play a choice's text is held until it ends, then sent as content or
+        // as whole tool calls (one delta per call, arguments complete).
+        let (parser, mut held) = (m.tools.parser, std::collections::HashMap::<usize, String>::new());
+        let tools = tools.filter(|t| t.choice != ToolChoice::None);
         return Ok(sse(streams, first, include_usage, move |p| {
             let c = match p {
+                Piece::Output(index, o) if tools.is_some() => {
+                    let text = held.entry(index).or_default();
+                    text.push_str(&o.text);
+                    let reason = o.finished.as_ref()?.reason.as_str();
+                    let (content, calls) = read_calls(tools.as_ref(), parser, std::mem::take(text));
+                    let finish_reason = Some(if calls.is_empty() { reason } else { "tool_calls" });
+                    let tool_calls = calls
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, f)| {
+                            let c = call_out(f);
+                            ToolCallDelta { index: i, id: c.id, kind: c.kind, function: c.function }
+                        })
+                        .collect();
+                    let delta = ChatDelta { role: None, content, tool_calls };
+                    chunk(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason }], None)
+                }
                 Piece::Output(index, o) => {
                     let finish_reason = o.finished.map(|f| f.reason.as_str());
                     if o.text.is_empty() && finish_reason.is_none() && o.logprobs.is_empty() {
@@ -148,7 +209,7 @@ pub(crate) async fn handle(
                     chunk(
                         vec![ChatChunkChoice {
                             index,
-                            delta: ChatDelta { role: None, content },
+                            delta: ChatDelta { role: None, content, tool_calls: vec![] },
                             logprobs,
                             finish_reason,
                         }],
@@ -170,11 +231,19 @@ pub(crate) async fn handle(
     let choices = done
         .into_iter()
         .enumerate()
-        .map(|(index, d)| ChatChoice {
-            index,
-            logprobs: logprobs.map(|_| logprobs::chat(m, &d.token_ids, &d.logprobs)),
-            message: ChatResponseMessage { role: "assistant", content: d.text },
-            finish_reason: Some(d.finished.reason.as_str()),
+        .map(|(index, d)| {
+            let (content, calls) = read_calls(tools.as_ref(), m.tools.parser, d.text);
+            let finish = if calls.is_empty() { d.finished.reason.as_str() } else { "tool_calls" };
+            ChatChoice {
+                index,
+                logprobs: logprobs.map(|_| logprobs::chat(m, &d.token_ids, &d.logprobs)),
+                message: ChatResponseMessage {
+                    role: "assistant",
+                    content,
+                    tool_calls: calls.into_iter().map(call_out).collect(),
+                },
+                finish_reason: Some(finish),
+            }
         })
         .collect();
     let body = ChatCompletionResponse {

@@ -23,7 +23,7 @@ pub(crate) async fn tokenize(
     let (text, add_special) = match (req.prompt, &req.messages) {
         (Some(p), None) => (p, req.add_special_tokens.unwrap_or(true)),
         (None, Some(msgs)) => {
-            (render_messages(m, msgs, req.add_generation_prompt)?, req.add_special_tokens.unwrap_or(false))
+            (render_messages(m, msgs, None, req.add_generation_prompt)?, req.add_special_tokens.unwrap_or(false))
         }
         _ => {
             return Err(ApiError::BadRequest {
