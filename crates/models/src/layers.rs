@@ -218,6 +218,27 @@ impl RmsNorm {
     }
 }
 
+/// Layer norm with bias (the encoders'): `(x − mean) / sqrt(var + eps) · w + b`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// `{prefix}.weight` and `{prefix}.bias`, each `[dim]`.
+    pub fn load(src: &dyn WeightSource, prefix: &str, dim: usize, eps: f64, dtype: DType) -> Result<Self> {
+        let w = src.get_checked(&format!("{prefix}.weight"), &[dim])?.dense(dtype)?;
+        let b = src.get_checked(&format!("{prefix}.bias"), &[dim])?.dense(dtype)?;
+        Ok(Self { w, b, eps: eps as f32 })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, self.eps)?)
+    }
+}
+
 /// Token embedding table `[vocab, hidden]` (kept dense for cheap row gathers), or one
 /// rank's rows `start..start + rows` of it (vocabulary-parallel).
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@
 //! sampling. The KV cache is always an argument of `forward`, never a field of a layer.
 
 mod attention;
+mod bert;
 mod config;
 mod error;
 pub mod fused;
@@ -21,10 +22,11 @@ mod rotary;
 mod weights;
 
 pub use attention::{AttentionMetadata, SeqAttention};
+pub use bert::{Bert, BertConfig, Pooling};
 pub use config::{ModelConfig, MoeConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv::KvCache;
-pub use layers::{with_cpu_f32, Linear, RmsNorm};
+pub use layers::{with_cpu_f32, LayerNorm, Linear, RmsNorm};
 pub use llama::Llama;
 pub use parallel::{part, shard_byte_runs, HeadLayout, PipelineParallel, Shard, TensorParallel};
 pub use rotary::Rotary;
