@@ -4,6 +4,7 @@
 //! validation), and [`ProtocolError`], which says which field is wrong.
 //! Must not touch: I/O, tokenisation, the engine or HTTP status mapping.
 
+mod embeddings;
 mod error;
 mod kv_transfer;
 mod requests;
@@ -12,6 +13,9 @@ mod sampling;
 mod structured;
 mod tools;
 
+pub use embeddings::{
+    EmbeddingData, EmbeddingInput, EmbeddingItem, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
+};
 pub use error::ProtocolError;
 pub use kv_transfer::{KvIntent, KvTransferParams};
 pub use requests::CommonParams;

@@ -15,4 +15,4 @@ mod state;
 pub use chat::{ChatTemplate, TemplateMessage};
 pub use error::ApiError;
 pub use routes::app;
-pub use state::{AppState, KvInfo, ModelInfo, ServedModel, ToolSupport};
+pub use state::{AppState, Embed, KvInfo, ModelInfo, ServedModel, ToolSupport};

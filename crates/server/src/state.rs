@@ -31,8 +31,8 @@ impl ModelInfo {
 
 /// A loaded model ready to serve.
 pub struct ServedModel {
-    /// Data-parallel replica 0 (its limits are every replica's).
-    pub engine: EngineHandle,
+    /// Data-parallel replica 0 (its limits are every replica's); `None` for an embedding model.
+    pub engine: Option<EngineHandle>,
     /// Further data-parallel replicas.
     pub replicas: Vec<EngineHandle>,
     /// Shared: requests tokenise on the blocking pool without copying it.
@@ -43,6 +43,19 @@ pub struct ServedModel {
     /// This worker's part in prefill/decode disaggregation, if any.
     pub kv: Option<KvInfo>,
     pub tools: ToolSupport,
+    /// The encoder of an embedding model (`--task embed`).
+    pub embedder: Option<Arc<dyn Embed>>,
+}
+
+/// An embedding model behind `/v1/embeddings`: token ids in, one vector per input out,
+/// batched by its own thread.
+pub trait Embed: Send + Sync {
+    /// The longest input, in tokens.
+    fn max_tokens(&self) -> usize;
+    /// The vector length.
+    fn dims(&self) -> usize;
+    /// Embed every input (resolves when its batch has run).
+    fn embed(&self, inputs: Vec<Vec<u32>>) -> tokio::sync::oneshot::Receiver<Result<Vec<Vec<f32>>, String>>;
 }
 
 /// Tool calling as the flags set it up (`--enable-auto-tool-choice`, `--tool-call-parser`).
@@ -81,15 +94,32 @@ impl KvInfo {
 impl ServedModel {
     /// Every data-parallel replica, replica 0 first.
     pub fn engines(&self) -> impl Iterator<Item = &EngineHandle> {
-        std::iter::once(&self.engine).chain(&self.replicas)
+        self.engine.iter().chain(&self.replicas)
+    }
+
+    /// The generating engine, or a 400 for an embedding model.
+    pub fn generator(&self) -> Result<&EngineHandle, ApiError> {
+        self.engine.as_ref().ok_or_else(|| ApiError::BadRequest {
+            message: "this model serves embeddings (--task embed): use /v1/embeddings".into(),
+            param: Some("model".into()),
+        })
+    }
+
+    /// The longest sequence the model takes.
+    pub fn max_model_len(&self) -> usize {
+        match (&self.engine, &self.embedder) {
+            (Some(e), _) => e.config().max_model_len,
+            (None, Some(e)) => e.max_tokens(),
+            (None, None) => 0,
+        }
     }
 
     /// The replica with the least work (running + waiting), lowest index on ties.
-    pub fn least_loaded(&self) -> &EngineHandle {
+    pub fn least_loaded(&self) -> Option<&EngineHandle> {
         use std::sync::atomic::Ordering::Relaxed;
         let load =
             |e: &EngineHandle| e.stats().running.load(Relaxed) + e.stats().waiting.load(Relaxed) + e.live_streams();
-        self.engines().min_by_key(|e| load(e)).unwrap_or(&self.engine)
+        self.engines().min_by_key(|e| load(e))
     }
 }
 
@@ -138,7 +168,7 @@ impl AppState {
 
     /// Live engine figures, once the model is attached.
     pub fn engine_stats(&self) -> Option<Arc<tessera_engine::EngineStats>> {
-        self.inner.model.get().map(|m| m.engine.stats().clone())
+        self.inner.model.get().and_then(|m| m.engine.as_ref()).map(|e| e.stats().clone())
     }
 
     pub(crate) fn created(&self) -> u64 {

@@ -67,6 +67,24 @@ fn parse_criticality(s: &str) -> Result<CriticalitySpec, String> {
     Ok(CriticalitySpec { name, class: class.parse()? })
 }
 
+/// vLLM's `--task`: what the model is served for (`auto`: embeddings for an encoder, else generation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum TaskArg {
+    #[default]
+    Auto,
+    Generate,
+    Embed,
+}
+
+/// vLLM's newer `--runner`: `pooling` serves embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum RunnerArg {
+    #[default]
+    Auto,
+    Generate,
+    Pooling,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
     Auto,
@@ -154,6 +172,12 @@ pub struct ServeArgs {
     pub kv_cache_dtype: DTypeArg,
     #[arg(long, value_enum, default_value = "auto", env = "TESSERA_DEVICE")]
     pub device: DeviceArg,
+    /// What to serve the model for: generate (chat, completions) or embed (`/v1/embeddings`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub task: TaskArg,
+    /// `pooling` is `--task embed` (vLLM's newer spelling).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub runner: RunnerArg,
     /// Automatic prefix caching (on by default).
     #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_enable_prefix_caching")]
     pub enable_prefix_caching: bool,

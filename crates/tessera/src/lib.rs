@@ -7,6 +7,7 @@
 
 pub mod args;
 mod dp;
+mod embed;
 mod error;
 pub mod kv_transfer;
 pub mod ranks;

@@ -425,6 +425,10 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
 /// Load the model and start its engines: every data-parallel replica of this pod, plus the
 /// replicas of other pods once they have joined. Blocking (run it off the runtime).
 pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
+    let path = model_path(a)?;
+    if crate::embed::wanted(a, &path) {
+        return crate::embed::load(a, &path);
+    }
     // Bound first, so worker pods can join while this pod loads.
     let remote = crate::dp::listen(a)?;
     let LocalEngines { mut engines, tok, cfg, kv } = start_engines(a, crate::dp::local_replicas(a))?;
@@ -437,7 +441,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
     let template = chat_template(a.chat_template.as_deref(), &tok)?;
     let engine = engines.remove(0);
     Ok(ServedModel {
-        engine,
+        engine: Some(engine),
         replicas: engines,
         tokenizer: std::sync::Arc::new(tok.tokenizer),
         chat_template: template,
@@ -449,6 +453,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
         vocab_size: cfg.vocab_size,
         kv,
         tools: tessera_server::ToolSupport { auto: a.enable_auto_tool_choice, parser: a.tool_call_parser },
+        embedder: None,
     })
 }
 

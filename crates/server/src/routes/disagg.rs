@@ -43,7 +43,7 @@ pub(crate) fn leg(
             if !m.kv.as_ref().is_some_and(|k| k.consumes) {
                 return Err(role("decode legs (`do_remote_prefill`)", "kv_consumer"));
             }
-            let stats = &m.engine.stats().kv;
+            let stats = &m.generator()?.stats().kv;
             if params.prompt_logprobs.is_some() || params.n > 1 {
                 // Every prompt position (or every choice's blocks) is needed here.
                 stats.fallback(Fallback::Unsupported);

@@ -50,7 +50,8 @@ pub(crate) fn submit(
     check_vocab(m, &params.stop_token_ids, "stop_token_ids")?;
     let bias: Vec<u32> = params.logit_bias.iter().map(|b| b.0).collect();
     check_vocab(m, &bias, "logit_bias")?;
-    if params.priority != 0 && m.engine.config().scheduler.policy == tessera_engine::Policy::Fcfs {
+    let engine = m.generator()?;
+    if params.priority != 0 && engine.config().scheduler.policy == tessera_engine::Policy::Fcfs {
         return Err(ApiError::BadRequest {
             message: "`priority` needs priority scheduling; start the server with --scheduling-policy priority".into(),
             param: Some("priority".into()),
@@ -58,7 +59,8 @@ pub(crate) fn submit(
     }
     let remote = super::disagg::leg(m, kv.0, &params, kv.1, prompt.len())?;
     let criticality = st.criticality(model_name);
-    Ok(m.least_loaded().submit(EngineRequest { prompt, params, criticality, remote })?)
+    let engine = m.least_loaded().unwrap_or(engine);
+    Ok(engine.submit(EngineRequest { prompt, params, criticality, remote })?)
 }
 
 /// One choice's whole answer.

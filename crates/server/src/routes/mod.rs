@@ -3,6 +3,7 @@
 mod chat;
 mod completions;
 mod disagg;
+mod embeddings;
 mod generate;
 mod logprobs;
 mod proxy;
@@ -19,13 +20,14 @@ use serde::de::DeserializeOwned;
 use tessera_protocol::{ModelCard, ModelList};
 
 use crate::state::unix_now;
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, ServedModel};
 
 /// Build the HTTP application.
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/completions", post(completions::handle))
         .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/embeddings", post(embeddings::handle))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
@@ -69,7 +71,7 @@ async fn version() -> Json<serde_json::Value> {
 }
 
 async fn models(State(st): State<AppState>) -> Json<ModelList> {
-    let max_model_len = st.loaded().map_or(0, |m| m.engine.config().max_model_len);
+    let max_model_len = st.loaded().map_or(0, ServedModel::max_model_len);
     let info = st.info();
     let data = info
         .served_names

@@ -99,7 +99,7 @@ pub(crate) async fn prefill_first(
             "{name} `{value}` is not a trusted prefill worker (start the decode worker with --trusted-prefillers)"
         )));
     }
-    let stats = &m.engine.stats().kv;
+    let stats = &m.generator()?.stats().kv;
     if params.n > 1 || params.prompt_logprobs.is_some() {
         stats.fallback(Fallback::Unsupported);
         return Ok(None);

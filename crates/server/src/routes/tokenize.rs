@@ -36,12 +36,7 @@ pub(crate) async fn tokenize(
     let token_strs = req
         .return_token_strs
         .then(|| tokens.iter().map(|&t| m.tokenizer.id_to_token(t).unwrap_or_default()).collect::<Vec<String>>());
-    Ok(Json(TokenizeResponse {
-        count: tokens.len(),
-        max_model_len: m.engine.config().max_model_len,
-        tokens,
-        token_strs,
-    }))
+    Ok(Json(TokenizeResponse { count: tokens.len(), max_model_len: m.max_model_len(), tokens, token_strs }))
 }
 
 pub(crate) async fn detokenize(
