@@ -274,7 +274,16 @@ def tools(c, m):
     r = c.chat.completions.create(model=m, messages=follow, tools=WEATHER, max_tokens=40, temperature=0)
     answer = r.choices[0].message
     need(answer.content or answer.tool_calls, f"no answer after the tool's result: {answer}")
-    return f"named/required called get_weather({seen}); answer {answer.content!r:.60}"
+    # The same answer streamed.
+    text, finish = "", None
+    for chunk in c.chat.completions.create(model=m, messages=follow, tools=WEATHER, max_tokens=40, temperature=0,
+                                           stream=True):
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    need(text == (answer.content or "") and finish == r.choices[0].finish_reason,
+         f"streamed answer {text!r} ({finish}) != {answer.content!r} ({r.choices[0].finish_reason})")
+    return f"named/required called get_weather({seen}); answer {answer.content!r:.60}, streamed alike"
 
 
 CHECKS = [chat, completions, chat_stream, n_choices, chat_logprobs, completion_logprobs, stop, seed, errors, parse, tools]
