@@ -129,10 +129,8 @@ pub struct ToolCallOut {
 #[derive(Debug, Clone, Serialize)]
 pub struct ToolCallDelta {
     pub index: usize,
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub function: crate::FunctionCall,
+    #[serde(flatten)]
+    pub call: ToolCallOut,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -188,10 +188,7 @@ pub(crate) async fn handle(
                     let tool_calls = calls
                         .into_iter()
                         .enumerate()
-                        .map(|(i, f)| {
-                            let c = call_out(f);
-                            ToolCallDelta { index: i, id: c.id, kind: c.kind, function: c.function }
-                        })
+                        .map(|(index, f)| ToolCallDelta { index, call: call_out(f) })
                         .collect();
                     let delta = ChatDelta { role: None, content, tool_calls };
                     chunk(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason }], None)
