@@ -96,20 +96,13 @@ fn default_max_pos() -> usize {
     4096
 }
 
-/// Architectures (from `config.json`'s `architectures`) this crate can run.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM"];
-
 impl ModelConfig {
     /// Parse a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
         let architecture = raw.architectures.first().cloned().unwrap_or_else(|| "LlamaForCausalLM".to_string());
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
-            return Err(ModelError::Config(format!(
-                "config.json: unsupported architecture `{architecture}` (supported: {})",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )));
+        if !crate::model::supported_architectures().contains(&architecture.as_str()) {
+            return Err(ModelError::Config(format!("config.json: {}", crate::model::unsupported(&architecture))));
         }
         let rope_scaling = match raw.rope_scaling {
             None | Some(serde_json::Value::Null) => None,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use tessera_grammar::GrammarHandle;
-use tessera_models::{AttentionMetadata, BatchInput, KvCache, Llama, SeqAttention};
+use tessera_models::{AttentionMetadata, BatchInput, CausalLm, KvCache, SeqAttention};
 
 use crate::{sampler, Result, RunnerError, StepPlan, StepResult};
 
@@ -20,14 +20,24 @@ fn logit_rows(s: &crate::SeqStep) -> (usize, bool) {
 
 /// Owns the model and the KV memory of one rank.
 pub struct Worker {
-    model: Llama,
+    model: Box<dyn CausalLm>,
     cache: KvCache,
     device: Device,
 }
 
 impl Worker {
     /// Allocate `num_blocks` cache blocks of `block_size` tokens of `kv_dtype` for `model`.
-    pub fn new(mut model: Llama, num_blocks: usize, block_size: usize, kv_dtype: DType) -> Result<Self> {
+    pub fn new<M: CausalLm + 'static>(model: M, num_blocks: usize, block_size: usize, kv_dtype: DType) -> Result<Self> {
+        Self::from_model(Box::new(model), num_blocks, block_size, kv_dtype)
+    }
+
+    /// [`Worker::new`] for a model built through the registry ([`tessera_models::load_model`]).
+    pub fn from_model(
+        mut model: Box<dyn CausalLm>,
+        num_blocks: usize,
+        block_size: usize,
+        kv_dtype: DType,
+    ) -> Result<Self> {
         // The fused kernels were checked at load with a cache of the model's type: check again
         // for the cache this worker serves (every rank of the group does, so they vote alike).
         if model.kernels_checked() != Some((model.dtype(), kv_dtype, block_size)) {
@@ -52,8 +62,8 @@ impl Worker {
         self.cache.clone()
     }
 
-    pub fn model(&self) -> &Llama {
-        &self.model
+    pub fn model(&self) -> &dyn CausalLm {
+        self.model.as_ref()
     }
 
     /// Serve this rank's experts to other data-parallel replicas' step (no tokens of its own).

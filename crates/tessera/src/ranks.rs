@@ -15,7 +15,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use tessera_models::{Communicator, Llama, PipelineParallel, TensorParallel, WeightSource};
+use tessera_models::{CausalLm, Communicator, PipelineParallel, TensorParallel, WeightSource};
 use tessera_parallel::{ShmHub, SubGroup, TcpComm};
 use tessera_runner::{follow_plans, Executor, LockstepExecutor, TensorParallelExecutor, Worker};
 
@@ -233,14 +233,14 @@ fn build(
     world: Arc<dyn Communicator>,
 ) -> Result<Worker, ServeError> {
     let (tp, pp) = groups(s, world)?;
-    let model = Llama::load_pipelined(cfg, weights, s.max_model_len, s.dtype, &s.device, tp, pp)?;
-    let worker = Worker::new(model, s.num_blocks, s.block_size, s.kv_dtype)?;
+    let model = tessera_models::load_model(cfg, weights, s.max_model_len, s.dtype, &s.device, tp, pp)?;
+    let worker = Worker::from_model(model, s.num_blocks, s.block_size, s.kv_dtype)?;
     log_kernel_checks(worker.model());
     Ok(worker)
 }
 
 /// Log what the start-up check decided for each fused kernel (a refused one is a warning).
-pub(crate) fn log_kernel_checks(model: &Llama) {
+pub(crate) fn log_kernel_checks(model: &dyn CausalLm) {
     for r in model.kernel_reports() {
         let (op, kernel) = (r.op.as_str(), r.kernel);
         if r.fused {

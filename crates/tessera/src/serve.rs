@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use tessera_engine::kv::transfer::KvStore;
 use tessera_engine::{EngineConfig, EngineError, EngineHandle, Policy, SchedulerConfig};
-use tessera_models::Llama;
+use tessera_models::{PipelineParallel, TensorParallel};
 use tessera_protocol::ModelDefaults;
 use tessera_runner::{Executor, KvBlockStore, Worker};
 use tessera_server::{AppState, ChatTemplate, ModelInfo, ServedModel};
@@ -323,8 +323,9 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 }
                 leader
             } else if tp * a.pipeline_parallel_size == 1 {
-                let model = Llama::load(&cfg, weights, max_model_len, dtype, &device)?;
-                let worker = Worker::new(model, num_blocks, a.block_size, sz.kv_dtype)?;
+                let (tp, pp) = (TensorParallel::single(), PipelineParallel::single());
+                let model = tessera_models::load_model(&cfg, weights, max_model_len, dtype, &device, tp, pp)?;
+                let worker = Worker::from_model(model, num_blocks, a.block_size, sz.kv_dtype)?;
                 crate::ranks::log_kernel_checks(worker.model());
                 if a.kv_transfer_config.is_some() {
                     let store: Arc<dyn KvBlockStore> = Arc::new(worker.kv_cache());
