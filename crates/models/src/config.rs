@@ -154,6 +154,11 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// Query and key are RMS-normed per head before the rotary (Qwen 3).
+    pub fn qk_norm(&self) -> bool {
+        self.architecture == "Qwen3ForCausalLM"
+    }
+
     /// Check internal consistency; the message names the offending fields.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Config(m));

@@ -22,6 +22,8 @@ struct Attention {
     /// q, k and v.
     qkv: SharedInput,
     o: Linear,
+    /// Per-head RMSNorm of queries and keys (Qwen 3), over `head_dim`.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +138,13 @@ impl Llama {
                     Linear::load_shard(src, &format!("{p}.self_attn.v_proj"), nkv, h, b, dtype, kv)?,
                 ]),
                 o: Linear::load_shard(src, &format!("{p}.self_attn.o_proj"), h, nq, false, dtype, row)?,
+                qk_norm: if cfg.qk_norm() {
+                    let norm =
+                        |n: &str| RmsNorm::load(src, &format!("{p}.self_attn.{n}.weight"), hd, cfg.rms_norm_eps, dtype);
+                    Some((norm("q_norm")?, norm("k_norm")?))
+                } else {
+                    None
+                },
             };
             blocks.push(Block {
                 attn_norm: RmsNorm::load(src, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps, dtype)?,
@@ -313,6 +322,10 @@ impl Llama {
             let q = q.reshape((t, nh, hd))?;
             let k = k.reshape((t, nkv, hd))?;
             let v = v.reshape((t, nkv, hd))?;
+            let (q, k) = match &b.attn.qk_norm {
+                Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+                None => (q, k),
+            };
             let (q, k) = k_.rotary(&q, &k, &cos, &sin, cfg.rope_interleaved)?;
             let (kc, vc) = cache.layer(i);
             k_.cache_write(kc, vc, &k, &v, &step)?;

@@ -115,6 +115,8 @@ const REGISTRY: &[(&str, Build)] = &[
     ("MistralForCausalLM", llama),
     ("Qwen2ForCausalLM", llama),
     ("MixtralForCausalLM", llama),
+    // Qwen 3 dense: the llama layers plus per-head query/key RMSNorm, no qkv bias.
+    ("Qwen3ForCausalLM", llama),
 ];
 
 /// The architectures this build serves.
