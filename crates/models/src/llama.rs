@@ -178,7 +178,7 @@ impl Llama {
                 },
             });
         }
-        Self {
+        Ok(Self {
             cfg: cfg.clone(),
             embed,
             blocks,
@@ -191,14 +191,13 @@ impl Llama {
             pp,
             heads,
             kernels: Kernels::reference(),
-        }
-        .with_checked_kernels(dtype, 16)
+        })
     }
 
     /// Check each fused kernel against its reference on this device at the served shapes,
     /// with a cache of `cache_dtype` in blocks of `block_size`, then let the tensor-parallel
-    /// ranks vote (a collective: every rank of the group calls it). Load checks with a cache of
-    /// the model's type; the worker checks again when it serves another cache type.
+    /// ranks vote (a collective: every rank of the group calls it). Until then every op runs
+    /// its reference; the worker checks once, knowing the cache it serves.
     pub fn check_kernels(&mut self, cache_dtype: DType, block_size: usize) -> Result<()> {
         let cfg = &self.cfg;
         let shapes = ServedShapes {
@@ -219,11 +218,6 @@ impl Llama {
         Ok(())
     }
 
-    fn with_checked_kernels(mut self, cache_dtype: DType, block_size: usize) -> Result<Self> {
-        self.check_kernels(cache_dtype, block_size)?;
-        Ok(self)
-    }
-
     /// What the start-up check decided for each fused kernel (fused or reference, and why).
     pub fn kernel_reports(&self) -> &[KernelReport] {
         self.kernels.reports()
@@ -234,12 +228,6 @@ impl Llama {
         self.kernels.checked()
     }
 
-    /// Use `kernels` instead of the ones checked at load (tests inject kernels this way).
-    pub fn set_kernels(&mut self, kernels: Kernels) {
-        self.kernels = kernels;
-    }
-
-    /// Pipeline stages of the model (1 without pipeline parallelism).
     /// Data-parallel expert parallelism, on a replica with no step of its own while others
     /// step: take part in every MoE layer's token exchange with no tokens (serving this rank's
     /// experts to the other replicas). Nothing else runs and no cache is touched.
@@ -256,6 +244,7 @@ impl Llama {
         Ok(())
     }
 
+    /// Pipeline stages of the model (1 without pipeline parallelism).
     pub fn pipeline_stages(&self) -> usize {
         self.pp.stages
     }

@@ -38,8 +38,8 @@ impl Worker {
         block_size: usize,
         kv_dtype: DType,
     ) -> Result<Self> {
-        // The fused kernels were checked at load with a cache of the model's type: check again
-        // for the cache this worker serves (every rank of the group does, so they vote alike).
+        // Check the fused kernels for the cache this worker serves (every rank of the group
+        // builds its worker, so they vote alike); a model checked for it already is not checked again.
         if model.kernels_checked() != Some((model.dtype(), kv_dtype, block_size)) {
             model.check_kernels(kv_dtype, block_size)?;
         }
@@ -237,21 +237,20 @@ impl Worker {
                         None => Vec::new(),
                     };
                     let (token, logprobs) = match (&s.sample, sample_row) {
-                        (Some(spec), Some(r)) => match masks.get(&s.seq_id) {
-                            Some(mask) => {
-                                let mut masked = row(r).to_vec();
-                                mask.apply(&mut masked);
-                                let (t, lp) = sampler::sample(&masked, spec);
-                                if let Some(Err(e)) = spec.config.grammar.as_ref().map(|g| g.lock().commit(t)) {
-                                    tracing::warn!("sequence {}: {e}", s.seq_id);
+                        (Some(spec), Some(r)) => {
+                            let (t, lp) = match masks.get(&s.seq_id) {
+                                Some(mask) => {
+                                    let mut masked = row(r).to_vec();
+                                    mask.apply(&mut masked);
+                                    sampler::sample(&masked, spec)
                                 }
-                                (Some(t), lp)
+                                None => sampler::sample(row(r), spec),
+                            };
+                            if let Some(Err(e)) = spec.config.grammar.as_ref().map(|g| g.lock().commit(t)) {
+                                tracing::warn!("sequence {}: {e}", s.seq_id);
                             }
-                            None => {
-                                let (t, lp) = sampler::sample(row(r), spec);
-                                (Some(t), lp)
-                            }
-                        },
+                            (Some(t), lp)
+                        }
                         _ => (None, None),
                     };
                     (token.is_some() || !prompt_logprobs.is_empty()).then_some(StepResult {

@@ -70,30 +70,30 @@ fn tools_of(m: &ServedModel, req: &ChatCompletionRequest) -> Result<Option<ToolR
     Ok(tools)
 }
 
-/// A finished choice as (content, tool calls): a forced choice's output is the calls
-/// (`required`: a list of `{name, parameters}`, a named function: its arguments); `auto`
-/// text goes through the parser; text that holds no well-formed call stays content.
+/// A finished choice as (content, tool calls with their ids, finish reason): a forced
+/// choice's output is the calls (`required`: a list of `{name, parameters}`, a named function:
+/// its arguments); `auto` text goes through the parser; text that holds no well-formed call
+/// stays content and keeps the engine's `reason`.
 fn read_calls(
     tools: Option<&ToolRequest>,
     parser: Option<ToolParser>,
     text: String,
-) -> (Option<String>, Vec<FunctionCall>) {
-    let Some(t) = tools else { return (Some(text), vec![]) };
-    match (&t.choice, parser) {
-        (ToolChoice::Required | ToolChoice::Named(_), _) => match t.forced_calls(&text) {
+    reason: &'static str,
+) -> (Option<String>, Vec<ToolCallOut>, &'static str) {
+    let (content, calls) = match (tools.map(|t| (t, &t.choice)), parser) {
+        (Some((t, ToolChoice::Required | ToolChoice::Named(_))), _) => match t.forced_calls(&text) {
             Some(calls) => (None, calls),
             None => (Some(text), vec![]),
         },
-        (ToolChoice::Auto, Some(p)) => match p.parse(&text) {
+        (Some((_, ToolChoice::Auto)), Some(p)) => match p.parse(&text) {
             (_, calls) if calls.is_empty() => (Some(text), vec![]),
             (content, calls) => ((!content.is_empty()).then_some(content), calls),
         },
         _ => (Some(text), vec![]),
-    }
-}
-
-fn call_out(function: FunctionCall) -> ToolCallOut {
-    ToolCallOut { id: request_id("chatcmpl-tool"), kind: "function", function }
+    };
+    let finish = if calls.is_empty() { reason } else { "tool_calls" };
+    let out = |function: FunctionCall| ToolCallOut { id: request_id("chatcmpl-tool"), kind: "function", function };
+    (content, calls.into_iter().map(out).collect(), finish)
 }
 
 pub(crate) async fn handle(
@@ -105,7 +105,8 @@ pub(crate) async fn handle(
     let req: ChatCompletionRequest = parse(body)?;
     let m = st.model()?;
     st.check_name(&req.model)?;
-    let tools = tools_of(m, &req)?;
+    // `tool_choice: none` offers no tools and reads no calls.
+    let tools = tools_of(m, &req)?.filter(|t| t.choice != ToolChoice::None);
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (false, Some(k)) if k > 0 => {
@@ -135,7 +136,7 @@ pub(crate) async fn handle(
         params.constraint = Some(StructuredOutput { param: "tool_choice".into(), constraint });
     }
     let prompt_k = params.prompt_logprobs;
-    let offered = tools.as_ref().filter(|t| t.choice != ToolChoice::None).and(req.tools.as_deref());
+    let offered = tools.as_ref().and(req.tools.as_deref());
     let prompt_text = render_messages(m, &req.messages, offered, true)?;
     let prompt = encode(m, prompt_text, false).await?;
     let prompt_ids = prompt.clone();
@@ -176,22 +177,17 @@ pub(crate) async fn handle(
         // With tools in play a choice's text is held until it ends, then sent as content or
         // as whole tool calls (one delta per call, arguments complete).
         let (parser, mut held) = (m.tools.parser, std::collections::HashMap::<usize, String>::new());
-        let tools = tools.filter(|t| t.choice != ToolChoice::None);
         return Ok(sse(streams, first, include_usage, move |p| {
             let c = match p {
                 Piece::Output(index, o) if tools.is_some() => {
                     let text = held.entry(index).or_default();
                     text.push_str(&o.text);
                     let reason = o.finished.as_ref()?.reason.as_str();
-                    let (content, calls) = read_calls(tools.as_ref(), parser, std::mem::take(text));
-                    let finish_reason = Some(if calls.is_empty() { reason } else { "tool_calls" });
-                    let tool_calls = calls
-                        .into_iter()
-                        .enumerate()
-                        .map(|(index, f)| ToolCallDelta { index, call: call_out(f) })
-                        .collect();
+                    let (content, calls, finish) = read_calls(tools.as_ref(), parser, std::mem::take(text), reason);
+                    let tool_calls =
+                        calls.into_iter().enumerate().map(|(index, call)| ToolCallDelta { index, call }).collect();
                     let delta = ChatDelta { role: None, content, tool_calls };
-                    chunk(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason }], None)
+                    chunk(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason: Some(finish) }], None)
                 }
                 Piece::Output(index, o) => {
                     let finish_reason = o.finished.map(|f| f.reason.as_str());
@@ -229,16 +225,12 @@ pub(crate) async fn handle(
         .into_iter()
         .enumerate()
         .map(|(index, d)| {
-            let (content, calls) = read_calls(tools.as_ref(), m.tools.parser, d.text);
-            let finish = if calls.is_empty() { d.finished.reason.as_str() } else { "tool_calls" };
+            let (content, tool_calls, finish) =
+                read_calls(tools.as_ref(), m.tools.parser, d.text, d.finished.reason.as_str());
             ChatChoice {
                 index,
                 logprobs: logprobs.map(|_| logprobs::chat(m, &d.token_ids, &d.logprobs)),
-                message: ChatResponseMessage {
-                    role: "assistant",
-                    content,
-                    tool_calls: calls.into_iter().map(call_out).collect(),
-                },
+                message: ChatResponseMessage { role: "assistant", content, tool_calls },
                 finish_reason: Some(finish),
             }
         })
