@@ -357,10 +357,12 @@ impl Communicator for NcclComm {
 
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
         // Shapes may differ along `dim` between ranks: equal parts go through NCCL's
-        // all-gather, anything else as a grouped exchange.
+        // all-gather, anything else as a grouped exchange. The sizes are gathered on the GPU
+        // too (one tiny collective, not a TCP round trip per rank on every step).
         let t = t.contiguous()?;
-        let mine = (t.dim(dim)? as u64).to_le_bytes();
-        let sizes = (0..self.world_size()).map(|r| self.ctrl.broadcast_bytes(&mine, r)).collect::<Result<Vec<_>>>()?;
+        let mine = Tensor::new(&[t.dim(dim)? as u32], &self.cuda())?;
+        let sizes = self.enqueue("all-gather", |c| mine.apply_op1_no_bwd(&Op::AllGather(self, c)))?;
+        let sizes: Vec<u32> = sizes.flatten_all()?.to_vec1()?;
         let equal = sizes.windows(2).all(|w| w[0] == w[1]);
         let parts: Vec<Tensor> = if equal {
             let g = self.enqueue("all-gather", |c| t.apply_op1_no_bwd(&Op::AllGather(self, c)))?;
