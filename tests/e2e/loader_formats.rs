@@ -15,6 +15,7 @@ fn logits(dir: &std::path::Path) -> Vec<f32> {
     let plan = StepPlan {
         seqs: vec![SeqStep {
             prompt_logprobs: None,
+            lora: None,
             seq_id: 1,
             tokens: vec![1, 5, 9, 3, 7],
             start_pos: 0,
@@ -26,6 +27,7 @@ fn logits(dir: &std::path::Path) -> Vec<f32> {
                 prompt_len: 0,
             }),
         }],
+        lora_ops: vec![],
     };
     w.forward_logits(&plan).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }

@@ -32,6 +32,7 @@ fn plan(tokens: &[u32], computed: usize, output_index: u64) -> StepPlan {
     StepPlan {
         seqs: vec![SeqStep {
             prompt_logprobs: None,
+            lora: None,
             seq_id: 1,
             tokens: tokens[computed..].to_vec(),
             start_pos: computed,
@@ -43,6 +44,7 @@ fn plan(tokens: &[u32], computed: usize, output_index: u64) -> StepPlan {
                 prompt_len: 0,
             }),
         }],
+        lora_ops: vec![],
     }
 }
 

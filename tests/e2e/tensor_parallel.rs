@@ -10,116 +10,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use tessera_loader::SafetensorsSource;
 use tessera_models::{Communicator, Llama, ModelConfig, PipelineParallel, TensorParallel};
-use tessera_parallel::{SubGroup, TcpComm};
-use tessera_runner::{SampleSpec, SamplingConfig, SeqStep, StepPlan, Worker};
-use tessera_tests::tiny::{tiny_weights, write_hf, TinyShape};
-
-const BLOCK: usize = 4;
-const BLOCKS_PER_SEQ: usize = 12;
-const PROMPTS: [usize; 4] = [3, 7, 12, 20];
-const DECODE_STEPS: usize = 20;
-
-fn model_dir(name: &str, s: TinyShape) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tessera-tp-{}-{name}", std::process::id()));
-    write_hf(&dir, s, &tiny_weights(s), 2);
-    dir
-}
-
-fn worker(dir: &Path, tp: TensorParallel) -> Worker {
-    staged_worker(dir, tp, PipelineParallel::single())
-}
-
-fn staged_worker(dir: &Path, tp: TensorParallel, pp: PipelineParallel) -> Worker {
-    let cfg = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let src = SafetensorsSource::open(dir, DType::F32, &Device::Cpu).unwrap();
-    let model =
-        Llama::load_pipelined(&cfg, &src, 256, DType::F32, &Device::Cpu, tp, pp).expect("load the rank's shard");
-    Worker::new(model, PROMPTS.len() * BLOCKS_PER_SEQ, BLOCK, DType::F32).unwrap()
-}
-
-fn step(seq: usize, tokens: &[u32], start: usize) -> SeqStep {
-    let base = (seq * BLOCKS_PER_SEQ) as u32;
-    SeqStep {
-        prompt_logprobs: None,
-        seq_id: seq as u64,
-        tokens: tokens[start..].to_vec(),
-        start_pos: start,
-        block_table: (base..base + BLOCKS_PER_SEQ as u32).collect(),
-        sample: Some(SampleSpec { config: SamplingConfig::default(), output_index: 0, history: vec![], prompt_len: 0 }),
-    }
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0) as u32
-}
-
-/// TP = 1 greedy run: the plans it executed and its logits per plan.
-fn reference(dir: &Path, vocab: usize) -> (Vec<StepPlan>, Vec<Vec<Vec<f32>>>) {
-    let mut w = worker(dir, TensorParallel::single());
-    let mut seqs: Vec<Vec<u32>> =
-        PROMPTS.iter().enumerate().map(|(i, &n)| (0..n).map(|t| ((t * 7 + i * 13) % vocab) as u32).collect()).collect();
-    let mut plan = StepPlan { seqs: seqs.iter().enumerate().map(|(i, s)| step(i, s, 0)).collect() };
-    let (mut plans, mut logits) = (vec![], vec![]);
-    for _ in 0..=DECODE_STEPS {
-        let rows: Vec<Vec<f32>> = w.forward_logits(&plan).unwrap().to_vec2().unwrap();
-        let next = StepPlan {
-            seqs: seqs
-                .iter_mut()
-                .zip(&rows)
-                .enumerate()
-                .map(|(i, (s, row))| {
-                    s.push(argmax(row));
-                    step(i, s, s.len() - 1)
-                })
-                .collect(),
-        };
-        plans.push(std::mem::replace(&mut plan, next));
-        logits.push(rows);
-    }
-    (plans, logits)
-}
-
-/// Every rank runs every plan (as the serving ranks would); rank 0's logits are returned.
-fn run_tp(dir: &Path, world: usize, plans: &[StepPlan]) -> Vec<Vec<Vec<f32>>> {
-    run_parallel(dir, world, 1, plans)
-}
-
-/// `tp × pp` ranks: stage `s` holds world ranks `s*tp..(s+1)*tp`, each stage a TP subgroup.
-fn run_parallel(dir: &Path, tp: usize, pp: usize, plans: &[StepPlan]) -> Vec<Vec<Vec<f32>>> {
-    let group = TcpComm::local_group(tp * pp, Device::Cpu).expect("rank group");
-    let handles: Vec<_> = group
-        .into_iter()
-        .map(|comm| {
-            let (dir, plans) = (dir.to_path_buf(), plans.to_vec());
-            std::thread::spawn(move || {
-                let world: Arc<dyn Communicator> = Arc::new(comm);
-                let stage = world.rank() / tp;
-                let (tpc, ppc) = if pp == 1 {
-                    (TensorParallel::new(world), PipelineParallel::single())
-                } else {
-                    let members: Vec<usize> = (stage * tp..(stage + 1) * tp).collect();
-                    let sub = SubGroup::new(world.clone(), members, Device::Cpu).expect("subgroup");
-                    (TensorParallel::new(Arc::new(sub)), PipelineParallel::new(world, stage, pp, tp))
-                };
-                let mut w = staged_worker(&dir, tpc, ppc);
-                plans.iter().map(|p| w.forward_logits(p).unwrap().to_vec2::<f32>().unwrap()).collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    let mut outs: Vec<Vec<Vec<Vec<f32>>>> = handles.into_iter().map(|h| h.join().expect("rank thread")).collect();
-    for (r, o) in outs.iter().enumerate().skip(1) {
-        if pp == 1 {
-            assert_eq!(o, &outs[0], "rank {r} sees the same gathered logits as rank 0");
-        } else {
-            assert!(o.iter().all(Vec::is_empty), "under a pipeline only rank 0 gets logits (rank {r})");
-        }
-    }
-    outs.swap_remove(0)
-}
-
-fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
-    a.iter().flatten().flatten().zip(b.iter().flatten().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
+use tessera_parallel::TcpComm;
+use tessera_runner::StepPlan;
+use tessera_tests::steps::{max_diff, model_dir, reference, run_parallel, run_tp, worker};
+use tessera_tests::tiny::TinyShape;
 
 #[test]
 fn tp_2_and_4_equal_tp_1() {
@@ -206,7 +100,8 @@ fn moe_ep_2_and_4_and_sliced_experts_equal_one_rank() {
         assert!(d < 1e-4, "EP={world} differs by {d}");
     }
     // One sequence: a single decode token, so some ranks get no tokens to route.
-    let single: Vec<StepPlan> = plans.iter().map(|p| StepPlan { seqs: vec![p.seqs[0].clone()] }).collect();
+    let single: Vec<StepPlan> =
+        plans.iter().map(|p| StepPlan { seqs: vec![p.seqs[0].clone()], lora_ops: vec![] }).collect();
     let mut w1 = worker(&dir, TensorParallel::single());
     let want1: Vec<Vec<Vec<f32>>> =
         single.iter().map(|p| w1.forward_logits(p).unwrap().to_vec2::<f32>().unwrap()).collect();
@@ -482,111 +377,5 @@ async fn data_parallel_expert_parallel_serves_the_single_rank_text_under_concurr
     println!("one rank: {single:?}\nDP=2 x TP=2, experts over 4 ranks: {dp_ep:?}");
     assert_eq!(dp_ep, single, "data-parallel expert parallelism serves the single-rank greedy text");
     assert_eq!(dp_ep_again, single_again);
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A plain dense Qwen 3 forward written here (no cache, no kernels, every sequence whole):
-/// the logits of `tokens`' last position.
-fn dense_qwen3(w: &std::collections::HashMap<String, candle_core::Tensor>, s: TinyShape, tokens: &[u32]) -> Vec<f32> {
-    use candle_core::{Tensor, D};
-    let (t, hd) = (tokens.len(), s.hidden / s.heads);
-    let rms = |x: &Tensor, g: &str| -> Tensor {
-        let var = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        x.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&w[g]).unwrap()
-    };
-    let lin = |x: &Tensor, name: &str| x.matmul(&w[&format!("{name}.weight")].t().unwrap()).unwrap();
-    // Rotary, Hugging Face layout: the two halves of each head, theta 10000.
-    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
-    let ang: Vec<f32> = (0..t).flat_map(|p| inv.iter().map(move |f| p as f32 * f)).collect();
-    let cos = Tensor::from_vec(ang.iter().map(|a| a.cos()).collect::<Vec<_>>(), (t, 1, hd / 2), &Device::Cpu).unwrap();
-    let sin = Tensor::from_vec(ang.iter().map(|a| a.sin()).collect::<Vec<_>>(), (t, 1, hd / 2), &Device::Cpu).unwrap();
-    let rope = |x: &Tensor| -> Tensor {
-        let (a, b) = (x.narrow(2, 0, hd / 2).unwrap(), x.narrow(2, hd / 2, hd / 2).unwrap());
-        let ra = (a.broadcast_mul(&cos).unwrap() - b.broadcast_mul(&sin).unwrap()).unwrap();
-        let rb = (a.broadcast_mul(&sin).unwrap() + b.broadcast_mul(&cos).unwrap()).unwrap();
-        Tensor::cat(&[ra, rb], 2).unwrap()
-    };
-    let ids = Tensor::new(tokens, &Device::Cpu).unwrap();
-    let mut x = w["model.embed_tokens.weight"].index_select(&ids, 0).unwrap();
-    let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
-    for l in 0..s.layers {
-        let p = format!("model.layers.{l}");
-        let h = rms(&x, &format!("{p}.input_layernorm.weight"));
-        let q = lin(&h, &format!("{p}.self_attn.q_proj")).reshape((t, s.heads, hd)).unwrap();
-        let k = lin(&h, &format!("{p}.self_attn.k_proj")).reshape((t, s.kv_heads, hd)).unwrap();
-        let v = lin(&h, &format!("{p}.self_attn.v_proj")).reshape((t, s.kv_heads, hd)).unwrap();
-        let q = rope(&rms(&q, &format!("{p}.self_attn.q_norm.weight")));
-        let k = rope(&rms(&k, &format!("{p}.self_attn.k_norm.weight")));
-        let heads: Vec<Tensor> = (0..s.heads)
-            .map(|hh| {
-                let g = hh / (s.heads / s.kv_heads);
-                let (qh, kh, vh) = (
-                    q.narrow(1, hh, 1).unwrap().squeeze(1).unwrap(),
-                    k.narrow(1, g, 1).unwrap().squeeze(1).unwrap(),
-                    v.narrow(1, g, 1).unwrap().squeeze(1).unwrap(),
-                );
-                let scores = ((qh.matmul(&kh.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap() + &mask).unwrap();
-                let e = scores.broadcast_sub(&scores.max_keepdim(D::Minus1).unwrap()).unwrap().exp().unwrap();
-                e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap().matmul(&vh).unwrap()
-            })
-            .collect();
-        let a = Tensor::cat(&heads, 1).unwrap();
-        x = (x + lin(&a, &format!("{p}.self_attn.o_proj"))).unwrap();
-        let h = rms(&x, &format!("{p}.post_attention_layernorm.weight"));
-        let gate = lin(&h, &format!("{p}.mlp.gate_proj"));
-        let up = lin(&h, &format!("{p}.mlp.up_proj"));
-        x = (x + lin(&(gate.silu().unwrap() * up).unwrap(), &format!("{p}.mlp.down_proj"))).unwrap();
-    }
-    let last = rms(&x.narrow(0, t - 1, 1).unwrap(), "model.norm.weight");
-    lin(&last, "lm_head").flatten_all().unwrap().to_vec1().unwrap()
-}
-
-/// Qwen 3 dense on a tiny random checkpoint written with the real layout (per-head
-/// `q_norm`/`k_norm`, explicit `head_dim`, no qkv bias): the served model's logits equal the
-/// plain dense forward above over a prefill and 20 decode steps, and TP = 2 equals TP = 1.
-#[test]
-fn tiny_qwen3_equals_a_dense_reference_and_tp_2_equals_tp_1() {
-    let shape = TinyShape::default();
-    let hd = shape.hidden / shape.heads;
-    let mut w = tiny_weights(shape);
-    for l in 0..shape.layers {
-        for n in ["q_norm", "k_norm"] {
-            let g = (candle_core::Tensor::ones(hd, DType::F32, &Device::Cpu).unwrap()
-                + candle_core::Tensor::randn(0f32, 0.2, hd, &Device::Cpu).unwrap())
-            .unwrap();
-            w.insert(format!("model.layers.{l}.self_attn.{n}.weight"), g);
-        }
-    }
-    let dir = std::env::temp_dir().join(format!("tessera-tp-{}-qwen3", std::process::id()));
-    write_hf(&dir, shape, &w, 1);
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    cfg["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
-    cfg["model_type"] = serde_json::json!("qwen3");
-    cfg["head_dim"] = hd.into();
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-
-    let (plans, want) = reference(&dir, shape.vocab);
-    // Each sequence's tokens so far, rebuilt from the plans.
-    let mut seqs: Vec<Vec<u32>> = vec![];
-    let mut worst = 0f32;
-    for (j, plan) in plans.iter().enumerate() {
-        for (i, s) in plan.seqs.iter().enumerate() {
-            if j == 0 {
-                seqs.push(s.tokens.clone());
-            } else {
-                seqs[i].push(s.tokens[0]);
-            }
-            let dense = dense_qwen3(&w, shape, &seqs[i]);
-            let d = dense.iter().zip(&want[j][i]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-            worst = worst.max(d);
-        }
-    }
-    println!("Qwen 3 tiny: served vs dense reference over {} steps: max |Δlogit| = {worst:e}", plans.len());
-    assert!(worst < 1e-4, "served logits differ from the dense reference by {worst}");
-    let d = max_diff(&run_tp(&dir, 2, &plans), &want);
-    assert!(d < 1e-4, "TP=2 differs from TP=1 by {d}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -33,6 +33,7 @@ pub fn smollm2_hf() -> PathBuf {
 }
 
 pub mod servers;
+pub mod steps;
 pub mod tiny;
 
 /// `tessera serve` arguments for an in-process worker on port 0.

@@ -17,11 +17,15 @@ pub struct TinyShape {
     /// Mixtral-layout experts per layer (0: a dense MLP) and experts per token.
     pub experts: usize,
     pub top_k: usize,
+    /// Qwen 3 layout: per-head `q_norm`/`k_norm`; with experts, Qwen 3 MoE's naming
+    /// (`mlp.gate`, `mlp.experts.N.{gate,up,down}_proj`), `norm_topk_prob: false` and layer 1
+    /// (of more than one) dense (`mlp_only_layers: [1]`).
+    pub qwen3: bool,
 }
 
 impl Default for TinyShape {
     fn default() -> Self {
-        Self { vocab: 128, hidden: 64, inter: 96, layers: 4, heads: 8, kv_heads: 4, experts: 0, top_k: 0 }
+        Self { vocab: 128, hidden: 64, inter: 96, layers: 4, heads: 8, kv_heads: 4, experts: 0, top_k: 0, qwen3: false }
     }
 }
 
@@ -43,21 +47,29 @@ pub fn tiny_weights(s: TinyShape) -> HashMap<String, Tensor> {
         w.insert(format!("{p}.self_attn.k_proj.weight"), r(&[s.kv_heads * hd, s.hidden]));
         w.insert(format!("{p}.self_attn.v_proj.weight"), r(&[s.kv_heads * hd, s.hidden]));
         w.insert(format!("{p}.self_attn.o_proj.weight"), r(&[s.hidden, s.heads * hd]));
-        if s.experts == 0 {
+        if s.qwen3 {
+            w.insert(format!("{p}.self_attn.q_norm.weight"), ones(hd));
+            w.insert(format!("{p}.self_attn.k_norm.weight"), ones(hd));
+        }
+        if s.experts == 0 || (s.qwen3 && i == 1) {
             w.insert(format!("{p}.mlp.gate_proj.weight"), r(&[s.inter, s.hidden]));
             w.insert(format!("{p}.mlp.up_proj.weight"), r(&[s.inter, s.hidden]));
             w.insert(format!("{p}.mlp.down_proj.weight"), r(&[s.hidden, s.inter]));
             continue;
         }
-        let m = format!("{p}.block_sparse_moe");
+        let (m, [gate, up, down]) = if s.qwen3 {
+            (format!("{p}.mlp"), ["gate_proj", "up_proj", "down_proj"])
+        } else {
+            (format!("{p}.block_sparse_moe"), ["w1", "w3", "w2"])
+        };
         // A sharper router than the experts' noise, so that routing is not decided by a tie.
         w.insert(format!("{m}.gate.weight"), (r(&[s.experts, s.hidden]) * 5.0).expect("scale"));
         // Experts at half the dense scale: two of them add up per token.
         let half = |shape: &[usize]| (r(shape) * 0.5).expect("scale");
         for e in 0..s.experts {
-            w.insert(format!("{m}.experts.{e}.w1.weight"), half(&[s.inter, s.hidden]));
-            w.insert(format!("{m}.experts.{e}.w3.weight"), half(&[s.inter, s.hidden]));
-            w.insert(format!("{m}.experts.{e}.w2.weight"), half(&[s.hidden, s.inter]));
+            w.insert(format!("{m}.experts.{e}.{gate}.weight"), half(&[s.inter, s.hidden]));
+            w.insert(format!("{m}.experts.{e}.{up}.weight"), half(&[s.inter, s.hidden]));
+            w.insert(format!("{m}.experts.{e}.{down}.weight"), half(&[s.hidden, s.inter]));
         }
     }
     w
@@ -72,10 +84,27 @@ pub fn tiny_config(s: TinyShape) -> String {
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
         "tie_word_embeddings": false,
     });
-    if s.experts > 0 {
-        v["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
-        v["num_local_experts"] = s.experts.into();
-        v["num_experts_per_tok"] = s.top_k.into();
+    match (s.experts > 0, s.qwen3) {
+        (false, false) => {}
+        (true, false) => {
+            v["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+            v["num_local_experts"] = s.experts.into();
+            v["num_experts_per_tok"] = s.top_k.into();
+        }
+        (false, true) => {
+            v["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
+            v["head_dim"] = (s.hidden / s.heads).into();
+        }
+        (true, true) => {
+            v["architectures"] = serde_json::json!(["Qwen3MoeForCausalLM"]);
+            v["head_dim"] = (s.hidden / s.heads).into();
+            v["num_experts"] = s.experts.into();
+            v["num_experts_per_tok"] = s.top_k.into();
+            v["moe_intermediate_size"] = s.inter.into();
+            v["norm_topk_prob"] = false.into();
+            v["decoder_sparse_step"] = 1.into();
+            v["mlp_only_layers"] = if s.layers > 1 { serde_json::json!([1]) } else { serde_json::json!([]) };
+        }
     }
     v.to_string()
 }

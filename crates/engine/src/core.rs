@@ -30,10 +30,17 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Requests that may wait for their first step; past it new requests get 429.
     pub max_queued_requests: usize,
+    /// Adapters kept loaded on the ranks (`--max-cpu-loras`), least recently used evicted.
+    #[serde(default = "default_resident_loras")]
+    pub max_cpu_loras: usize,
     /// The served model's grammar compiler (structured outputs); `None` when its tokenizer
     /// cannot back one. Built where the engine runs, never sent.
     #[serde(skip)]
     pub grammars: Option<tessera_grammar::Grammars>,
+}
+
+fn default_resident_loras() -> usize {
+    1
 }
 
 /// llm-d / KServe criticality of a model: under saturation Sheddable work is refused first,
@@ -77,6 +84,19 @@ pub struct EngineRequest {
     /// A decode leg: where the prompt's KV was prefilled.
     #[serde(default)]
     pub remote: Option<RemoteSource>,
+    /// The LoRA adapter to run on (the base model when `None`).
+    #[serde(default)]
+    pub lora: Option<LoraRequest>,
+}
+
+/// A request's LoRA adapter: the id the engine and the ranks know it by (unique per
+/// registration, so a re-registered name never reuses cached KV), its name and the local
+/// directory of its PEFT files.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoraRequest {
+    pub id: u32,
+    pub name: String,
+    pub path: std::path::PathBuf,
 }
 
 /// How a choice ended.
@@ -138,6 +158,8 @@ pub(crate) enum Command {
     },
     /// End every request with this error (shutdown past its deadline).
     AbortAll(EngineError),
+    /// An adapter was unloaded over HTTP: drop it from the ranks once no sequence uses it.
+    RetireLora(u32),
 }
 
 /// The receiving end of one choice. Dropping it cancels the choice.
@@ -270,6 +292,11 @@ impl EngineHandle {
             return Err(EngineError::Stopped);
         }
         Ok(streams)
+    }
+
+    /// The adapter `id` was unregistered: the ranks drop it once no sequence uses it.
+    pub fn retire_lora(&self, id: u32) {
+        let _ = self.cmd.send(Command::RetireLora(id));
     }
 
     /// End every request now with `err` (their streams get it as the last item).

@@ -19,7 +19,7 @@ pub mod scheduler;
 mod stats;
 
 pub use crate::core::{
-    spawn, Criticality, EngineConfig, EngineHandle, EngineRequest, Finished, RequestOutput, RequestStream,
+    spawn, Criticality, EngineConfig, EngineHandle, EngineRequest, Finished, LoraRequest, RequestOutput, RequestStream,
     SATURATION_KV_USAGE,
 };
 pub use detok::{Detokenizer, OutputText};

@@ -14,8 +14,10 @@ use tessera_runner::{Executor, SamplingConfig, StepResult, TokenLogprobs};
 use tokenizers::Tokenizer;
 
 mod kv;
+mod lora;
 
 pub(crate) use kv::KvSide;
+use lora::LoraSlots;
 
 use crate::core::{Command, EngineConfig, Finished, OutputTx, RequestOutput, Shared};
 use crate::detok::{Detokenizer, OutputText};
@@ -64,6 +66,7 @@ pub(crate) struct Core {
     max_model_len: usize,
     seeds: RandomState,
     kv: Option<KvSide>,
+    lora: LoraSlots,
 }
 
 fn sampling_config(p: &SamplingParams, seed: u64, stop_ids: Vec<u32>) -> SamplingConfig {
@@ -110,6 +113,7 @@ impl Core {
             max_model_len: cfg.max_model_len,
             seeds: RandomState::new(),
             kv,
+            lora: LoraSlots::new(cfg.max_cpu_loras),
         }
     }
 
@@ -178,6 +182,7 @@ impl Core {
                 let _ = reply.send(self.executor.kv_write(&blocks, &data).map_err(|e| e.to_string()));
                 self.check_executor();
             }
+            Command::RetireLora(id) => self.lora.retire(id),
             Command::AbortAll(err) => {
                 let ids: Vec<u64> = self.requests.keys().copied().collect();
                 for id in ids {
@@ -195,6 +200,9 @@ impl Core {
         arrival: Instant,
         grammar: Option<Box<Constrained>>,
     ) {
+        if let Some(l) = &req.lora {
+            self.lora.note(l);
+        }
         let p = &req.params;
         let mut banned = p.stop_token_ids.clone();
         if !p.ignore_eos {
@@ -232,6 +240,7 @@ impl Core {
             // Every choice follows the grammar from its start, on its own copy.
             sampling.grammar = grammar.as_ref().map(|g| GrammarHandle::new(g.fork()));
             let mut seq = Sequence::new(id, req.prompt.clone(), sampling).with_priority(class, p.priority);
+            seq.lora = req.lora.as_ref().map(|l| l.id);
             if self.kv.is_some() && i == 0 {
                 seq.remote = req.remote.clone().map(Box::new);
             }
@@ -326,6 +335,8 @@ impl Core {
                 r.cached_tokens = r.cached_tokens.max(cached.min(r.prompt_len));
             }
         }
+        let (running, waiting) = self.sched.loras();
+        self.lora.prepare(&mut out.plan, &[running, waiting].concat());
         self.stats.record_step(&out.plan, out.preempted.len());
         let prompt_computed: usize = (out.plan.seqs.iter())
             .filter_map(|s| {
@@ -481,6 +492,9 @@ impl Core {
             self.sched.kv().usage(),
             self.sched.kv().num_free(),
         );
+        let (running, waiting) = self.sched.loras();
+        let names = |ids: Vec<u32>| ids.into_iter().filter_map(|id| self.lora.name(id).map(str::to_string)).collect();
+        self.stats.publish_loras(names(running), names(waiting));
         self.publish_pins();
     }
 }

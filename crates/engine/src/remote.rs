@@ -53,6 +53,7 @@ enum ToEngine {
     Add { first_id: u64, req: Box<EngineRequest> },
     Abort { id: u64 },
     AbortAll { err: EngineError },
+    RetireLora { id: u32 },
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -141,6 +142,7 @@ impl Link {
                     ToEngine::Abort { id }
                 }
                 Command::AbortAll(err) => ToEngine::AbortAll { err },
+                Command::RetireLora(id) => ToEngine::RetireLora { id },
                 // KV transfer runs inside an engine, never across this link.
                 Command::Unpin(_) | Command::PullDone { .. } | Command::KvRead { .. } | Command::KvWrite { .. } => {
                     continue
@@ -378,6 +380,7 @@ impl Joined {
                     }
                 }
                 Ok(ToEngine::AbortAll { err }) => engine.abort_all(err),
+                Ok(ToEngine::RetireLora { id }) => engine.retire_lora(id),
                 Err(e) => break format!("the leader sent an unreadable frame: {e}"),
             }
         };

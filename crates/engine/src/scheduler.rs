@@ -20,6 +20,15 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     pub enable_chunked_prefill: bool,
     pub policy: Policy,
+    /// Most distinct LoRA adapters among running sequences (`--max-loras`); a waiting
+    /// sequence on another adapter waits, and those behind it on running adapters or the
+    /// base go first.
+    #[serde(default = "default_max_loras")]
+    pub max_loras: usize,
+}
+
+fn default_max_loras() -> usize {
+    1
 }
 
 /// `--scheduling-policy`.
@@ -53,6 +62,8 @@ pub struct Sequence {
     pub fork_of: Option<u64>,
     /// Where this sequence's prompt KV was prefilled (a decode leg): pulled at admission.
     pub remote: Option<Box<RemoteSource>>,
+    /// The LoRA adapter it runs on (also its prefix-cache namespace), or the base model.
+    pub lora: Option<u32>,
 }
 
 impl Sequence {
@@ -67,6 +78,7 @@ impl Sequence {
             priority: 0,
             fork_of: None,
             remote: None,
+            lora: None,
         }
     }
 
@@ -168,7 +180,7 @@ impl Scheduler {
         if seq.num_computed > 0 || seq.sampling.prompt_logprobs.is_some() {
             return (CachedPrefix::default(), false);
         }
-        let cached = self.kv.cached_prefix(&seq.tokens);
+        let cached = self.kv.cached_prefix(&seq.tokens, seq.lora);
         let bs = self.kv.block_size();
         // Only blocks the parent has computed (it may be re-running after a preemption).
         let parent = seq.fork_of.and_then(|p| self.get(p)).map(|p| (p.id, p.num_computed / bs));
@@ -294,7 +306,27 @@ impl Scheduler {
                     targets: seq.tokens[seq.num_computed + 1..(end + 1).min(seq.prompt_len)].to_vec(),
                 },
             ),
+            lora: seq.lora,
         }
+    }
+
+    /// The adapters of running (and pulling) sequences, and of waiting ones, each once.
+    pub fn loras(&self) -> (Vec<u32>, Vec<u32>) {
+        let ids = |it: &mut dyn Iterator<Item = &Sequence>| {
+            let mut v: Vec<u32> = it.filter_map(|s| s.lora).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        (ids(&mut self.running.iter().chain(&self.pulling)), ids(&mut self.waiting.iter()))
+    }
+
+    /// The first waiting sequence that may start under `max_loras`: on the base model or on
+    /// an adapter already running, or on a new one while fewer than `max_loras` run.
+    fn next_admissible(&self) -> Option<usize> {
+        let running = self.loras().0;
+        let room = running.len() < self.cfg.max_loras;
+        self.waiting.iter().position(|s| s.lora.is_none_or(|id| room || running.contains(&id)))
     }
 
     /// Decide the next step.
@@ -353,9 +385,10 @@ impl Scheduler {
                     }
                     break;
                 }
-                let Some(seq) = self.waiting.front() else {
+                let Some(at) = self.next_admissible() else {
                     break;
                 };
+                let seq = &self.waiting[at];
                 let (prefix, from_cache) = self.starting_blocks(seq);
                 let cached = prefix.blocks.len() * self.kv.block_size();
                 let start = seq.num_computed.max(cached);
@@ -380,7 +413,7 @@ impl Scheduler {
                         out.prefix_hits.push((id, cached));
                     }
                 }
-                let Some(mut seq) = self.waiting.pop_front() else {
+                let Some(mut seq) = self.waiting.remove(at) else {
                     break;
                 };
                 seq.num_computed = start;
@@ -415,7 +448,7 @@ impl Scheduler {
                 continue;
             };
             seq.num_computed += n;
-            self.kv.cache_full_blocks(id, &seq.tokens, seq.num_computed);
+            self.kv.cache_full_blocks(id, &seq.tokens, seq.num_computed, seq.lora);
             if let Some((r, t)) = results.iter().find(|r| r.seq_id == id).and_then(|r| Some((r, r.token?))) {
                 seq.tokens.push(t);
                 appended.push(r.clone());

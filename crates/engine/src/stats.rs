@@ -149,6 +149,8 @@ pub struct EngineStats {
     failure: Mutex<Option<String>>,
     /// The path each fused kernel takes (op, `fused` or `reference`, reason), from the executor.
     pub kernel_paths: Mutex<Vec<(String, String, String)>>,
+    /// Names of the LoRA adapters of running and of waiting sequences (`vllm:lora_requests_info`).
+    pub loras: Mutex<(Vec<String>, Vec<String>)>,
 }
 
 impl EngineStats {
@@ -179,6 +181,7 @@ impl EngineStats {
             kv: KvTransferStats::default(),
             failure: Mutex::new(None),
             kernel_paths: Mutex::new(vec![]),
+            loras: Mutex::new((vec![], vec![])),
         }
     }
 
@@ -226,6 +229,17 @@ impl EngineStats {
     pub(crate) fn record_prefix(&self, prefix: PrefixStats) {
         self.prefix_queries.store(prefix.queries, Ordering::Relaxed);
         self.prefix_hits.store(prefix.hits, Ordering::Relaxed);
+    }
+
+    pub(crate) fn publish_loras(&self, running: Vec<String>, waiting: Vec<String>) {
+        if let Ok(mut l) = self.loras.lock() {
+            *l = (running, waiting);
+        }
+    }
+
+    /// Names of the adapters of running and of waiting sequences.
+    pub fn loras(&self) -> (Vec<String>, Vec<String>) {
+        self.loras.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     pub(crate) fn publish(&self, running: usize, waiting: usize, usage: f64, free: usize) {

@@ -3,7 +3,7 @@
 //! of a GGUF model.
 //!
 //! Owns: file formats (safetensors, GGUF, `config.json`, `tokenizer*.json`,
-//! `generation_config.json`) and their errors, which always name the file / tensor / field.
+//! `generation_config.json`, PEFT adapters) and their errors, which always name the file / tensor / field.
 //!
 //! Must not touch: model math (that is `tessera-models`, reached only through
 //! `WeightSource`), scheduling, HTTP, or environment variables.
@@ -14,6 +14,7 @@ mod export;
 mod gguf;
 mod header;
 mod hf;
+mod peft;
 mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ pub use error::{LoadError, Result};
 pub use export::export_hf;
 pub use gguf::GgufSource;
 pub use hf::SafetensorsSource;
+pub use peft::PeftAdapter;
 pub use tokenizer::{GenerationDefaults, TokenizerBundle};
 
 /// What a model path turned out to be.

@@ -39,16 +39,48 @@ pub struct ModelConfig {
     pub rope_interleaved: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
-    /// Mixture of experts (Mixtral layout): every layer's MLP is `experts` gated MLPs of
-    /// `intermediate_size`, `top_k` chosen per token by a router.
+    /// Mixture of experts: the sparse layers' MLP is `experts` gated MLPs, `top_k` chosen
+    /// per token by a router (see [`ModelConfig::moe_at`] for which layers are sparse).
     pub moe: Option<MoeConfig>,
 }
 
-/// Experts per layer and experts per token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a mixture-of-experts layer is laid out and routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MoeConfig {
+    /// Experts per layer.
     pub experts: usize,
+    /// Experts per token.
     pub top_k: usize,
+    /// Each expert's intermediate size (Mixtral: `intermediate_size`; Qwen 3 MoE:
+    /// `moe_intermediate_size`).
+    pub expert_inter: usize,
+    /// Whether the top-k routing weights are renormalised to sum to 1 (Mixtral always;
+    /// Qwen 3 MoE when `norm_topk_prob`).
+    pub renormalize: bool,
+    /// Weight names: Mixtral's `block_sparse_moe.experts.N.{w1,w3,w2}` or Qwen's
+    /// `mlp.experts.N.{gate,up,down}_proj` (the router is `gate` under either prefix).
+    pub layout: MoeLayout,
+    /// Every `sparse_step`-th layer is sparse (Qwen's `decoder_sparse_step`; 1: all) ...
+    pub sparse_step: usize,
+    /// ... except these, which keep a dense MLP of `intermediate_size` (`mlp_only_layers`).
+    pub dense_layers: Vec<usize>,
+}
+
+/// The checkpoint naming of a mixture-of-experts layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeLayout {
+    Mixtral,
+    Qwen,
+}
+
+impl MoeLayout {
+    /// The layer's prefix under `model.layers.N` and the experts' (gate, up, down) names.
+    pub fn names(self) -> (&'static str, [&'static str; 3]) {
+        match self {
+            MoeLayout::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+            MoeLayout::Qwen => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -84,6 +116,40 @@ struct RawConfig {
     eos_token_id: Option<OneOrMany>,
     num_local_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
+    /// Qwen 3 MoE's spelling of `num_local_experts`, and its other MoE fields.
+    num_experts: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    mlp_only_layers: Vec<usize>,
+}
+
+/// The mixture of experts a `config.json` describes: Mixtral's `num_local_experts` or Qwen 3
+/// MoE's `num_experts` (with `moe_intermediate_size`, `norm_topk_prob`, `decoder_sparse_step`
+/// and `mlp_only_layers`).
+fn moe_config(raw: &RawConfig, architecture: &str) -> Option<MoeConfig> {
+    let top_k = raw.num_experts_per_tok.unwrap_or(2);
+    if architecture == "Qwen3MoeForCausalLM" {
+        return Some(MoeConfig {
+            experts: raw.num_experts?,
+            top_k,
+            expert_inter: raw.moe_intermediate_size.unwrap_or(raw.intermediate_size),
+            renormalize: raw.norm_topk_prob.unwrap_or(false),
+            layout: MoeLayout::Qwen,
+            sparse_step: raw.decoder_sparse_step.unwrap_or(1),
+            dense_layers: raw.mlp_only_layers.clone(),
+        });
+    }
+    Some(MoeConfig {
+        experts: raw.num_local_experts?,
+        top_k,
+        expert_inter: raw.intermediate_size,
+        renormalize: true,
+        layout: MoeLayout::Mixtral,
+        sparse_step: 1,
+        dense_layers: vec![],
+    })
 }
 
 fn default_eps() -> f64 {
@@ -104,6 +170,7 @@ impl ModelConfig {
         if !crate::model::supported_architectures().contains(&architecture.as_str()) {
             return Err(ModelError::Config(format!("config.json: {}", crate::model::unsupported(&architecture))));
         }
+        let moe = moe_config(&raw, &architecture);
         let rope_scaling = match raw.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
             Some(mut v) => {
@@ -144,19 +211,20 @@ impl ModelConfig {
                 Some(OneOrMany::One(x)) => vec![x],
                 Some(OneOrMany::Many(v)) => v,
             },
-            moe: match (raw.num_local_experts, raw.num_experts_per_tok) {
-                (Some(experts), Some(top_k)) => Some(MoeConfig { experts, top_k }),
-                (Some(experts), None) => Some(MoeConfig { experts, top_k: 2 }),
-                _ => None,
-            },
+            moe,
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Query and key are RMS-normed per head before the rotary (Qwen 3).
+    /// Query and key are RMS-normed per head before the rotary (Qwen 3, dense and MoE).
     pub fn qk_norm(&self) -> bool {
-        self.architecture == "Qwen3ForCausalLM"
+        matches!(self.architecture.as_str(), "Qwen3ForCausalLM" | "Qwen3MoeForCausalLM")
+    }
+
+    /// The mixture of experts of layer `layer`, or `None` when its MLP is dense.
+    pub fn moe_at(&self, layer: usize) -> Option<&MoeConfig> {
+        self.moe.as_ref().filter(|m| (layer + 1).is_multiple_of(m.sparse_step) && !m.dense_layers.contains(&layer))
     }
 
     /// Check internal consistency; the message names the offending fields.
@@ -174,12 +242,15 @@ impl ModelConfig {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim ({}) must be even and > 0", self.head_dim));
         }
-        if let Some(m) = self.moe {
+        if let Some(m) = &self.moe {
             if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts {
                 return bad(format!(
                     "num_experts_per_tok ({}) must be in 1..=num_local_experts ({})",
                     m.top_k, m.experts
                 ));
+            }
+            if m.expert_inter == 0 || m.sparse_step == 0 {
+                return bad("moe_intermediate_size and decoder_sparse_step must be > 0".into());
             }
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {

@@ -8,6 +8,7 @@ use candle_core::{DType, Module, Tensor};
 use tessera_kernels::{QMatrix, QType};
 
 use crate::fused::Kernels;
+use crate::lora::{add_lora, LoraRows, Target};
 use crate::{ModelError, Result, Shard, Weight, WeightSource};
 
 /// How a [`Linear`] multiplies: candle's matmul (dense weights, other devices, and the
@@ -332,6 +333,16 @@ impl GatedMlp {
         let [g, u]: [Tensor; 2] =
             self.gate_up.forward(x)?.try_into().map_err(|_| ModelError::Config("gate/up projection count".into()))?;
         self.down.forward(&(g.silu()? * u)?)
+    }
+
+    /// [`GatedMlp::forward`] with the LoRA deltas of layer `layer` for the rows of `groups`.
+    pub(crate) fn forward_lora(&self, x: &Tensor, groups: &[LoraRows], layer: usize) -> Result<Tensor> {
+        let [g, u]: [Tensor; 2] =
+            self.gate_up.forward(x)?.try_into().map_err(|_| ModelError::Config("gate/up projection count".into()))?;
+        let g = add_lora(g, x, groups, layer, Target::Gate)?;
+        let u = add_lora(u, x, groups, layer, Target::Up)?;
+        let act = (g.silu()? * u)?;
+        add_lora(self.down.forward(&act)?, &act, groups, layer, Target::Down)
     }
 }
 

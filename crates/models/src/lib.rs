@@ -16,6 +16,7 @@ pub mod fused;
 mod kv;
 mod layers;
 mod llama;
+mod lora;
 mod model;
 mod moe;
 mod parallel;
@@ -24,11 +25,12 @@ mod weights;
 
 pub use attention::{AttentionMetadata, SeqAttention};
 pub use bert::{Bert, BertConfig, Pooling};
-pub use config::{ModelConfig, MoeConfig, RopeScaling};
+pub use config::{ModelConfig, MoeConfig, MoeLayout, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv::KvCache;
 pub use layers::{with_cpu_f32, LayerNorm, Linear, RmsNorm};
 pub use llama::Llama;
+pub use lora::{check_lora, LoraAdapter, LoraConfig, LoraRows, TargetLayout, LORA_TARGETS};
 pub use model::{load_model, supported_architectures, CausalLm};
 pub use parallel::{part, shard_byte_runs, HeadLayout, PipelineParallel, Shard, TensorParallel};
 pub use rotary::Rotary;
@@ -47,4 +49,6 @@ pub struct BatchInput {
     pub attn: AttentionMetadata,
     /// Row indices (into `[T]`) whose logits are wanted, shape `[S]`, u32.
     pub logits_indices: candle_core::Tensor,
+    /// The token rows of each LoRA adapter in the batch (rows of no adapter run the base).
+    pub lora: Vec<LoraRows>,
 }

@@ -1,4 +1,5 @@
-//! The llama family (Llama 2/3, Mistral, Qwen2, SmolLM) on the shared layers.
+//! The llama family (Llama 2/3, Mistral, Qwen 2, Qwen 3 dense and MoE, Mixtral, SmolLM) on
+//! the shared layers.
 //! Stateless: the paged KV cache is passed to [`Llama::forward`].
 //!
 //! Tensor parallel (Megatron layout): q/k/v and gate/up are column-parallel (each rank its
@@ -11,9 +12,10 @@ use candle_core::{DType, Device, Tensor};
 use crate::attention::StepTables;
 use crate::fused::{KernelReport, Kernels, ServedShapes};
 use crate::layers::{Embedding, GatedMlp, SharedInput};
+use crate::lora::{adapts_mlp, add_lora, llama_layout, LoraAdapter, LoraConfig, Target};
 use crate::moe::Moe;
 use crate::{
-    BatchInput, HeadLayout, KvCache, Linear, ModelConfig, ModelError, PipelineParallel, Result, RmsNorm, Rotary,
+    BatchInput, HeadLayout, KvCache, Linear, ModelConfig, ModelError, PipelineParallel, Result, RmsNorm, Rotary, Shard,
     TensorParallel, WeightSource,
 };
 
@@ -156,7 +158,7 @@ impl Llama {
                     cfg.rms_norm_eps,
                     dtype,
                 )?,
-                mlp: match cfg.moe {
+                mlp: match cfg.moe_at(i) {
                     None => Mlp::Dense(GatedMlp::load(
                         src,
                         &format!("{p}.mlp"),
@@ -166,15 +168,7 @@ impl Llama {
                         rank,
                         world,
                     )?),
-                    Some(m) => Mlp::Moe(Moe::load(
-                        src,
-                        &format!("{p}.block_sparse_moe"),
-                        h,
-                        cfg.intermediate_size,
-                        m,
-                        dtype,
-                        &tp,
-                    )?),
+                    Some(m) => Mlp::Moe(Moe::load(src, &p, h, m, dtype, &tp)?),
                 },
             });
         }
@@ -192,6 +186,15 @@ impl Llama {
             heads,
             kernels: Kernels::reference(),
         })
+    }
+
+    /// Load this rank's share of a LoRA adapter from `src` (Hugging Face names): its
+    /// pipeline stage's layers, each projection's factor sliced like the base weight.
+    pub fn load_lora(&self, name: &str, config: LoraConfig, src: &dyn WeightSource) -> Result<LoraAdapter> {
+        let (rank, world) = (self.tp.rank(), self.tp.world());
+        let (col, row) = (Shard::new(0, rank, world), Shard::new(1, rank, world));
+        let layout = llama_layout(&self.cfg, col, row, self.heads.kv_shard);
+        LoraAdapter::load(name, config, src, self.pp.layers(self.cfg.num_layers)?, layout, self.dtype)
     }
 
     /// Check each fused kernel against its reference on this device at the served shapes,
@@ -308,6 +311,16 @@ impl Llama {
         for (i, b) in self.blocks.iter().enumerate() {
             let [q, k, v]: [Tensor; 3] =
                 b.attn.qkv.forward(&h)?.try_into().map_err(|_| ModelError::Config("q/k/v count".into()))?;
+            let lora = &input.lora;
+            let (q, k, v) = if lora.is_empty() {
+                (q, k, v)
+            } else {
+                (
+                    add_lora(q, &h, lora, i, Target::Q)?,
+                    add_lora(k, &h, lora, i, Target::K)?,
+                    add_lora(v, &h, lora, i, Target::V)?,
+                )
+            };
             let q = q.reshape((t, nh, hd))?;
             let k = k.reshape((t, nkv, hd))?;
             let v = v.reshape((t, nkv, hd))?;
@@ -319,8 +332,11 @@ impl Llama {
             let (kc, vc) = cache.layer(i);
             k_.cache_write(kc, vc, &k, &v, &step)?;
             let a = k_.paged_attention(&q, kc, vc, &step)?;
-            let (x1, h1) = b.mlp_norm.add_forward(k_, &x, &self.tp.all_reduce(&b.attn.o.forward(&a)?)?)?;
+            let o = b.attn.o.forward(&a)?;
+            let o = if lora.is_empty() { o } else { add_lora(o, &a.flatten_from(1)?, lora, i, Target::O)? };
+            let (x1, h1) = b.mlp_norm.add_forward(k_, &x, &self.tp.all_reduce(&o)?)?;
             let m = match &b.mlp {
+                Mlp::Dense(d) if adapts_mlp(lora, i) => self.tp.all_reduce(&d.forward_lora(&h1, lora, i)?)?,
                 Mlp::Dense(d) => self.tp.all_reduce(&d.forward(k_, &h1)?)?,
                 Mlp::Moe(moe) => moe.forward(k_, &h1, &self.tp)?,
             };

@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::fused::KernelReport;
 use crate::{
-    BatchInput, KvCache, Llama, ModelConfig, ModelError, PipelineParallel, Result, TensorParallel, WeightSource,
+    BatchInput, KvCache, Llama, LoraAdapter, LoraConfig, ModelConfig, ModelError, PipelineParallel, Result,
+    TensorParallel, WeightSource,
 };
 
 /// A decoder served for generation: a stateless forward over the paged KV cache (passed in,
@@ -38,6 +39,9 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn check_kernels(&mut self, cache_dtype: DType, block_size: usize) -> Result<()>;
     /// The (activation, cache) dtypes and block size of the last check.
     fn kernels_checked(&self) -> Option<(DType, DType, usize)>;
+    /// This rank's share of a LoRA adapter read from `src` (Hugging Face names), sliced
+    /// the way the architecture's parallel plan slices each adapted projection.
+    fn load_lora(&self, name: &str, config: LoraConfig, src: &dyn WeightSource) -> Result<LoraAdapter>;
 }
 
 impl CausalLm for Llama {
@@ -83,6 +87,9 @@ impl CausalLm for Llama {
     fn kernels_checked(&self) -> Option<(DType, DType, usize)> {
         Llama::kernels_checked(self)
     }
+    fn load_lora(&self, name: &str, config: LoraConfig, src: &dyn WeightSource) -> Result<LoraAdapter> {
+        Llama::load_lora(self, name, config, src)
+    }
 }
 
 /// Builds one rank's share of an architecture.
@@ -115,8 +122,10 @@ const REGISTRY: &[(&str, Build)] = &[
     ("MistralForCausalLM", llama),
     ("Qwen2ForCausalLM", llama),
     ("MixtralForCausalLM", llama),
-    // Qwen 3 dense: the llama layers plus per-head query/key RMSNorm, no qkv bias.
+    // Qwen 3: the llama layers plus per-head query/key RMSNorm, no qkv bias; its MoE routes
+    // over `mlp.experts.N` with an optional renormalisation.
     ("Qwen3ForCausalLM", llama),
+    ("Qwen3MoeForCausalLM", llama),
 ];
 
 /// The architectures this build serves.

@@ -1,7 +1,9 @@
-//! Mixture-of-experts MLP (Mixtral layout: a router `gate` and experts of `w1`/`w3`/`w2`),
-//! written on the shared [`GatedMlp`] and [`Linear`] layers.
+//! Mixture-of-experts MLP (Mixtral's `block_sparse_moe` with experts of `w1`/`w3`/`w2`, or
+//! Qwen 3 MoE's `mlp` with experts of `gate_proj`/`up_proj`/`down_proj`; a router `gate`
+//! either way), written on the shared [`GatedMlp`] and [`Linear`] layers.
 //!
-//! Routing: softmax over every expert, the `top_k` most likely, weights renormalised. Under
+//! Routing: softmax over every expert, the `top_k` most likely, weights renormalised
+//! (Mixtral; Qwen 3 MoE when `norm_topk_prob`). Under
 //! tensor parallelism every expert is sliced like a dense MLP (partial sums, all-reduced).
 //! With expert parallelism whole experts are split over the group and tokens travel: each
 //! rank routes its share of the (replicated) tokens, sends every (token, expert) pair to the
@@ -29,17 +31,19 @@ pub struct Moe {
 type Route = Vec<(usize, f32)>;
 
 impl Moe {
+    /// The mixture of experts of the layer at `layer` (`model.layers.N`).
     pub fn load(
         src: &dyn WeightSource,
-        prefix: &str,
+        layer: &str,
         hidden: usize,
-        inter: usize,
-        cfg: MoeConfig,
+        cfg: &MoeConfig,
         dtype: DType,
         tp: &TensorParallel,
     ) -> Result<Self> {
+        let (sub, names) = cfg.layout.names();
+        let prefix = format!("{layer}.{sub}");
+        let inter = cfg.expert_inter;
         let router = Linear::load(src, &format!("{prefix}.gate"), cfg.experts, hidden, false, dtype)?;
-        let names = ["w1", "w3", "w2"];
         let ep = tp.expert_parallel();
         let mut experts = Vec::new();
         let group = tp.expert_comm();
@@ -49,7 +53,7 @@ impl Moe {
             let (index, count) = if ep { (0, 1) } else { (tp.rank(), tp.world()) };
             experts.push((e, GatedMlp::load_named(src, &p, names, hidden, inter, dtype, index, count)?));
         }
-        Ok(Self { router, experts, cfg, expert_parallel: ep })
+        Ok(Self { router, experts, cfg: cfg.clone(), expert_parallel: ep })
     }
 
     /// The experts of every row of `x`.
@@ -63,7 +67,7 @@ impl Moe {
                 let mut ids: Vec<usize> = (0..p.len()).collect();
                 ids.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
                 ids.truncate(self.cfg.top_k);
-                let total: f32 = ids.iter().map(|&e| p[e]).sum();
+                let total: f32 = if self.cfg.renormalize { ids.iter().map(|&e| p[e]).sum() } else { p.iter().sum() };
                 ids.into_iter().map(|e| (e, p[e] / total)).collect()
             })
             .collect())

@@ -193,6 +193,8 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: &'static str,
     pub root: String,
+    /// The base model of a LoRA adapter (`null` for the base itself).
+    pub parent: Option<String>,
     pub max_model_len: usize,
 }
 

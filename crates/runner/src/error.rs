@@ -7,6 +7,8 @@ pub enum RunnerError {
     Model(#[from] tessera_models::ModelError),
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("LoRA adapter: {0}")]
+    Lora(#[from] tessera_loader::LoadError),
     #[error("invalid step plan: {0}")]
     Plan(String),
     /// A tensor-parallel rank failed or disconnected; the group cannot continue.

@@ -16,7 +16,7 @@ mod worker;
 pub use error::{Result, RunnerError};
 pub use kvio::{KvBlockStore, RankedKv};
 pub use lockstep::LockstepExecutor;
-pub use plan::{PromptLogprobs, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, TokenLogprobs};
+pub use plan::{LoraOp, PromptLogprobs, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, TokenLogprobs};
 pub use ranks::{decode_plan, encode_plan, follow_plans, TensorParallelExecutor};
 pub use sampler::{logprobs, sample};
 pub use worker::Worker;

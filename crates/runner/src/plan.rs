@@ -89,6 +89,18 @@ pub struct SeqStep {
     pub sample: Option<SampleSpec>,
     /// Log-probabilities wanted for the prompt tokens this chunk predicts.
     pub prompt_logprobs: Option<PromptLogprobs>,
+    /// The LoRA adapter this sequence runs on (an id of a [`LoraOp::Load`] of this or an
+    /// earlier plan), or the base model.
+    pub lora: Option<u32>,
+}
+
+/// A change to the adapters every rank holds, applied before the step's forward.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoraOp {
+    /// Load the PEFT adapter in `path` (a local directory every rank can read) as `id`.
+    Load { id: u32, name: String, path: std::path::PathBuf },
+    /// Drop adapter `id`.
+    Unload(u32),
 }
 
 /// The prompt tokens a chunk's rows predict: row `i` (position `start_pos + i`) predicts
@@ -104,6 +116,8 @@ pub struct PromptLogprobs {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepPlan {
     pub seqs: Vec<SeqStep>,
+    /// Adapters to load or drop before this step runs.
+    pub lora_ops: Vec<LoraOp>,
 }
 
 impl StepPlan {

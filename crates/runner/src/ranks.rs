@@ -10,7 +10,8 @@ use std::sync::Arc;
 use tessera_models::Communicator;
 
 use crate::{
-    Executor, PromptLogprobs, Result, RunnerError, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult, Worker,
+    Executor, LoraOp, PromptLogprobs, Result, RunnerError, SampleSpec, SamplingConfig, SeqStep, StepPlan, StepResult,
+    Worker,
 };
 
 /// The message of an idle pass (a plan message is at least 4 bytes).
@@ -43,8 +44,35 @@ pub fn encode_plan(plan: &StepPlan) -> Vec<u8> {
                 p.targets.iter().for_each(|&t| put_u32(&mut out, t as usize));
             }
         }
+        match s.lora {
+            None => out.push(0),
+            Some(id) => {
+                out.push(1);
+                put_u32(&mut out, id as usize);
+            }
+        }
+    }
+    put_u32(&mut out, plan.lora_ops.len());
+    for op in &plan.lora_ops {
+        match op {
+            LoraOp::Load { id, name, path } => {
+                out.push(1);
+                put_u32(&mut out, *id as usize);
+                put_bytes(&mut out, name.as_bytes());
+                put_bytes(&mut out, path.as_os_str().as_encoded_bytes());
+            }
+            LoraOp::Unload(id) => {
+                out.push(0);
+                put_u32(&mut out, *id as usize);
+            }
+        }
     }
     out
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_u32(out, b.len());
+    out.extend_from_slice(b);
 }
 
 struct Reader<'a> {
@@ -62,6 +90,11 @@ impl Reader<'_> {
     fn u32(&mut self) -> Result<u32> {
         let s = self.take(4)?;
         Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+
+    fn string(&mut self) -> Result<String> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| RunnerError::Plan("a plan string is not UTF-8".into()))
     }
 
     fn u32s(&mut self) -> Result<Vec<u32>> {
@@ -87,7 +120,12 @@ pub fn decode_plan(b: &[u8]) -> Result<StepPlan> {
             0 => None,
             _ => Some(PromptLogprobs { top: r.u32()? as usize, targets: r.u32s()? }),
         };
+        let lora = match r.take(1)?[0] {
+            0 => None,
+            _ => Some(r.u32()?),
+        };
         seqs.push(SeqStep {
+            lora,
             prompt_logprobs,
             seq_id: id,
             tokens,
@@ -101,7 +139,15 @@ pub fn decode_plan(b: &[u8]) -> Result<StepPlan> {
             }),
         });
     }
-    Ok(StepPlan { seqs })
+    let n = r.u32()? as usize;
+    let mut lora_ops = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        lora_ops.push(match r.take(1)?[0] {
+            0 => LoraOp::Unload(r.u32()?),
+            _ => LoraOp::Load { id: r.u32()?, name: r.string()?, path: r.string()?.into() },
+        });
+    }
+    Ok(StepPlan { seqs, lora_ops })
 }
 
 /// Rank 0's executor: broadcast the plan, then execute and sample locally.
@@ -240,6 +286,7 @@ mod tests {
                     block_table: vec![4, 5],
                     sample: None,
                     prompt_logprobs: Some(PromptLogprobs { top: 2, targets: vec![2, 3, 11] }),
+                    lora: Some(3),
                 },
                 SeqStep {
                     seq_id: u64::MAX,
@@ -253,8 +300,10 @@ mod tests {
                         prompt_len: 0,
                     }),
                     prompt_logprobs: None,
+                    lora: None,
                 },
             ],
+            lora_ops: vec![LoraOp::Load { id: 3, name: "sql".into(), path: "/mnt/lora/sql".into() }, LoraOp::Unload(1)],
         };
         assert_eq!(decode_plan(&encode_plan(&plan)).unwrap(), plan);
         assert!(decode_plan(&encode_plan(&plan)[..10]).is_err());

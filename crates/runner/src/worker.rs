@@ -1,13 +1,14 @@
 //! One rank's worker: model + physical KV cache; executes step plans.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use tessera_grammar::GrammarHandle;
-use tessera_models::{AttentionMetadata, BatchInput, CausalLm, KvCache, SeqAttention};
+use tessera_models::{AttentionMetadata, BatchInput, CausalLm, KvCache, LoraAdapter, LoraRows, SeqAttention};
 
-use crate::{sampler, Result, RunnerError, StepPlan, StepResult};
+use crate::{sampler, LoraOp, Result, RunnerError, StepPlan, StepResult};
 
 /// The logit rows a step computes for a sequence (unless all rows are asked for): one per
 /// prompt token whose log-probability it scores (never the sampling row: a chunk that ends the
@@ -23,6 +24,8 @@ pub struct Worker {
     model: Box<dyn CausalLm>,
     cache: KvCache,
     device: Device,
+    /// LoRA adapters held by this rank, by the engine's id.
+    adapters: HashMap<u32, Arc<LoraAdapter>>,
 }
 
 impl Worker {
@@ -54,7 +57,29 @@ impl Worker {
             kv_dtype,
             &device,
         )?;
-        Ok(Self { model, cache, device })
+        Ok(Self { model, cache, device, adapters: HashMap::new() })
+    }
+
+    /// Load or drop adapters as `ops` say (every rank applies the same ops in plan order).
+    fn apply_lora_ops(&mut self, ops: &[LoraOp]) -> Result<()> {
+        for op in ops {
+            match op {
+                LoraOp::Load { id, name, path } => {
+                    let src = tessera_loader::PeftAdapter::open(path, self.model.dtype(), &self.device)?;
+                    let adapter = self.model.load_lora(name, src.config.clone(), &src)?;
+                    self.adapters.insert(*id, Arc::new(adapter));
+                }
+                LoraOp::Unload(id) => {
+                    self.adapters.remove(id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adapters this rank holds.
+    pub fn num_adapters(&self) -> usize {
+        self.adapters.len()
     }
 
     /// A second handle on this rank's KV memory (shares it).
@@ -77,6 +102,8 @@ impl Worker {
         let bs = self.cache.block_size();
         let nb = self.cache.num_blocks() as u32;
         let (mut tokens, mut positions, mut slots, mut rows) = (vec![], vec![], vec![], vec![]);
+        // (adapter id, its token rows), in order of first appearance.
+        let mut lora: Vec<(u32, Vec<u32>)> = vec![];
         let mut seqs = Vec::with_capacity(plan.seqs.len());
         for s in &plan.seqs {
             let end = s.start_pos + s.tokens.len();
@@ -103,6 +130,13 @@ impl Worker {
                 ctx_len: end,
                 block_table: s.block_table[..end.div_ceil(bs)].to_vec(),
             });
+            if let Some(id) = s.lora {
+                let rows = q_start as u32..tokens.len() as u32;
+                match lora.iter_mut().find(|(a, _)| *a == id) {
+                    Some((_, r)) => r.extend(rows),
+                    None => lora.push((id, rows.collect())),
+                }
+            }
             if all_rows {
                 rows.push((tokens.len() - 1) as u32);
             } else {
@@ -119,6 +153,17 @@ impl Worker {
             positions: Tensor::new(positions.as_slice(), dev)?,
             attn: AttentionMetadata { slot_mapping: Tensor::new(slots.as_slice(), dev)?, block_size: bs, seqs },
             logits_indices: Tensor::new(rows.as_slice(), dev)?,
+            lora: lora
+                .into_iter()
+                .map(|(id, rows)| {
+                    let adapter = self
+                        .adapters
+                        .get(&id)
+                        .cloned()
+                        .ok_or_else(|| RunnerError::Plan(format!("LoRA adapter {id} is not loaded")))?;
+                    Ok(LoraRows { adapter, rows: Tensor::new(rows.as_slice(), dev)? })
+                })
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -135,7 +180,7 @@ impl Worker {
         let per = plan.seqs.len().div_ceil(stages);
         let mut parts = Vec::with_capacity(stages);
         for seqs in plan.seqs.chunks(per) {
-            let sub = StepPlan { seqs: seqs.to_vec() };
+            let sub = StepPlan { seqs: seqs.to_vec(), lora_ops: vec![] };
             let input = self.batch(&sub, all_rows)?;
             parts.push(self.model.forward_stage(&input, &self.cache)?);
         }
@@ -147,11 +192,13 @@ impl Worker {
 
     /// Logits `[num_seqs, vocab]` of the last token of every sequence in the plan.
     pub fn forward_logits(&mut self, plan: &StepPlan) -> Result<Tensor> {
+        self.apply_lora_ops(&plan.lora_ops)?;
         self.forward_micro_batched(plan, true)
     }
 
     /// The forward of a step as a non-sampling rank runs it (same collectives as rank 0).
     pub fn forward_logits_for_sampling(&mut self, plan: &StepPlan) -> Result<()> {
+        self.apply_lora_ops(&plan.lora_ops)?;
         if plan.seqs.is_empty() {
             return Ok(());
         }
@@ -174,6 +221,7 @@ impl Worker {
     }
 
     fn execute_here(&mut self, plan: &StepPlan) -> Result<Vec<StepResult>> {
+        self.apply_lora_ops(&plan.lora_ops)?;
         if plan.seqs.is_empty() {
             return Ok(vec![]);
         }

@@ -13,6 +13,9 @@ pub enum ApiError {
     BadRequest { message: String, param: Option<String> },
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
+    /// Something the request names does not exist (an adapter) or the route is off.
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0}")]
     NotReady(String),
     /// The request asks for something this server will not do for anyone (an untrusted
@@ -39,7 +42,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Upstream { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
@@ -52,7 +55,7 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self {
             ApiError::BadRequest { .. } => "BadRequestError",
-            ApiError::ModelNotFound(_) => "NotFoundError",
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => "NotFoundError",
             ApiError::NotReady(_) => "ServiceUnavailableError",
             ApiError::Forbidden(_) => "PermissionDeniedError",
             ApiError::Upstream { .. } => "APIError",

@@ -8,11 +8,13 @@
 
 mod chat;
 mod error;
+mod lora;
 mod metrics;
 mod routes;
 mod state;
 
 pub use chat::{ChatTemplate, TemplateMessage};
 pub use error::ApiError;
+pub use lora::{Adapter, AdapterCheck, LoraRegistry};
 pub use routes::app;
 pub use state::{AppState, Embed, KvInfo, ModelInfo, ServedModel, ToolSupport};

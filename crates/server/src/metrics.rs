@@ -18,6 +18,8 @@ use tessera_engine::{EngineStats, Histogram};
 struct EngineCollector {
     engines: Vec<Arc<EngineStats>>,
     model_name: String,
+    /// `--max-loras` (0 without LoRA).
+    max_lora: usize,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -105,6 +107,26 @@ impl EngineCollector {
         Ok(())
     }
 
+    /// `vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}`: the
+    /// adapters of running and waiting requests (comma-separated), valued with the time of
+    /// the scrape as vLLM does (the endpoint picker reads the newest sample).
+    fn lora_info(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let help = "Running and waiting LoRA adapters, and the most in one batch.";
+        let mut m = enc.encode_descriptor("vllm:lora_requests_info", help, None, MetricType::Gauge)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        for (i, s) in self.engines.iter().enumerate() {
+            let (running, waiting) = s.loras();
+            let l: Labels = vec![
+                ("max_lora", self.max_lora.to_string()),
+                ("running_lora_adapters", running.join(",")),
+                ("waiting_lora_adapters", waiting.join(",")),
+                ("engine", i.to_string()),
+            ];
+            ConstGauge::new(now).encode(m.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
+
     /// A gauge of value 1 whose labels carry the information.
     fn info(
         &self,
@@ -142,13 +164,7 @@ impl Collector for EngineCollector {
             vec![("block_size", s.block_size.to_string()), ("num_gpu_blocks", s.num_blocks.to_string())]
         })?;
         self.kernel_paths(e)?;
-        self.info(e, "vllm:lora_requests_info", "LoRA adapters in use (none are loaded).", |_| {
-            vec![
-                ("max_lora", "0".to_string()),
-                ("running_lora_adapters", String::new()),
-                ("waiting_lora_adapters", String::new()),
-            ]
-        })?;
+        self.lora_info(e)?;
         self.histogram(e, "vllm:time_to_first_token_seconds", "Time to first token.", |s| &s.ttft)?;
         self.histogram(e, "vllm:inter_token_latency_seconds", "Time between tokens of a choice.", |s| &s.itl)?;
         self.histogram(e, "vllm:e2e_request_latency_seconds", "Arrival to end of a choice.", |s| &s.e2e)?;
@@ -203,9 +219,14 @@ impl Collector for EngineCollector {
 }
 
 /// Render the metrics text for one scrape.
-pub(crate) fn render(engines: &[Arc<EngineStats>], model_name: &str) -> Result<String, std::fmt::Error> {
+pub(crate) fn render(
+    engines: &[Arc<EngineStats>],
+    model_name: &str,
+    max_lora: usize,
+) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::default();
-    reg.register_collector(Box::new(EngineCollector { engines: engines.to_vec(), model_name: model_name.to_string() }));
+    let model_name = model_name.to_string();
+    reg.register_collector(Box::new(EngineCollector { engines: engines.to_vec(), model_name, max_lora }));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
     Ok(out)

@@ -20,12 +20,14 @@ pub struct ModelInfo {
     /// Criticality of requests naming a served name (`--criticality NAME=CLASS`), else `default_criticality`.
     pub criticality: HashMap<String, Criticality>,
     pub default_criticality: Criticality,
+    /// LoRA adapters served as model names (`--enable-lora`).
+    pub lora: Option<Arc<crate::LoraRegistry>>,
 }
 
 impl ModelInfo {
     /// Names only; every request Standard.
     pub fn new(served_names: Vec<String>, root: String) -> Self {
-        Self { served_names, root, criticality: HashMap::new(), default_criticality: Criticality::Standard }
+        Self { served_names, root, criticality: HashMap::new(), default_criticality: Criticality::Standard, lora: None }
     }
 }
 
@@ -208,12 +210,20 @@ impl AppState {
         self.inner.model.get().ok_or_else(|| ApiError::NotReady("the model is still loading".into()))
     }
 
-    /// Check the request's `model` against the served names.
+    /// Check the request's `model` against the served names and the LoRA adapters.
     pub(crate) fn check_name(&self, name: &str) -> Result<(), ApiError> {
-        if self.inner.info.served_names.iter().any(|n| n == name) {
-            Ok(())
-        } else {
-            Err(ApiError::ModelNotFound(name.to_string()))
+        self.lora_for(name).map(|_| ())
+    }
+
+    /// The adapter a request's `model` names (`None`: the base model), or a 404.
+    pub(crate) fn lora_for(&self, name: &str) -> Result<Option<tessera_engine::LoraRequest>, ApiError> {
+        let info = &self.inner.info;
+        if info.served_names.iter().any(|n| n == name) {
+            return Ok(None);
+        }
+        match info.lora.as_ref().and_then(|r| r.get(name)) {
+            Some(a) => Ok(Some(a.request())),
+            None => Err(ApiError::ModelNotFound(name.to_string())),
         }
     }
 }

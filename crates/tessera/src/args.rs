@@ -251,6 +251,23 @@ pub struct ServeArgs {
     /// addresses are trusted. Comma-separated; others get 403.
     #[arg(long, value_delimiter = ',', env = "TESSERA_TRUSTED_PREFILLERS")]
     pub trusted_prefillers: Vec<String>,
+    /// Serve LoRA adapters as model names (`--lora-modules`; `/v1/load_lora_adapter` when
+    /// VLLM_ALLOW_RUNTIME_LORA_UPDATING is true).
+    #[arg(long, env = "TESSERA_ENABLE_LORA")]
+    pub enable_lora: bool,
+    /// Adapters to serve: `name=path` or `{"name": …, "path": …}` (a PEFT directory or a model
+    /// URI); several after one flag, or the flag repeated.
+    #[arg(long, num_args = 1.., value_parser = crate::lora::parse_module)]
+    pub lora_modules: Vec<crate::lora::LoraModule>,
+    /// Most distinct adapters in one batch.
+    #[arg(long, default_value_t = 1, env = "TESSERA_MAX_LORAS")]
+    pub max_loras: usize,
+    /// Highest adapter rank accepted.
+    #[arg(long, default_value_t = 16, env = "TESSERA_MAX_LORA_RANK")]
+    pub max_lora_rank: usize,
+    /// Adapters kept loaded (least recently used dropped, loaded again when named); default --max-loras.
+    #[arg(long, env = "TESSERA_MAX_CPU_LORAS")]
+    pub max_cpu_loras: Option<usize>,
 }
 
 impl ServeArgs {

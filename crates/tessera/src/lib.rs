@@ -10,6 +10,7 @@ mod dp;
 mod embed;
 mod error;
 pub mod kv_transfer;
+pub mod lora;
 pub mod ranks;
 mod serve;
 mod sizing;

@@ -120,6 +120,7 @@ pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     }
     crate::dp::validate(a)?;
     crate::kv_transfer::validate(a)?;
+    crate::lora::validate(a)?;
     if a.pipeline_parallel_size == 0 {
         return bad("--pipeline-parallel-size must be at least 1".into());
     }
@@ -391,7 +392,9 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
                 PolicyArg::Fcfs => Policy::Fcfs,
                 PolicyArg::Priority => Policy::Priority,
             },
+            max_loras: a.max_loras,
         },
+        max_cpu_loras: crate::lora::resident(a),
         max_queued_requests: a.max_queued_requests,
         grammars: grammars(&tok, cfg.vocab_size),
     };
@@ -424,11 +427,15 @@ pub(crate) fn start_engines(a: &ServeArgs, count: usize) -> Result<LocalEngines,
 }
 
 /// Load the model and start its engines: every data-parallel replica of this pod, plus the
-/// replicas of other pods once they have joined. Blocking (run it off the runtime).
-pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
+/// replicas of other pods once they have joined; also the model's config (a generating
+/// model's). Blocking (run it off the runtime).
+pub fn load_model(a: &ServeArgs) -> Result<(ServedModel, Option<tessera_models::ModelConfig>), ServeError> {
     let path = model_path(a)?;
     if crate::embed::wanted(a, &path) {
-        return crate::embed::load(a, &path);
+        if a.enable_lora {
+            return Err(ServeError::Config("--enable-lora serves generating models, not embeddings".into()));
+        }
+        return Ok((crate::embed::load(a, &path)?, None));
     }
     // Bound first, so worker pods can join while this pod loads.
     let remote = crate::dp::listen(a)?;
@@ -441,7 +448,7 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
     }
     let template = chat_template(a.chat_template.as_deref(), &tok)?;
     let engine = engines.remove(0);
-    Ok(ServedModel {
+    let served = ServedModel {
         engine: Some(engine),
         replicas: engines,
         tokenizer: std::sync::Arc::new(tok.tokenizer),
@@ -455,7 +462,8 @@ pub fn load_model(a: &ServeArgs) -> Result<ServedModel, ServeError> {
         kv,
         tools: tessera_server::ToolSupport { auto: a.enable_auto_tool_choice, parser: a.tool_call_parser },
         embedder: None,
-    })
+    };
+    Ok((served, Some(cfg)))
 }
 
 /// Size the process's compute pool (once: later workers of the same process share it) and
@@ -494,6 +502,9 @@ pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
             None => info.default_criticality = c.class,
         }
     }
+    let model_cfg = Arc::new(std::sync::OnceLock::new());
+    info.lora = crate::lora::registry(&a, model_cfg.clone());
+    let lora = info.lora.clone();
     let state = AppState::new(info);
     let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await?;
     let addr = listener.local_addr()?;
@@ -515,9 +526,16 @@ pub async fn launch(a: ServeArgs) -> Result<Running, ServeError> {
         _ => return Err(ServeError::Config("--ssl-certfile and --ssl-keyfile go together".into())),
     };
     let args = a.clone();
-    let model = tokio::task::spawn_blocking(move || load_model(&args))
-        .await
-        .map_err(|e| ServeError::Config(format!("model loading task failed: {e}")))??;
+    let model = tokio::task::spawn_blocking(move || {
+        let (model, cfg) = load_model(&args)?;
+        if let (Some(cfg), Some(reg)) = (cfg, lora) {
+            let _ = model_cfg.set(cfg);
+            crate::lora::register_modules(&args, &reg)?;
+        }
+        Ok::<_, ServeError>(model)
+    })
+    .await
+    .map_err(|e| ServeError::Config(format!("model loading task failed: {e}")))??;
     state.attach(model);
     let shutdown_timeout = Duration::from_secs_f64(a.shutdown_timeout);
     Ok(Running { addr, state, shutdown_timeout, shutdown: Some(tx), server })

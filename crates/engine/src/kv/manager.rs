@@ -32,9 +32,12 @@ pub struct KvCacheManager {
     stats: PrefixStats,
 }
 
-fn chain_hash(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
+/// A block's hash: its tokens, the blocks before it and the cache namespace (`salt`: the
+/// LoRA adapter the keys/values were computed with, `None` for the base model).
+fn chain_hash(parent: Option<BlockHash>, salt: Option<u32>, tokens: &[u32]) -> BlockHash {
     let mut h = DefaultHasher::new();
     parent.hash(&mut h);
+    salt.hash(&mut h);
     tokens.hash(&mut h);
     h.finish()
 }
@@ -79,8 +82,8 @@ impl KvCacheManager {
     }
 
     /// The longest run of cached full blocks at the start of `tokens`, leaving at least one
-    /// token to compute (its logits are needed).
-    pub fn cached_prefix(&self, tokens: &[u32]) -> CachedPrefix {
+    /// token to compute (its logits are needed), computed in namespace `salt` (the adapter).
+    pub fn cached_prefix(&self, tokens: &[u32], salt: Option<u32>) -> CachedPrefix {
         let mut out = CachedPrefix::default();
         if !self.caching || tokens.is_empty() {
             return out;
@@ -88,7 +91,7 @@ impl KvCacheManager {
         let max_blocks = (tokens.len() - 1) / self.block_size;
         let mut parent = None;
         for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
-            let h = chain_hash(parent, chunk);
+            let h = chain_hash(parent, salt, chunk);
             match self.pool.lookup(h, chunk) {
                 Some(b) => {
                     out.blocks.push(b);
@@ -136,8 +139,9 @@ impl KvCacheManager {
         true
     }
 
-    /// Register the full blocks among the first `num_computed` tokens in the prefix cache.
-    pub fn cache_full_blocks(&mut self, seq: u64, tokens: &[u32], num_computed: usize) {
+    /// Register the full blocks among the first `num_computed` tokens in the prefix cache,
+    /// in namespace `salt` (the adapter they were computed with).
+    pub fn cache_full_blocks(&mut self, seq: u64, tokens: &[u32], num_computed: usize, salt: Option<u32>) {
         if !self.caching {
             return;
         }
@@ -148,7 +152,7 @@ impl KvCacheManager {
         while s.hashes.len() < full {
             let i = s.hashes.len();
             let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
-            let h = chain_hash(s.hashes.last().copied(), chunk);
+            let h = chain_hash(s.hashes.last().copied(), salt, chunk);
             self.pool.cache(s.blocks[i], h, chunk);
             s.hashes.push(h);
         }
@@ -228,8 +232,15 @@ mod tests {
         let mut m = KvCacheManager::new(8, 4, true);
         let prompt: Vec<u32> = (0..10).collect();
         assert!(m.allocate(1, 10, &CachedPrefix::default()));
-        m.cache_full_blocks(1, &prompt, 10);
-        let hit = m.cached_prefix(&prompt);
+        m.cache_full_blocks(1, &prompt, 10, None);
+        let hit = m.cached_prefix(&prompt, None);
+        // The same tokens computed under a LoRA adapter are another namespace, both ways.
+        assert!(m.cached_prefix(&prompt, Some(3)).blocks.is_empty(), "the base's blocks serve no adapter");
+        assert!(m.allocate(9, 10, &CachedPrefix::default()));
+        m.cache_full_blocks(9, &prompt, 10, Some(3));
+        assert_eq!(m.cached_prefix(&prompt, Some(3)).blocks.len(), 2, "the adapter finds its own blocks");
+        assert!(m.cached_prefix(&prompt, Some(4)).blocks.is_empty(), "and no other adapter does");
+        m.free(9);
         assert_eq!(hit.blocks, m.block_table(1)[..2].to_vec());
         // Still-running owner: the blocks are shared, not copied.
         assert!(m.allocate(2, 10, &hit));
@@ -241,11 +252,11 @@ mod tests {
         m.free(1);
         m.free(2);
         assert_eq!(m.num_free(), 8);
-        assert_eq!(m.cached_prefix(&prompt).blocks.len(), 2);
+        assert_eq!(m.cached_prefix(&prompt, None).blocks.len(), 2);
         // A prompt that differs in the first block finds nothing.
         let mut other = prompt.clone();
         other[0] = 99;
-        assert!(m.cached_prefix(&other).blocks.is_empty());
+        assert!(m.cached_prefix(&other, None).blocks.is_empty());
     }
 
     #[test]
@@ -253,8 +264,8 @@ mod tests {
         let mut m = KvCacheManager::new(8, 4, true);
         let prompt: Vec<u32> = (0..8).collect();
         assert!(m.allocate(1, 8, &CachedPrefix::default()));
-        m.cache_full_blocks(1, &prompt, 8);
-        assert_eq!(m.cached_prefix(&prompt).blocks.len(), 1);
+        m.cache_full_blocks(1, &prompt, 8, None);
+        assert_eq!(m.cached_prefix(&prompt, None).blocks.len(), 1);
     }
 
     #[test]
@@ -262,7 +273,7 @@ mod tests {
         let mut m = KvCacheManager::new(4, 4, true);
         let prompt: Vec<u32> = (0..10).collect();
         assert!(m.allocate(1, 10, &CachedPrefix::default()));
-        m.cache_full_blocks(1, &prompt, 10);
+        m.cache_full_blocks(1, &prompt, 10, None);
         let pinned = m.pin(1);
         assert_eq!((pinned.len(), m.num_pinned_blocks(), m.num_free()), (3, 3, 1));
         assert!(m.block_table(1).is_empty(), "the sequence itself is gone");
@@ -271,7 +282,7 @@ mod tests {
         assert!(m.allocate(2, 4, &CachedPrefix::default()));
         assert!(!pinned.contains(&m.block_table(2)[0]));
         // A prefix hit may still share a pinned, cached block read-only.
-        let hit = m.cached_prefix(&prompt);
+        let hit = m.cached_prefix(&prompt, None);
         assert_eq!(hit.blocks, pinned[..2].to_vec());
         m.free(2);
         let first = CachedPrefix { blocks: hit.blocks[..1].to_vec(), hashes: hit.hashes[..1].to_vec() };
@@ -290,7 +301,7 @@ mod tests {
         let mut m = KvCacheManager::new(8, 4, false);
         let prompt: Vec<u32> = (0..10).collect();
         assert!(m.allocate(1, 10, &CachedPrefix::default()));
-        m.cache_full_blocks(1, &prompt, 10);
-        assert!(m.cached_prefix(&prompt).blocks.is_empty());
+        m.cache_full_blocks(1, &prompt, 10, None);
+        assert!(m.cached_prefix(&prompt, None).blocks.is_empty());
     }
 }

@@ -7,6 +7,7 @@ fn sched(blocks: usize, bs: usize, max_seqs: usize, budget: usize) -> Scheduler 
             max_num_batched_tokens: budget,
             enable_chunked_prefill: true,
             policy: Policy::Fcfs,
+            max_loras: 1,
         },
         KvCacheManager::new(blocks, bs, true),
     )
@@ -71,6 +72,7 @@ fn chunked_prefill_off_waits_for_room() {
             max_num_batched_tokens: 16,
             enable_chunked_prefill: false,
             policy: Policy::Fcfs,
+            max_loras: 1,
         },
         KvCacheManager::new(64, 4, true),
     );
@@ -141,6 +143,7 @@ fn a_fork_shares_the_parents_prompt_blocks() {
             max_num_batched_tokens: 64,
             enable_chunked_prefill: true,
             policy: Policy::Fcfs,
+            max_loras: 1,
         },
         KvCacheManager::new(16, 4, false),
     );
@@ -161,7 +164,13 @@ fn a_fork_shares_the_parents_prompt_blocks() {
 
 fn prio_sched(max_seqs: usize, policy: Policy) -> Scheduler {
     Scheduler::new(
-        SchedulerConfig { max_num_seqs: max_seqs, max_num_batched_tokens: 64, enable_chunked_prefill: true, policy },
+        SchedulerConfig {
+            max_num_seqs: max_seqs,
+            max_num_batched_tokens: 64,
+            enable_chunked_prefill: true,
+            policy,
+            max_loras: 1,
+        },
         KvCacheManager::new(64, 4, true),
     )
 }
@@ -264,4 +273,24 @@ fn a_prompt_of_one_block_or_a_short_remote_list_is_computed_locally() {
     let out = run(&mut s);
     assert!(out.pulls.is_empty());
     assert_eq!(shape(&out), vec![(1, 1, true), (2, 10, true)]);
+}
+
+#[test]
+fn max_loras_holds_back_a_new_adapter_and_lets_the_base_and_running_adapters_pass() {
+    let mut s = sched(64, 4, 8, 256);
+    let on = |id: u64, lora: Option<u32>| Sequence { lora, ..seq(id, 6) };
+    s.add(on(1, Some(10)));
+    s.add(on(2, Some(20)));
+    s.add(on(3, None));
+    s.add(on(4, Some(10)));
+    let out = run(&mut s);
+    let ids: Vec<u64> = out.plan.seqs.iter().map(|x| x.seq_id).collect();
+    assert_eq!(ids, vec![1, 3, 4], "adapter 20 waits while adapter 10 fills the one slot");
+    assert_eq!(out.plan.seqs.iter().map(|x| x.lora).collect::<Vec<_>>(), vec![Some(10), None, Some(10)]);
+    assert_eq!(s.loras(), (vec![10], vec![20]));
+    s.remove(1);
+    s.remove(4);
+    let out = run(&mut s);
+    assert!(out.plan.seqs.iter().any(|x| x.seq_id == 2), "adapter 20 starts once adapter 10 is gone");
+    assert_eq!(s.loras(), (vec![20], vec![]));
 }

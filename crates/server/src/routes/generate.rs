@@ -59,8 +59,9 @@ pub(crate) fn submit(
     }
     let remote = super::disagg::leg(m, kv.0, &params, kv.1, prompt.len())?;
     let criticality = st.criticality(model_name);
+    let lora = st.lora_for(model_name)?;
     let engine = m.least_loaded().unwrap_or(engine);
-    Ok(engine.submit(EngineRequest { prompt, params, criticality, remote })?)
+    Ok(engine.submit(EngineRequest { prompt, params, criticality, remote, lora })?)
 }
 
 /// One choice's whole answer.

@@ -29,6 +29,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/embeddings", post(embeddings::handle))
         .route("/v1/models", get(models))
+        .route("/v1/load_lora_adapter", post(crate::lora::load))
+        .route("/v1/unload_lora_adapter", post(crate::lora::unload))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(health))
@@ -82,8 +84,18 @@ async fn models(State(st): State<AppState>) -> Json<ModelList> {
             created: st.created(),
             owned_by: "tessera",
             root: info.root.clone(),
+            parent: None,
             max_model_len,
         })
+        .chain(info.lora.iter().flat_map(|r| r.list()).map(|a| ModelCard {
+            id: a.name,
+            object: "model",
+            created: st.created(),
+            owned_by: "tessera",
+            root: a.source,
+            parent: info.served_names.first().cloned(),
+            max_model_len,
+        }))
         .collect();
     Json(ModelList { object: "list", data })
 }
@@ -94,7 +106,8 @@ async fn metrics(State(st): State<AppState>) -> Response {
     };
     let name = st.info().served_names.first().cloned().unwrap_or_default();
     let stats: Vec<_> = m.engines().map(|e| e.stats().clone()).collect();
-    match crate::metrics::render(&stats, &name) {
+    let max_lora = st.info().lora.as_ref().map_or(0, |r| r.max_loras);
+    match crate::metrics::render(&stats, &name, max_lora) {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
         Err(_) => ApiError::Internal("metrics encoding failed".into()).into_response(),
     }
