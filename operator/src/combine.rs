@@ -119,6 +119,9 @@ pub fn validate(spec: &LLMInferenceServiceSpec) -> Result<(), Error> {
         let bad = match name.as_str() {
             "" => Some("is empty"),
             "." | ".." => Some("is not a valid adapter name"),
+            n if n.contains(['/', ',', '=']) || n.chars().any(char::is_whitespace) => {
+                Some("may not contain '/', ',', '=' or spaces (it names a folder and a flag value)")
+            }
             n if n == model_name => Some("is the model's own name"),
             n if !seen.insert(n.to_string()) => Some("is used by two adapters"),
             _ => None,
@@ -128,6 +131,13 @@ pub fn validate(spec: &LLMInferenceServiceSpec) -> Result<(), Error> {
                 "spec.model.lora adapter name {name:?} {why}; adapter names must be unique"
             )));
         }
+    }
+    let adapters = spec.model.lora.iter().flat_map(|l| l.adapters.iter().flatten());
+    if let Some((i, a)) = adapters.enumerate().find(|(_, a)| a.uri.as_deref().is_none_or(str::is_empty)) {
+        return Err(Error::Invalid(format!(
+            "spec.model.lora.adapters[{i}] ({:?}) has no uri; set the adapter's storage URI",
+            a.name.clone().unwrap_or_default()
+        )));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //!
 //! Owns: the v1alpha1 API types and CRDs ([`api`]), presets and their merge ([`presets`],
 //! [`merge`], [`template`], [`combine`]), the child objects ([`desired`]: [`render`],
-//! [`parallelism`], [`multinode`], [`router`]; applied and cleaned up by [`children`]), conditions
+//! [`parallelism`], [`multinode`], [`router`], [`lora`]; applied and cleaned up by [`children`]), conditions
 //! ([`conditions`], [`routing_status`]) and the reconcile loop ([`controller`]). Must not touch: the worker's
 //! internals — it only renders pods that run `tessera serve` with vLLM-compatible flags.
 
@@ -15,6 +15,7 @@ pub mod controller;
 pub mod desired;
 mod error;
 pub mod kinds;
+pub mod lora;
 pub mod merge;
 pub mod multinode;
 pub mod names;

@@ -37,8 +37,13 @@ pub enum Storage {
 
 impl Storage {
     pub fn parse(uri: &str) -> Result<Self, Error> {
+        Self::parse_at(uri, "spec.model.uri")
+    }
+
+    /// [`Storage::parse`] of the URI at `field` (named in the errors).
+    pub fn parse_at(uri: &str, field: &str) -> Result<Self, Error> {
         let (scheme, rest) = uri.split_once("://").ok_or_else(|| {
-            Error::Invalid(format!("spec.model.uri {uri:?} has no scheme; use pvc://, hf://, s3://, gs://, oci:// …"))
+            Error::Invalid(format!("{field} {uri:?} has no scheme; use pvc://, hf://, s3://, gs://, oci:// …"))
         })?;
         match scheme {
             "pvc" => {
@@ -48,7 +53,7 @@ impl Storage {
                     None => (rest, None),
                 };
                 if claim.is_empty() {
-                    return Err(Error::Invalid(format!("spec.model.uri {uri:?} names no claim (pvc://<claim>/<path>)")));
+                    return Err(Error::Invalid(format!("{field} {uri:?} names no claim (pvc://<claim>/<path>)")));
                 }
                 Ok(Storage::Pvc { claim: claim.to_string(), path })
             }
@@ -57,7 +62,7 @@ impl Storage {
                 Ok(Storage::Download(uri.to_string()))
             }
             _ => Err(Error::Invalid(format!(
-                "spec.model.uri {uri:?}: unsupported scheme {scheme:?} (supported: pvc, hf, s3, gs, az, abfs, http, https, oci)"
+                "{field} {uri:?}: unsupported scheme {scheme:?} (supported: pvc, hf, s3, gs, az, abfs, http, https, oci)"
             ))),
         }
     }
@@ -152,16 +157,27 @@ fn main_labels(svc: &LLMInferenceService, spec: &LLMInferenceServiceSpec) -> BTr
     names::workload_labels(&svc.name_any(), main_role(spec))
 }
 
-/// `spec.model.criticality` → `TESSERA_CRITICALITY` on the `main` container (the worker sheds
-/// Sheddable work under saturation and lets Critical work preempt), unless the template sets it.
+/// `spec.model.criticality` and each LoRA adapter's → `TESSERA_CRITICALITY` on the `main`
+/// container (`Class` for the model, `name=Class` for an adapter, comma-separated: the worker
+/// sheds Sheddable work under saturation and lets Critical work preempt), unless the template
+/// sets it.
 fn add_criticality(pod: &mut PodSpec, spec: &LLMInferenceServiceSpec) {
-    let Some(c) = spec.model.criticality else { return };
-    let value = match c {
+    let class = |c: Criticality| match c {
         Criticality::Critical => "Critical",
         Criticality::Standard => "Standard",
         Criticality::Sheddable => "Sheddable",
     };
-    default_env(pod, EnvVar { name: CRITICALITY_ENV.into(), value: Some(value.into()), ..Default::default() });
+    let mut parts: Vec<String> = spec.model.criticality.map(class).into_iter().map(String::from).collect();
+    for a in spec.model.lora.iter().flat_map(|l| l.adapters.iter().flatten()) {
+        if let (Some(name), Some(c)) = (&a.name, a.criticality) {
+            parts.push(format!("{name}={}", class(c)));
+        }
+    }
+    if parts.is_empty() {
+        return;
+    }
+    let value = Some(parts.join(","));
+    default_env(pod, EnvVar { name: CRITICALITY_ENV.into(), value, ..Default::default() });
 }
 
 /// The worker's environment variable for `--criticality`.
@@ -266,6 +282,7 @@ pub(crate) fn prepare_pod(
     role: Role,
 ) -> Result<(), Error> {
     add_storage(pod, &spec.model.uri)?;
+    crate::lora::apply(pod, spec)?;
     add_criticality(pod, spec);
     if spec.prefill.is_some() {
         add_disaggregation(svc, pod, role);

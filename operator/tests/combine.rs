@@ -227,6 +227,13 @@ fn invalid_specs_are_refused_with_a_reason() {
         vec![base.clone()],
     );
     assert!(m.contains("two adapters"), "{m}");
+    let (_, m) = case(json!({"model": {"uri": "hf://a", "lora": {"adapters": [{"name": "x"}]}}}), vec![base.clone()]);
+    assert!(m.contains("adapters[0]") && m.contains("no uri"), "{m}");
+    let (_, m) = case(
+        json!({"model": {"uri": "hf://a", "lora": {"adapters": [{"name": "../x", "uri": "hf://l"}]}}}),
+        vec![base.clone()],
+    );
+    assert!(m.contains("\"../x\"") && m.contains("'/'"), "{m}");
     let nested = config("bad", json!({"baseRefs": [{"name": "other"}]}));
     let (_, m) = case(json!({"model": {"uri": "hf://a"}}), vec![nested]);
     assert!(m.contains("\"bad\"") && m.contains("baseRefs"), "{m}");

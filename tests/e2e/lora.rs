@@ -14,58 +14,10 @@ use candle_core::{DType, Device, Tensor};
 use tessera_loader::SafetensorsSource;
 use tessera_models::{Llama, ModelConfig, Shard, Weight, WeightSource};
 use tessera_runner::{LoraOp, StepPlan, Worker};
+use tessera_tests::adapters::{write_adapter, write_adapter_of_rank};
 use tessera_tests::steps::{max_diff, run_tp, step};
 use tessera_tests::tiny::{tiny_weights, write_hf, TinyShape};
 use tessera_tests::{client, metric, serve_args, smollm2_hf};
-
-const TARGETS: [(&str, &str); 7] = [
-    ("self_attn", "q_proj"),
-    ("self_attn", "k_proj"),
-    ("self_attn", "v_proj"),
-    ("self_attn", "o_proj"),
-    ("mlp", "gate_proj"),
-    ("mlp", "up_proj"),
-    ("mlp", "down_proj"),
-];
-const RANK: usize = 8;
-const ALPHA: f64 = 16.0;
-
-/// `[out, in]` of each target projection of a llama-family config.
-fn shapes(cfg: &ModelConfig) -> [[usize; 2]; 7] {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-    [[q, h], [kv, h], [kv, h], [h, q], [i, h], [i, h], [h, i]]
-}
-
-/// A random rank-8 PEFT adapter for `cfg` in `dir`; returns each target's `scale·B·A` by its
-/// base weight's name (what merging adds).
-fn write_adapter(dir: &Path, cfg: &ModelConfig, std: f32) -> HashMap<String, Tensor> {
-    write_adapter_of_rank(dir, cfg, std, RANK)
-}
-
-fn write_adapter_of_rank(dir: &Path, cfg: &ModelConfig, std: f32, rank: usize) -> HashMap<String, Tensor> {
-    std::fs::create_dir_all(dir).unwrap();
-    let (mut tensors, mut deltas) = (HashMap::new(), HashMap::new());
-    let scale = ALPHA / rank as f64;
-    for l in 0..cfg.num_layers {
-        for ((module, proj), [out, inp]) in TARGETS.iter().zip(shapes(cfg)) {
-            let p = format!("model.layers.{l}.{module}.{proj}");
-            let a = Tensor::randn(0f32, std, (rank, inp), &Device::Cpu).unwrap();
-            let b = Tensor::randn(0f32, std, (out, rank), &Device::Cpu).unwrap();
-            deltas.insert(format!("{p}.weight"), (b.matmul(&a).unwrap() * scale).unwrap());
-            tensors.insert(format!("base_model.model.{p}.lora_A.weight"), a);
-            tensors.insert(format!("base_model.model.{p}.lora_B.weight"), b);
-        }
-    }
-    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
-    let config = serde_json::json!({
-        "peft_type": "LORA", "r": rank, "lora_alpha": ALPHA, "bias": "none", "use_rslora": false,
-        "target_modules": TARGETS.iter().map(|t| t.1).collect::<Vec<_>>(), "modules_to_save": null,
-        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "task_type": "CAUSAL_LM"
-    });
-    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
-    deltas
-}
 
 /// The base weights with the adapter merged in.
 struct Merged<'a> {
@@ -314,8 +266,17 @@ async fn adapters_over_http_load_unload_metrics_and_prefix_cache_keys() {
     let body = serde_json::json!({"model": "a", "prompt": prompt, "max_tokens": 200, "temperature": 0,
         "ignore_eos": true, "stream": true});
     let mut stream = c.post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
-    let _first = stream.chunk().await.unwrap();
-    let m = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(stream.chunk().await.unwrap().is_some_and(|c| c.starts_with(b"data:")), "the stream started");
+    // The figures are published after each engine step: poll briefly (the request runs for
+    // 200 tokens, far longer).
+    let mut m = String::new();
+    for _ in 0..100 {
+        m = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        if lora_info(&m)["running_lora_adapters"] == "a" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let info = lora_info(&m);
     assert_eq!(info["running_lora_adapters"], "a", "{info:?}");
     assert_eq!(info["max_lora"], "2");

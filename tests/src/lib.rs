@@ -32,6 +32,7 @@ pub fn smollm2_hf() -> PathBuf {
     p
 }
 
+pub mod adapters;
 pub mod servers;
 pub mod steps;
 pub mod tiny;

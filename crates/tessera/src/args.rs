@@ -259,6 +259,11 @@ pub struct ServeArgs {
     /// URI); several after one flag, or the flag repeated.
     #[arg(long, num_args = 1.., value_parser = crate::lora::parse_module)]
     pub lora_modules: Vec<crate::lora::LoraModule>,
+    /// `TESSERA_LORA_MODULES`: more `name=path` entries, comma-separated (how the operator
+    /// passes adapters to a shell-form command).
+    #[arg(long = "lora-modules-list", hide = true, env = "TESSERA_LORA_MODULES", value_delimiter = ',',
+          value_parser = crate::lora::parse_module)]
+    pub lora_modules_env: Vec<crate::lora::LoraModule>,
     /// Most distinct adapters in one batch.
     #[arg(long, default_value_t = 1, env = "TESSERA_MAX_LORAS")]
     pub max_loras: usize,

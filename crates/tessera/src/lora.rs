@@ -38,6 +38,16 @@ pub fn parse_module(s: &str) -> Result<LoraModule, String> {
     }
 }
 
+/// Every adapter the flags name (`--lora-modules`, then `TESSERA_LORA_MODULES`).
+fn modules(a: &ServeArgs) -> impl Iterator<Item = &LoraModule> {
+    a.lora_modules.iter().chain(&a.lora_modules_env)
+}
+
+/// The names of the adapters the flags serve.
+pub(crate) fn module_names(a: &ServeArgs) -> Vec<String> {
+    modules(a).map(|m| m.name.clone()).collect()
+}
+
 /// Whether `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` are served (vLLM's switch).
 fn runtime_updates() -> bool {
     ["VLLM_ALLOW_RUNTIME_LORA_UPDATING", "TESSERA_ALLOW_RUNTIME_LORA_UPDATING"]
@@ -50,7 +60,7 @@ fn runtime_updates() -> bool {
 pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     let bad = |m: String| Err(ServeError::Config(m));
     if !a.enable_lora {
-        return match a.lora_modules.is_empty() {
+        return match modules(a).next().is_none() {
             true => Ok(()),
             false => bad("--lora-modules needs --enable-lora".into()),
         };
@@ -61,7 +71,7 @@ pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     if a.max_cpu_loras.is_some_and(|c| c < a.max_loras) {
         return bad(format!("--max-cpu-loras ({:?}) must be at least --max-loras ({})", a.max_cpu_loras, a.max_loras));
     }
-    let mut names: Vec<&str> = a.lora_modules.iter().map(|m| m.name.as_str()).collect();
+    let mut names: Vec<&str> = modules(a).map(|m| m.name.as_str()).collect();
     names.sort_unstable();
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
         return bad(format!("--lora-modules names `{}` twice", w[0]));
@@ -101,7 +111,7 @@ pub(crate) fn registry(a: &ServeArgs, cfg: Arc<OnceLock<ModelConfig>>) -> Option
 
 /// Register every `--lora-modules` entry (blocking); the first that does not fit fails start-up.
 pub(crate) fn register_modules(a: &ServeArgs, reg: &LoraRegistry) -> Result<(), ServeError> {
-    for m in &a.lora_modules {
+    for m in modules(a) {
         if a.served_model_name.contains(&m.name) {
             return Err(ServeError::Config(format!("--lora-modules: `{}` is the base model's name", m.name)));
         }

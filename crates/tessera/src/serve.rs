@@ -145,10 +145,14 @@ pub(crate) fn validate(a: &ServeArgs) -> Result<(), ServeError> {
     if a.threads == Some(0) {
         return bad("--threads must be at least 1".into());
     }
-    let names = served_names(a);
+    let mut names = served_names(a);
+    names.extend(crate::lora::module_names(a));
     for c in &a.criticality {
         if let Some(n) = c.name.as_ref().filter(|n| !names.contains(n)) {
-            return bad(format!("--criticality names `{n}`, which is not a served model name ({})", names.join(", ")));
+            return bad(format!(
+                "--criticality names `{n}`, which is not a served model name or LoRA adapter ({})",
+                names.join(", ")
+            ));
         }
     }
     Ok(())
