@@ -89,6 +89,7 @@ def run(args):
     lock = threading.Lock()
     res = {"ttft": [], "itl": [], "tokens": 0, "done": 0, "failed": 0, "errors": []}
     counter = iter(range(args.requests))
+    models = args.model.split(",")
     run_tag = time.time_ns() % 1_000_000_007
 
     def worker():
@@ -103,7 +104,8 @@ def run(args):
             if not args.repeat_prompts:
                 prompt = f"[{run_tag}-{i}] {prompt}"
             try:
-                t0, times, n = one(args.base, args.model, prompt, args.max_tokens)
+                model = models[i % len(models)]
+                t0, times, n = one(args.base, model, prompt, args.max_tokens)
             except Exception as e:  # noqa: BLE001 - reported, not hidden
                 with lock:
                     res["failed"] += 1
@@ -146,7 +148,7 @@ def prefill(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("base")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="model name; several comma-separated are used in turn")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)

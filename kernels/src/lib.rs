@@ -21,6 +21,7 @@ pub mod cuda;
 mod elementwise;
 mod error;
 mod isa;
+mod lora;
 mod math;
 mod matmul;
 mod out;
@@ -30,4 +31,5 @@ pub use attention::{paged_attention, write_cache_rows, AttnShape, KvElem, SeqSpa
 pub use elementwise::{add_rms_norm, silu_mul};
 pub use error::{KernelError, Result};
 pub use isa::Isa;
+pub use lora::{lora_add, LoraUpdate};
 pub use quant::{ActBlock, QMatrix, QType};

@@ -139,10 +139,38 @@ impl SharedInput {
 
     /// Each projection of `x`, in the order given to [`SharedInput::new`] (contiguous).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        self.forward_lora(x, &[], 0, &[])
+    }
+
+    /// [`SharedInput::forward`] plus the LoRA deltas of `groups` for layer `layer`, projection
+    /// `i` being `targets[i]` (added to the fused output before it is split).
+    pub(crate) fn forward_lora(
+        &self,
+        x: &Tensor,
+        groups: &[LoraRows],
+        layer: usize,
+        targets: &[Target],
+    ) -> Result<Vec<Tensor>> {
         match self {
-            SharedInput::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            SharedInput::Separate(parts) => parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| match (groups.is_empty(), targets.get(i)) {
+                    (false, Some(&t)) => add_lora(p.forward(x)?, x, groups, layer, &[(t, 0)]),
+                    _ => p.forward(x),
+                })
+                .collect(),
             SharedInput::Fused { w, widths } => {
-                let y = w.forward(x)?;
+                let mut y = w.forward(x)?;
+                if !groups.is_empty() {
+                    let offsets = widths.iter().scan(0, |at, &n| {
+                        let o = *at;
+                        *at += n;
+                        Some(o)
+                    });
+                    let parts: Vec<(Target, usize)> = targets.iter().copied().zip(offsets).collect();
+                    y = add_lora(y, x, groups, layer, &parts)?;
+                }
                 let last = y.rank() - 1;
                 let mut at = 0;
                 widths
@@ -335,14 +363,31 @@ impl GatedMlp {
         self.down.forward(&(g.silu()? * u)?)
     }
 
-    /// [`GatedMlp::forward`] with the LoRA deltas of layer `layer` for the rows of `groups`.
-    pub(crate) fn forward_lora(&self, x: &Tensor, groups: &[LoraRows], layer: usize) -> Result<Tensor> {
-        let [g, u]: [Tensor; 2] =
-            self.gate_up.forward(x)?.try_into().map_err(|_| ModelError::Config("gate/up projection count".into()))?;
-        let g = add_lora(g, x, groups, layer, Target::Gate)?;
-        let u = add_lora(u, x, groups, layer, Target::Up)?;
-        let act = (g.silu()? * u)?;
-        add_lora(self.down.forward(&act)?, &act, groups, layer, Target::Down)
+    /// [`GatedMlp::forward`] with the LoRA deltas of layer `layer` for the rows of `groups`
+    /// (added to the fused gate/up output, so the fused silu·mul still runs).
+    pub(crate) fn forward_lora(
+        &self,
+        kernels: &Kernels,
+        x: &Tensor,
+        groups: &[LoraRows],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let act = match &self.gate_up {
+            SharedInput::Fused { w, widths } if widths.len() == 2 && widths[0] == widths[1] => {
+                let g = widths[0];
+                let gu = add_lora(w.forward(x)?, x, groups, layer, &[(Target::Gate, 0), (Target::Up, g)])?;
+                kernels.silu_mul(&gu, g)?
+            }
+            _ => {
+                let [g, u]: [Tensor; 2] = self
+                    .gate_up
+                    .forward_lora(x, groups, layer, &[Target::Gate, Target::Up])?
+                    .try_into()
+                    .map_err(|_| ModelError::Config("gate/up projection count".into()))?;
+                (g.silu()? * u)?
+            }
+        };
+        add_lora(self.down.forward(&act)?, &act, groups, layer, &[(Target::Down, 0)])
     }
 }
 

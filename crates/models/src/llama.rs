@@ -309,18 +309,13 @@ impl Llama {
             None => x.clone(),
         };
         for (i, b) in self.blocks.iter().enumerate() {
-            let [q, k, v]: [Tensor; 3] =
-                b.attn.qkv.forward(&h)?.try_into().map_err(|_| ModelError::Config("q/k/v count".into()))?;
             let lora = &input.lora;
-            let (q, k, v) = if lora.is_empty() {
-                (q, k, v)
-            } else {
-                (
-                    add_lora(q, &h, lora, i, Target::Q)?,
-                    add_lora(k, &h, lora, i, Target::K)?,
-                    add_lora(v, &h, lora, i, Target::V)?,
-                )
-            };
+            let [q, k, v]: [Tensor; 3] = b
+                .attn
+                .qkv
+                .forward_lora(&h, lora, i, &[Target::Q, Target::K, Target::V])?
+                .try_into()
+                .map_err(|_| ModelError::Config("q/k/v count".into()))?;
             let q = q.reshape((t, nh, hd))?;
             let k = k.reshape((t, nkv, hd))?;
             let v = v.reshape((t, nkv, hd))?;
@@ -333,10 +328,10 @@ impl Llama {
             k_.cache_write(kc, vc, &k, &v, &step)?;
             let a = k_.paged_attention(&q, kc, vc, &step)?;
             let o = b.attn.o.forward(&a)?;
-            let o = if lora.is_empty() { o } else { add_lora(o, &a.flatten_from(1)?, lora, i, Target::O)? };
+            let o = if lora.is_empty() { o } else { add_lora(o, &a, lora, i, &[(Target::O, 0)])? };
             let (x1, h1) = b.mlp_norm.add_forward(k_, &x, &self.tp.all_reduce(&o)?)?;
             let m = match &b.mlp {
-                Mlp::Dense(d) if adapts_mlp(lora, i) => self.tp.all_reduce(&d.forward_lora(&h1, lora, i)?)?,
+                Mlp::Dense(d) if adapts_mlp(lora, i) => self.tp.all_reduce(&d.forward_lora(k_, &h1, lora, i)?)?,
                 Mlp::Dense(d) => self.tp.all_reduce(&d.forward(k_, &h1)?)?,
                 Mlp::Moe(moe) => moe.forward(k_, &h1, &self.tp)?,
             };

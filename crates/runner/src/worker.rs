@@ -161,7 +161,7 @@ impl Worker {
                         .get(&id)
                         .cloned()
                         .ok_or_else(|| RunnerError::Plan(format!("LoRA adapter {id} is not loaded")))?;
-                    Ok(LoraRows { adapter, rows: Tensor::new(rows.as_slice(), dev)? })
+                    Ok(LoraRows::new(adapter, rows, dev)?)
                 })
                 .collect::<Result<_>>()?,
         })
