@@ -10,7 +10,7 @@ use half::f16;
 use tessera_kernels::{paged_attention, AttnShape, Isa, SeqSpan};
 
 fn attention(c: &mut Criterion) {
-    let shape = AttnShape { heads: 9, kv_heads: 3, head_dim: 64, block_size: 16 };
+    let shape = AttnShape { heads: 9, kv_heads: 3, head_dim: 64, block_size: 16, window: 0 };
     let (seqs, block) = (32usize, 16usize);
     let mut g = c.benchmark_group("paged_attention");
     g.sample_size(10).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));

@@ -53,6 +53,8 @@ pub struct AttnShape {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
+    /// Sliding window: a query sees only the last `window` positions up to its own (0: all).
+    pub window: usize,
 }
 
 /// A KV cache element type.
@@ -179,21 +181,23 @@ fn dot<const X: bool>(a: &[f32], b: &[f32]) -> f32 {
 /// threads); a decode step's few query heads are one tile.
 const TILES_PER_ITEM: usize = 4;
 
-/// The online-softmax update of one query vector's chunk of scores `r` (the first `valid`
-/// are real): scores become weights, and `(m, l)` the running maximum and sum. Returns the
+/// The online-softmax update of one query vector's chunk of scores `r` (those in
+/// `first..valid` are real: before `first` lies outside a sliding window, from `valid` on after
+/// the query): scores become weights, and `(m, l)` the running maximum and sum. Returns the
 /// factor the accumulated output must be scaled by.
 #[inline(always)]
-fn softmax_chunk<const X: bool>(r: &mut [f32], valid: usize, m: &mut f32, l: &mut f32) -> f32 {
-    if valid == 0 {
+fn softmax_chunk<const X: bool>(r: &mut [f32], first: usize, valid: usize, m: &mut f32, l: &mut f32) -> f32 {
+    if first >= valid {
         r.fill(0.0);
         return 1.0;
     }
-    let cmax = r[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let cmax = r[first..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mnew = m.max(cmax);
     let corr = if *m == f32::NEG_INFINITY { 0.0 } else { (*m - mnew).exp() };
-    for x in r[..valid].iter_mut() {
+    for x in r[first..valid].iter_mut() {
         *x = exp_neg::<X>(*x - mnew);
     }
+    r[..first].fill(0.0);
     r[valid..].fill(0.0);
     // Eight partial sums (vectorises; a single running sum would not).
     let mut part = [0f32; 8];
@@ -238,16 +242,18 @@ fn pair_at(s: &SeqSpan, shape: AttnShape, kvh: usize, pair: usize) -> (usize, us
     (i, (s.q_start + i) * shape.heads * d + (kvh * g + hh) * d)
 }
 
-/// Put query vector `pair`, scaled by 1/√d, into `qb`; returns its causal limit (how many
-/// context positions it sees).
+/// Put query vector `pair`, scaled by 1/√d, into `qb`; returns the context positions it
+/// sees, `lo..lim` (causal, and within the sliding window if any).
 #[inline(always)]
-fn start_query(q: &[f32], s: &SeqSpan, shape: AttnShape, kvh: usize, pair: usize, qb: &mut [f32]) -> usize {
+fn start_query(q: &[f32], s: &SeqSpan, shape: AttnShape, kvh: usize, pair: usize, qb: &mut [f32]) -> (usize, usize) {
     let (i, at) = pair_at(s, shape, kvh, pair);
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     for (dst, src) in qb.iter_mut().zip(&q[at..at + shape.head_dim]) {
         *dst = src * scale;
     }
-    s.ctx - s.q_len + i + 1
+    let lim = s.ctx - s.q_len + i + 1;
+    let lo = if shape.window == 0 { 0 } else { lim.saturating_sub(shape.window) };
+    (lo, lim)
 }
 
 /// Write query vector `pair`'s output: its accumulated values over the softmax sum `l`.
@@ -294,6 +300,7 @@ fn task_d<E: KvElem, const D: usize, const X: bool>(
     let mut sc = [[0f32; CHUNK]; TILE];
     let mut row = [0f32; D];
     let (mut m, mut l, mut lim) = ([f32::NEG_INFINITY; TILE], [0f32; TILE], [0usize; TILE]);
+    let mut lo = [0usize; TILE];
     for t in tiles {
         let t0 = t * TILE;
         if t0 >= pairs {
@@ -301,15 +308,16 @@ fn task_d<E: KvElem, const D: usize, const X: bool>(
         }
         let tn = (pairs - t0).min(TILE);
         for p in 0..tn {
-            lim[p] = start_query(q, s, shape, kvh, t0 + p, &mut qb[p]);
+            (lo[p], lim[p]) = start_query(q, s, shape, kvh, t0 + p, &mut qb[p]);
             m[p] = f32::NEG_INFINITY;
             l[p] = 0.0;
             acc[p] = [0.0; D];
         }
         let jmax = lim[..tn].iter().copied().max().unwrap_or(0);
+        let jmin = lo[..tn].iter().copied().min().unwrap_or(0);
         let transpose = tn >= TRANSPOSE_FROM;
         let mut slot = [0usize; CHUNK];
-        for j0 in (0..jmax).step_by(CHUNK) {
+        for j0 in (jmin..jmax).step_by(CHUNK) {
             let jn = (jmax - j0).min(CHUNK);
             s.slots(shape.block_size, j0, jn, &mut slot);
             for jj in 0..jn {
@@ -355,7 +363,8 @@ fn task_d<E: KvElem, const D: usize, const X: bool>(
                     }
                 }
                 let valid = lim[p].saturating_sub(j0).min(jn);
-                let corr = softmax_chunk::<X>(&mut sc[p][..jn], valid, &mut m[p], &mut l[p]);
+                let first = lo[p].saturating_sub(j0).min(jn);
+                let corr = softmax_chunk::<X>(&mut sc[p][..jn], first, valid, &mut m[p], &mut l[p]);
                 let mut a = acc[p];
                 if corr != 1.0 {
                     a.iter_mut().for_each(|x| *x *= corr);
@@ -393,6 +402,7 @@ fn task_any<E: KvElem>(
     let mut sc = vec![0f32; TILE * CHUNK];
     let mut row = vec![0f32; d];
     let (mut m, mut l, mut lim) = ([f32::NEG_INFINITY; TILE], [0f32; TILE], [0usize; TILE]);
+    let mut lo = [0usize; TILE];
     for t in tiles {
         let t0 = t * TILE;
         if t0 >= pairs {
@@ -400,14 +410,15 @@ fn task_any<E: KvElem>(
         }
         let tn = (pairs - t0).min(TILE);
         for p in 0..tn {
-            lim[p] = start_query(q, s, shape, kvh, t0 + p, &mut qb[p * d..(p + 1) * d]);
+            (lo[p], lim[p]) = start_query(q, s, shape, kvh, t0 + p, &mut qb[p * d..(p + 1) * d]);
             m[p] = f32::NEG_INFINITY;
             l[p] = 0.0;
             acc[p * d..(p + 1) * d].fill(0.0);
         }
         let jmax = lim[..tn].iter().copied().max().unwrap_or(0);
+        let jmin = lo[..tn].iter().copied().min().unwrap_or(0);
         let mut slot = [0usize; CHUNK];
-        for j0 in (0..jmax).step_by(CHUNK) {
+        for j0 in (jmin..jmax).step_by(CHUNK) {
             let jn = (jmax - j0).min(CHUNK);
             s.slots(shape.block_size, j0, jn, &mut slot);
             for jj in 0..jn {
@@ -419,7 +430,9 @@ fn task_any<E: KvElem>(
             }
             for p in 0..tn {
                 let valid = lim[p].saturating_sub(j0).min(jn);
-                let corr = softmax_chunk::<false>(&mut sc[p * CHUNK..p * CHUNK + jn], valid, &mut m[p], &mut l[p]);
+                let first = lo[p].saturating_sub(j0).min(jn);
+                let corr =
+                    softmax_chunk::<false>(&mut sc[p * CHUNK..p * CHUNK + jn], first, valid, &mut m[p], &mut l[p]);
                 if corr != 1.0 {
                     acc[p * d..(p + 1) * d].iter_mut().for_each(|a| *a *= corr);
                 }
@@ -460,6 +473,7 @@ fn task<E: KvElem, const X: bool>(
     match shape.head_dim {
         64 => task_d::<E, 64, X>(q, k, v, s, kvh, shape, tiles, out, scratch),
         128 => task_d::<E, 128, X>(q, k, v, s, kvh, shape, tiles, out, scratch),
+        256 => task_d::<E, 256, X>(q, k, v, s, kvh, shape, tiles, out, scratch),
         _ => task_any(q, k, v, s, kvh, shape, tiles, out),
     }
 }
@@ -493,7 +507,7 @@ pub fn paged_attention<E: KvElem>(
     shape: AttnShape,
     out: &mut [f32],
 ) -> Result<()> {
-    let AttnShape { heads, kv_heads, head_dim, block_size } = shape;
+    let AttnShape { heads, kv_heads, head_dim, block_size, .. } = shape;
     if kv_heads == 0
         || block_size == 0
         || !heads.is_multiple_of(kv_heads)

@@ -28,7 +28,7 @@ mod out;
 pub mod quant;
 
 pub use attention::{paged_attention, write_cache_rows, AttnShape, KvElem, SeqSpan};
-pub use elementwise::{add_rms_norm, silu_mul};
+pub use elementwise::{add_rms_norm, gelu_mul_ggml, silu_mul};
 pub use error::{KernelError, Result};
 pub use isa::Isa;
 pub use lora::{lora_add, LoraUpdate};

@@ -54,8 +54,9 @@ fn md_f64(c: &Content, key: &str, path: &Path) -> Result<Option<f64>> {
     }
 }
 
-/// Map a Hugging Face tensor name to its GGUF name.
-fn gguf_name(hf: &str) -> Option<String> {
+/// Map a Hugging Face tensor name to its GGUF name in a file of architecture `arch`
+/// (Gemma 3's MLP input norm is `ffn_norm`, where llama's is its `post_attention_layernorm`).
+fn gguf_name(hf: &str, arch: &str) -> Option<String> {
     let direct = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "lm_head.weight" => Some("output.weight"),
@@ -68,8 +69,14 @@ fn gguf_name(hf: &str) -> Option<String> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
+    let gemma = arch == "gemma3";
     let g = match module {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if gemma => "post_attention_norm",
+        "pre_feedforward_layernorm" if gemma => "ffn_norm",
+        "post_feedforward_layernorm" if gemma => "post_ffw_norm",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
@@ -104,6 +111,26 @@ fn unpermute_rows(q: &QTensor, n_head: usize) -> candle_core::Result<QTensor> {
     QTensor::new(QStorage::from_data(Cow::Owned(out), &q.device(), q.dtype())?, dims)
 }
 
+/// Gemma 3's features as llama.cpp reads them: GELU-tanh (with ggml's f16 rounding, as
+/// llama.cpp computes it for this file), scaled embeddings, sandwich norms
+/// (weights already offset by the converter), sliding window every layer but each 6th, local
+/// rotary base 10 000, attention scale `1/sqrt(head_dim)`.
+fn style(c: &Content, arch: &str, path: &Path) -> Result<tessera_models::DecoderStyle> {
+    if arch != "gemma3" {
+        return Ok(Default::default());
+    }
+    let window = md_usize(c, "gemma3.attention.sliding_window", path).ok();
+    Ok(tessera_models::DecoderStyle {
+        activation: tessera_models::Activation::GeluTanhGgml,
+        scale_embeddings: true,
+        sandwich_norms: true,
+        norm_offset: false,
+        sliding_window: window.map(|w| (w, 6)),
+        rope_local_theta: Some(10_000.0),
+        query_pre_attn_scalar: None,
+    })
+}
+
 impl GgufSource {
     pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let f = File::open(path).map_err(|e| LoadError::io(path, e))?;
@@ -116,9 +143,10 @@ impl GgufSource {
         let architecture = match arch.as_str() {
             "llama" => "LlamaForCausalLM",
             "qwen2" => "Qwen2ForCausalLM",
+            "gemma3" => "Gemma3ForCausalLM",
             other => {
                 return Err(LoadError::Format(format!(
-                    "{}: unsupported GGUF architecture `{other}` (supported: llama, qwen2)",
+                    "{}: unsupported GGUF architecture `{other}` (supported: llama, qwen2, gemma3)",
                     path.display()
                 )))
             }
@@ -127,7 +155,9 @@ impl GgufSource {
         let hidden = md_usize(&content, &k("embedding_length"), path)?;
         let heads = md_usize(&content, &k("attention.head_count"), path)?;
         let kv_heads = md_usize(&content, &k("attention.head_count_kv"), path).unwrap_or(heads);
-        let head_dim = md_usize(&content, &k("rope.dimension_count"), path).unwrap_or(hidden / heads.max(1));
+        let head_dim = md_usize(&content, &k("rope.dimension_count"), path)
+            .or_else(|_| md_usize(&content, &k("attention.key_length"), path))
+            .unwrap_or(hidden / heads.max(1));
         let vocab = match md_usize(&content, &k("vocab_size"), path) {
             Ok(v) => v,
             Err(_) => md(&content, "tokenizer.ggml.tokens", path)?
@@ -157,6 +187,7 @@ impl GgufSource {
                 .map(|x| vec![x as u32])
                 .unwrap_or_default(),
             moe: None,
+            style: style(&content, &arch, path)?,
         };
         config.validate().map_err(|e| LoadError::Format(format!("{}: {e}", path.display())))?;
         Ok(Self { path: path.to_path_buf(), content, config, arch, dtype, device: device.clone(), hf_order: false })
@@ -204,7 +235,7 @@ impl GgufSource {
 
 impl WeightSource for GgufSource {
     fn get(&self, name: &str) -> tessera_models::Result<Weight> {
-        let g = gguf_name(name)
+        let g = gguf_name(name, &self.arch)
             .filter(|g| self.content.tensor_infos.contains_key(g))
             .ok_or_else(|| ModelError::MissingWeight(format!("{name} (in {})", self.path.display())))?;
         let q = if self.hf_order { self.qtensor_hf_order(&g) } else { self.qtensor(&g) }
@@ -220,7 +251,7 @@ impl WeightSource for GgufSource {
     }
 
     fn contains(&self, name: &str) -> bool {
-        gguf_name(name).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
+        gguf_name(name, &self.arch).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
     }
 
     /// Reads only the shard's quantization blocks from the file: whole rows for `dim` 0, a
@@ -237,7 +268,7 @@ impl WeightSource for GgufSource {
 
 impl GgufSource {
     fn read_shard(&self, name: &str, full: &[usize], shard: Shard) -> Result<Option<Weight>> {
-        let Some(g) = gguf_name(name) else { return Ok(None) };
+        let Some(g) = gguf_name(name, &self.arch) else { return Ok(None) };
         let Some(info) = self.content.tensor_infos.get(&g) else { return Ok(None) };
         let (dt, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
         let float = matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
@@ -288,10 +319,25 @@ mod tests {
 
     #[test]
     fn names_map_both_ways_we_need() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").as_deref(), Some("blk.3.attn_q.weight"));
-        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(), Some("blk.12.ffn_down.weight"));
-        assert_eq!(gguf_name("model.norm.weight").as_deref(), Some("output_norm.weight"));
-        assert_eq!(gguf_name("model.layers.x"), None);
+        let g = |n: &str, arch: &str| gguf_name(n, arch);
+        assert_eq!(g("model.layers.3.self_attn.q_proj.weight", "llama").as_deref(), Some("blk.3.attn_q.weight"));
+        assert_eq!(g("model.layers.12.mlp.down_proj.weight", "llama").as_deref(), Some("blk.12.ffn_down.weight"));
+        assert_eq!(g("model.norm.weight", "llama").as_deref(), Some("output_norm.weight"));
+        assert_eq!(g("model.layers.x", "llama"), None);
+        // The MLP's input norm: llama's post_attention_layernorm, Gemma 3's pre_feedforward_layernorm.
+        assert_eq!(
+            g("model.layers.0.post_attention_layernorm.weight", "llama").as_deref(),
+            Some("blk.0.ffn_norm.weight")
+        );
+        assert_eq!(
+            g("model.layers.0.pre_feedforward_layernorm.weight", "gemma3").as_deref(),
+            Some("blk.0.ffn_norm.weight")
+        );
+        assert_eq!(
+            g("model.layers.0.post_attention_layernorm.weight", "gemma3").as_deref(),
+            Some("blk.0.post_attention_norm.weight")
+        );
+        assert_eq!(g("model.layers.1.self_attn.k_norm.weight", "gemma3").as_deref(), Some("blk.1.attn_k_norm.weight"));
     }
 
     /// Permuting like llama.cpp's converter and then un-permuting gives back the rows.

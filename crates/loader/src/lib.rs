@@ -15,6 +15,7 @@ mod gguf;
 mod header;
 mod hf;
 mod peft;
+mod spm;
 mod tokenizer;
 
 use std::path::{Path, PathBuf};

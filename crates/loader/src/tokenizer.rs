@@ -124,23 +124,79 @@ impl TokenizerBundle {
         Ok(Self { tokenizer, chat_template, bos_token, eos_token, eos_token_ids: eos_ids, defaults })
     }
 
-    /// Build a byte-level BPE tokenizer from GGUF metadata (`tokenizer.ggml.model = gpt2`).
+    /// Build the tokenizer GGUF metadata describes: byte-level BPE (`tokenizer.ggml.model =
+    /// gpt2`) or SentencePiece BPE (`llama`).
     pub fn from_gguf(c: &Content, file: &Path) -> Result<Self> {
         let model =
             c.metadata.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok().cloned()).unwrap_or_default();
-        if model != "gpt2" {
-            return Err(LoadError::Format(format!(
-                "{}: GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); \
-                 serve a Hugging Face directory with tokenizer.json instead",
-                file.display()
-            )));
-        }
         let tokens = gguf_strings(c, "tokenizer.ggml.tokens", file)?;
-        let merges = gguf_strings(c, "tokenizer.ggml.merges", file)?;
         let types: Vec<i32> = match c.metadata.get("tokenizer.ggml.token_type") {
             Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
             _ => vec![],
         };
+        let mut tokenizer = match model.as_str() {
+            "gpt2" => Self::byte_level(c, file, &tokens)?,
+            "llama" => {
+                let scores: Vec<f32> = match c.metadata.get("tokenizer.ggml.scores") {
+                    Some(Value::Array(a)) => a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+                    _ => vec![],
+                };
+                let unk = gguf_u32(c, "tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize));
+                let prefix =
+                    c.metadata.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+                crate::spm::build(&tokens, &scores, &types, unk.map(String::as_str), prefix)
+                    .map_err(|e| gguf_err(file, "tokenizer.ggml.tokens", e))?
+            }
+            other => {
+                return Err(LoadError::Format(format!(
+                    "{}: GGUF tokenizer model `{other}` is not supported (byte-level BPE `gpt2`, SentencePiece \
+                     `llama`); serve a Hugging Face directory with tokenizer.json instead",
+                    file.display()
+                )))
+            }
+        };
+        // Control (3) and user-defined (4) tokens are matched whole in text, like llama.cpp
+        // does with special-token parsing on.
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter())
+            .filter(|(_, t)| **t == 3 || **t == 4)
+            .map(|(s, t)| AddedToken::from(s.clone(), *t == 3))
+            .collect();
+        tokenizer
+            .add_special_tokens(specials)
+            .map_err(|e| gguf_err(file, "tokenizer.ggml.tokens", format!("special tokens: {e}")))?;
+        let bos_id = gguf_u32(c, "tokenizer.ggml.bos_token_id");
+        let eos_id = gguf_u32(c, "tokenizer.ggml.eos_token_id");
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+        let (bos_token, eos_token) = (name(bos_id), name(eos_id));
+        let add_bos = c.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        if let (true, Some(b), Some(id)) = (add_bos, bos_token.as_ref(), bos_id) {
+            let tp = TemplateProcessing::builder()
+                .try_single(format!("{b}:0 $A:0"))
+                .and_then(|t| t.special_tokens(vec![(b.clone(), id)]).build().map_err(|e| e.to_string()))
+                .map_err(|e| gguf_err(file, "tokenizer.ggml.add_bos_token", e))?;
+            tokenizer.with_post_processor(Some(tp));
+        }
+        let mut eos_token_ids: Vec<u32> = eos_id.into_iter().collect();
+        if let Some(e) = gguf_u32(c, "tokenizer.ggml.eot_token_id") {
+            eos_token_ids.push(e);
+        }
+        eos_token_ids.sort_unstable();
+        eos_token_ids.dedup();
+        Ok(Self {
+            tokenizer,
+            chat_template: c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned()),
+            bos_token,
+            eos_token,
+            eos_token_ids,
+            defaults: GenerationDefaults::default(),
+        })
+    }
+
+    /// The byte-level BPE of a `gpt2` GGUF vocabulary (its merges and pre-tokenizer).
+    fn byte_level(c: &Content, file: &Path, tokens: &[String]) -> Result<Tokenizer> {
+        let merges = gguf_strings(c, "tokenizer.ggml.merges", file)?;
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges: Merges = merges
             .iter()
@@ -191,43 +247,7 @@ impl TokenizerBundle {
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(pre_tok)));
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control (3) and user-defined (4) tokens are matched whole in text, like llama.cpp
-        // does with special-token parsing on.
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter())
-            .filter(|(_, t)| **t == 3 || **t == 4)
-            .map(|(s, t)| AddedToken::from(s.clone(), *t == 3))
-            .collect();
-        tokenizer
-            .add_special_tokens(specials)
-            .map_err(|e| gguf_err(file, "tokenizer.ggml.tokens", format!("special tokens: {e}")))?;
-        let bos_id = gguf_u32(c, "tokenizer.ggml.bos_token_id");
-        let eos_id = gguf_u32(c, "tokenizer.ggml.eos_token_id");
-        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
-        let (bos_token, eos_token) = (name(bos_id), name(eos_id));
-        let add_bos = c.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
-        if let (true, Some(b), Some(id)) = (add_bos, bos_token.as_ref(), bos_id) {
-            let tp = TemplateProcessing::builder()
-                .try_single(format!("{b}:0 $A:0"))
-                .and_then(|t| t.special_tokens(vec![(b.clone(), id)]).build().map_err(|e| e.to_string()))
-                .map_err(|e| gguf_err(file, "tokenizer.ggml.add_bos_token", e))?;
-            tokenizer.with_post_processor(Some(tp));
-        }
-        let mut eos_token_ids: Vec<u32> = eos_id.into_iter().collect();
-        if let Some(e) = gguf_u32(c, "tokenizer.ggml.eot_token_id") {
-            eos_token_ids.push(e);
-        }
-        eos_token_ids.sort_unstable();
-        eos_token_ids.dedup();
-        Ok(Self {
-            tokenizer,
-            chat_template: c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned()),
-            bos_token,
-            eos_token,
-            eos_token_ids,
-            defaults: GenerationDefaults::default(),
-        })
+        Ok(tokenizer)
     }
 
     /// Write `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` into `dir`.

@@ -45,11 +45,20 @@ pub struct AttentionMetadata {
     pub seqs: Vec<SeqAttention>,
 }
 
-/// Causal mask for `q_len` queries at the end of a `ctx`-long context: `[q_len, ctx]`.
-pub(crate) fn causal_mask(q_len: usize, ctx: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+/// Causal mask for `q_len` queries at the end of a `ctx`-long context, each seeing at most
+/// its last `window` positions when given: `[q_len, ctx]`.
+pub(crate) fn causal_mask(
+    q_len: usize,
+    ctx: usize,
+    window: Option<usize>,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
     let offset = ctx - q_len;
+    let w = window.unwrap_or(usize::MAX);
+    let seen = move |i: usize, j: usize| j <= offset + i && offset + i - j < w;
     let mask: Vec<f32> =
-        (0..q_len).flat_map(|i| (0..ctx).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        (0..q_len).flat_map(|i| (0..ctx).map(move |j| if seen(i, j) { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Tensor::from_vec(mask, (q_len, ctx), dev)?.to_dtype(dtype)?)
 }
 

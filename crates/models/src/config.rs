@@ -42,8 +42,43 @@ pub struct ModelConfig {
     /// Mixture of experts: the sparse layers' MLP is `experts` gated MLPs, `top_k` chosen
     /// per token by a router (see [`ModelConfig::moe_at`] for which layers are sparse).
     pub moe: Option<MoeConfig>,
+    /// What sets the decoder apart from the plain llama layout (Gemma 3's features).
+    pub style: DecoderStyle,
 }
 
+/// The gated MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`), in f32.
+    GeluTanh,
+    /// The same as ggml computes it on the CPU for GGUF models (llama.cpp's arithmetic): the
+    /// gate rounded to f16 and its GELU read from an f16 table.
+    GeluTanhGgml,
+}
+
+/// Decoder features beyond the llama layout; all off for the llama family.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DecoderStyle {
+    pub activation: Activation,
+    /// Embeddings multiplied by `sqrt(hidden_size)`.
+    pub scale_embeddings: bool,
+    /// An RMSNorm on the attention output and on the MLP output before each residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`; the MLP's input norm is
+    /// then `pre_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// RMSNorm weights stored as offsets from 1 (Hugging Face Gemma checkpoints; llama.cpp's
+    /// converter adds the 1 into GGUF files).
+    pub norm_offset: bool,
+    /// Sliding-window attention: `(window, pattern)` — a layer attends to its last `window`
+    /// positions unless its index + 1 is a multiple of `pattern` (a global layer).
+    pub sliding_window: Option<(usize, usize)>,
+    /// Rotary base of the sliding-window layers (no scaling); the global ones use `rope_theta`.
+    pub rope_local_theta: Option<f64>,
+    /// Attention scores scaled by `1/sqrt(this)` instead of `1/sqrt(head_dim)`.
+    pub query_pre_attn_scalar: Option<f64>,
+}
 /// How a mixture-of-experts layer is laid out and routed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MoeConfig {
@@ -109,8 +144,7 @@ struct RawConfig {
     rope_scaling: Option<serde_json::Value>,
     #[serde(default = "default_max_pos")]
     max_position_embeddings: usize,
-    #[serde(default)]
-    tie_word_embeddings: bool,
+    tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
@@ -123,6 +157,38 @@ struct RawConfig {
     decoder_sparse_step: Option<usize>,
     #[serde(default)]
     mlp_only_layers: Vec<usize>,
+    /// Gemma 3's.
+    hidden_activation: Option<String>,
+    sliding_window: Option<usize>,
+    sliding_window_pattern: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    query_pre_attn_scalar: Option<f64>,
+    /// Per layer `sliding_attention` / `full_attention` (newer Gemma 3 configs).
+    layer_types: Option<Vec<String>>,
+}
+
+/// Gemma 3's features from its `config.json` (defaults for a `gemma3_text` config).
+fn style(raw: &RawConfig, architecture: &str) -> DecoderStyle {
+    if architecture != "Gemma3ForCausalLM" {
+        return DecoderStyle::default();
+    }
+    let pattern = match &raw.layer_types {
+        // The first global layer's position fixes the period.
+        Some(t) => t.iter().position(|l| l == "full_attention").map_or(0, |i| i + 1),
+        None => raw.sliding_window_pattern.unwrap_or(6),
+    };
+    DecoderStyle {
+        activation: match raw.hidden_activation.as_deref() {
+            Some("silu") => Activation::Silu,
+            _ => Activation::GeluTanh,
+        },
+        scale_embeddings: true,
+        sandwich_norms: true,
+        norm_offset: true,
+        sliding_window: raw.sliding_window.map(|w| (w, pattern)),
+        rope_local_theta: Some(raw.rope_local_base_freq.unwrap_or(10_000.0)),
+        query_pre_attn_scalar: raw.query_pre_attn_scalar,
+    }
 }
 
 /// The mixture of experts a `config.json` describes: Mixtral's `num_local_experts` or Qwen 3
@@ -171,6 +237,8 @@ impl ModelConfig {
             return Err(ModelError::Config(format!("config.json: {}", crate::model::unsupported(&architecture))));
         }
         let moe = moe_config(&raw, &architecture);
+        let architecture_name = architecture.clone();
+        let style = style(&raw, &architecture);
         let rope_scaling = match raw.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
             Some(mut v) => {
@@ -203,7 +271,7 @@ impl ModelConfig {
             rope_theta: raw.rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings,
-            tie_word_embeddings: raw.tie_word_embeddings,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(architecture_name == "Gemma3ForCausalLM"),
             rope_interleaved: false,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: match raw.eos_token_id {
@@ -212,14 +280,23 @@ impl ModelConfig {
                 Some(OneOrMany::Many(v)) => v,
             },
             moe,
+            style,
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Query and key are RMS-normed per head before the rotary (Qwen 3, dense and MoE).
+    /// Query and key are RMS-normed per head before the rotary (Qwen 3, dense and MoE; Gemma 3).
     pub fn qk_norm(&self) -> bool {
-        matches!(self.architecture.as_str(), "Qwen3ForCausalLM" | "Qwen3MoeForCausalLM")
+        matches!(self.architecture.as_str(), "Qwen3ForCausalLM" | "Qwen3MoeForCausalLM" | "Gemma3ForCausalLM")
+    }
+
+    /// The attention window of layer `layer` (`None`: it sees the whole context).
+    pub fn window_at(&self, layer: usize) -> Option<usize> {
+        self.style
+            .sliding_window
+            .filter(|&(_, pattern)| pattern == 0 || !(layer + 1).is_multiple_of(pattern))
+            .map(|w| w.0)
     }
 
     /// The mixture of experts of layer `layer`, or `None` when its MLP is dense.

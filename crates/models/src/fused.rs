@@ -85,12 +85,14 @@ pub enum OpArgs<'a> {
         v: &'a Tensor,
         step: &'a StepTables<'a>,
     },
-    /// `q` `[T, heads, D]` over caches that already hold the step's keys/values.
+    /// `q` `[T, heads, D]` over caches that already hold the step's keys/values; with a
+    /// `window`, each query sees only its last `window` positions.
     PagedAttention {
         q: &'a Tensor,
         k_cache: &'a Tensor,
         v_cache: &'a Tensor,
         step: &'a StepTables<'a>,
+        window: Option<usize>,
     },
 }
 
@@ -337,9 +339,16 @@ impl Kernels {
         Ok(())
     }
 
-    /// `[T, heads · head_dim]`.
-    pub fn paged_attention(&self, q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, step: &StepTables) -> Result<Tensor> {
-        let [out] = self.outputs(&OpArgs::PagedAttention { q, k_cache, v_cache, step })?;
+    /// `[T, heads · head_dim]`; with a `window`, each query sees its last `window` positions.
+    pub fn paged_attention(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        step: &StepTables,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let [out] = self.outputs(&OpArgs::PagedAttention { q, k_cache, v_cache, step, window })?;
         Ok(out)
     }
 }

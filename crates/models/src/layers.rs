@@ -9,7 +9,7 @@ use tessera_kernels::{QMatrix, QType};
 
 use crate::fused::Kernels;
 use crate::lora::{add_lora, LoraRows, Target};
-use crate::{ModelError, Result, Shard, Weight, WeightSource};
+use crate::{Activation, ModelError, Result, Shard, Weight, WeightSource};
 
 /// How a [`Linear`] multiplies: candle's matmul (dense weights, other devices, and the
 /// quantized types our kernels do not have yet), or our quantized CPU kernel.
@@ -186,6 +186,27 @@ impl SharedInput {
     }
 }
 
+/// `gelu(gate) · up` over the rows of a fused `[gate (inter) | up (inter)]` output, with
+/// ggml's CPU arithmetic (GELU-tanh of the gate rounded to f16, from its f16 table): what
+/// llama.cpp computes for GGUF models. On the CPU our kernel; elsewhere the same roundings
+/// through candle ops.
+fn gelu_mul_ggml(gu: &Tensor, inter: usize) -> Result<Tensor> {
+    let rows = gu.elem_count() / (2 * inter).max(1);
+    if !gu.device().is_cpu() {
+        let g = gu.narrow(1, 0, inter)?.to_dtype(DType::F16)?.to_dtype(DType::F32)?.gelu()?;
+        let u = gu.narrow(1, inter, inter)?.to_dtype(DType::F32)?;
+        return Ok((g.to_dtype(DType::F16)?.to_dtype(DType::F32)? * u)?.to_dtype(gu.dtype())?);
+    }
+    let dtype = gu.dtype();
+    let x = gu.to_dtype(DType::F32)?.contiguous()?;
+    let out = with_cpu_f32(&x, |data| {
+        let mut out = vec![0f32; rows * inter];
+        tessera_kernels::gelu_mul_ggml(data, rows, inter, &mut out).map_err(kernel_err)?;
+        Ok(out)
+    })?;
+    Ok(Tensor::from_vec(out, (rows, inter), x.device())?.to_dtype(dtype)?)
+}
+
 /// `x [m, k] · Wᵀ` through our kernel (f32 in and out; other dtypes are converted).
 fn kernel_forward(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -234,6 +255,20 @@ impl RmsNorm {
     pub fn load(src: &dyn WeightSource, name: &str, dim: usize, eps: f64, dtype: DType) -> Result<Self> {
         let w = src.get_checked(name, &[dim])?.dense(dtype)?;
         Ok(Self { w, eps: eps as f32 })
+    }
+
+    /// [`RmsNorm::load`] of a weight stored as an offset from 1 when `offset` (Gemma).
+    pub fn load_offset(
+        src: &dyn WeightSource,
+        name: &str,
+        dim: usize,
+        eps: f64,
+        dtype: DType,
+        offset: bool,
+    ) -> Result<Self> {
+        let n = Self::load(src, name, dim, eps, DType::F32)?;
+        let w = if offset { (n.w + 1.0)? } else { n.w };
+        Ok(Self { w: w.to_dtype(dtype)?, eps: n.eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -311,6 +346,8 @@ pub struct GatedMlp {
     /// gate and up.
     gate_up: SharedInput,
     down: Linear,
+    /// The gate's activation (SiLU: SwiGLU; GELU-tanh: GeGLU).
+    act: Activation,
 }
 
 impl GatedMlp {
@@ -346,21 +383,42 @@ impl GatedMlp {
                 Linear::load_shard(src, &format!("{prefix}.{up}"), inter, hidden, false, dtype, col)?,
             ]),
             down: Linear::load_shard(src, &format!("{prefix}.{down}"), hidden, inter, false, dtype, row)?,
+            act: Activation::Silu,
+        })
+    }
+
+    /// The same MLP with the gate's activation `act`.
+    pub fn with_activation(mut self, act: Activation) -> Self {
+        self.act = act;
+        self
+    }
+
+    /// `act(gate) · up`.
+    fn gated(&self, g: &Tensor, u: Tensor) -> Result<Tensor> {
+        Ok(match self.act {
+            Activation::Silu => (g.silu()? * u)?,
+            Activation::GeluTanh => (g.gelu()? * u)?,
+            Activation::GeluTanhGgml => {
+                let gu = Tensor::cat(&[g, &u], 1)?;
+                gelu_mul_ggml(&gu, g.dim(1)?)?
+            }
         })
     }
 
     pub fn forward(&self, kernels: &Kernels, x: &Tensor) -> Result<Tensor> {
-        // The fused projection's rows feed one silu·mul (one pass on the CPU, no split copies).
+        // The fused projection's rows feed one activation·mul (one pass on the CPU, no split copies).
         if let SharedInput::Fused { w, widths } = &self.gate_up {
             if let &[g, u] = &widths[..] {
-                if g == u {
-                    return self.down.forward(&kernels.silu_mul(&w.forward(x)?, g)?);
+                match self.act {
+                    Activation::Silu if g == u => return self.down.forward(&kernels.silu_mul(&w.forward(x)?, g)?),
+                    Activation::GeluTanhGgml if g == u => return self.down.forward(&gelu_mul_ggml(&w.forward(x)?, g)?),
+                    _ => {}
                 }
             }
         }
         let [g, u]: [Tensor; 2] =
             self.gate_up.forward(x)?.try_into().map_err(|_| ModelError::Config("gate/up projection count".into()))?;
-        self.down.forward(&(g.silu()? * u)?)
+        self.down.forward(&self.gated(&g, u)?)
     }
 
     /// [`GatedMlp::forward`] with the LoRA deltas of layer `layer` for the rows of `groups`
@@ -373,7 +431,9 @@ impl GatedMlp {
         layer: usize,
     ) -> Result<Tensor> {
         let act = match &self.gate_up {
-            SharedInput::Fused { w, widths } if widths.len() == 2 && widths[0] == widths[1] => {
+            SharedInput::Fused { w, widths }
+                if widths.len() == 2 && widths[0] == widths[1] && self.act == Activation::Silu =>
+            {
                 let g = widths[0];
                 let gu = add_lora(w.forward(x)?, x, groups, layer, &[(Target::Gate, 0), (Target::Up, g)])?;
                 kernels.silu_mul(&gu, g)?
@@ -384,7 +444,7 @@ impl GatedMlp {
                     .forward_lora(x, groups, layer, &[Target::Gate, Target::Up])?
                     .try_into()
                     .map_err(|_| ModelError::Config("gate/up projection count".into()))?;
-                (g.silu()? * u)?
+                self.gated(&g, u)?
             }
         };
         add_lora(self.down.forward(&act)?, &act, groups, layer, &[(Target::Down, 0)])

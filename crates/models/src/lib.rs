@@ -25,7 +25,7 @@ mod weights;
 
 pub use attention::{AttentionMetadata, SeqAttention};
 pub use bert::{Bert, BertConfig, Pooling};
-pub use config::{ModelConfig, MoeConfig, MoeLayout, RopeScaling};
+pub use config::{Activation, DecoderStyle, ModelConfig, MoeConfig, MoeLayout, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv::KvCache;
 pub use layers::{with_cpu_f32, LayerNorm, Linear, RmsNorm};

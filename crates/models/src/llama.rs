@@ -1,5 +1,7 @@
-//! The llama family (Llama 2/3, Mistral, Qwen 2, Qwen 3 dense and MoE, Mixtral, SmolLM) on
-//! the shared layers.
+//! The llama-family decoder (Llama 2/3, Mistral, Qwen 2, Qwen 3 dense and MoE, Mixtral,
+//! SmolLM, and Gemma 3 through its [`crate::DecoderStyle`]: GELU-tanh MLP, scaled
+//! embeddings, sandwich norms, query/key norms, interleaved sliding-window and global layers
+//! with their own rotary bases) on the shared layers.
 //! Stateless: the paged KV cache is passed to [`Llama::forward`].
 //!
 //! Tensor parallel (Megatron layout): q/k/v and gate/up are column-parallel (each rank its
@@ -34,6 +36,11 @@ struct Block {
     attn: Attention,
     mlp_norm: RmsNorm,
     mlp: Mlp,
+    /// Sandwich norms (Gemma): on the attention output and on the MLP output.
+    post_attn_norm: Option<RmsNorm>,
+    post_mlp_norm: Option<RmsNorm>,
+    /// Sliding-window attention span, and whether the layer takes the local rotary tables.
+    window: Option<usize>,
 }
 
 /// A dense MLP (its partial sums all-reduced by the caller) or a mixture of experts (which
@@ -56,6 +63,8 @@ pub struct Llama {
     norm: Option<RmsNorm>,
     lm_head: Option<Linear>,
     rotary: Rotary,
+    /// The sliding-window layers' rotary tables (Gemma 3: their own base).
+    rotary_local: Option<Rotary>,
     dtype: DType,
     device: Device,
     tp: TensorParallel,
@@ -122,11 +131,9 @@ impl Llama {
             (true, false, Some(w)) => Some(Linear::from_weight(w, None)?),
             (true, false, None) => return Err(ModelError::MissingWeight("model.embed_tokens.weight".into())),
         };
-        let norm = if pp.is_last() {
-            Some(RmsNorm::load(src, "model.norm.weight", h, cfg.rms_norm_eps, dtype)?)
-        } else {
-            None
-        };
+        let offset = cfg.style.norm_offset;
+        let load_norm = |name: &str, dim: usize| RmsNorm::load_offset(src, name, dim, cfg.rms_norm_eps, dtype, offset);
+        let norm = if pp.is_last() { Some(load_norm("model.norm.weight", h)?) } else { None };
         let (col, row) = (tp.shard(0), tp.shard(1));
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
@@ -141,35 +148,36 @@ impl Llama {
                 ]),
                 o: Linear::load_shard(src, &format!("{p}.self_attn.o_proj"), h, nq, false, dtype, row)?,
                 qk_norm: if cfg.qk_norm() {
-                    let norm =
-                        |n: &str| RmsNorm::load(src, &format!("{p}.self_attn.{n}.weight"), hd, cfg.rms_norm_eps, dtype);
+                    let norm = |n: &str| load_norm(&format!("{p}.self_attn.{n}.weight"), hd);
                     Some((norm("q_norm")?, norm("k_norm")?))
                 } else {
                     None
                 },
             };
+            let sandwich = cfg.style.sandwich_norms;
+            let (mlp_norm, post_attn_norm, post_mlp_norm) = if sandwich {
+                (
+                    load_norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?,
+                    Some(load_norm(&format!("{p}.post_attention_layernorm.weight"), h)?),
+                    Some(load_norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?),
+                )
+            } else {
+                (load_norm(&format!("{p}.post_attention_layernorm.weight"), h)?, None, None)
+            };
             blocks.push(Block {
-                attn_norm: RmsNorm::load(src, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps, dtype)?,
+                attn_norm: load_norm(&format!("{p}.input_layernorm.weight"), h)?,
                 attn,
-                mlp_norm: RmsNorm::load(
-                    src,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    h,
-                    cfg.rms_norm_eps,
-                    dtype,
-                )?,
+                mlp_norm,
                 mlp: match cfg.moe_at(i) {
-                    None => Mlp::Dense(GatedMlp::load(
-                        src,
-                        &format!("{p}.mlp"),
-                        h,
-                        cfg.intermediate_size,
-                        dtype,
-                        rank,
-                        world,
-                    )?),
+                    None => Mlp::Dense(
+                        GatedMlp::load(src, &format!("{p}.mlp"), h, cfg.intermediate_size, dtype, rank, world)?
+                            .with_activation(cfg.style.activation),
+                    ),
                     Some(m) => Mlp::Moe(Moe::load(src, &p, h, m, dtype, &tp)?),
                 },
+                post_attn_norm,
+                post_mlp_norm,
+                window: cfg.window_at(i),
             });
         }
         Ok(Self {
@@ -179,6 +187,13 @@ impl Llama {
             norm,
             lm_head,
             rotary: Rotary::new(cfg, max_positions, dtype, device)?,
+            rotary_local: match cfg.style.rope_local_theta {
+                Some(theta) => {
+                    let local = ModelConfig { rope_theta: theta, rope_scaling: None, ..cfg.clone() };
+                    Some(Rotary::new(&local, max_positions, dtype, device)?)
+                }
+                None => None,
+            },
             dtype,
             device: device.clone(),
             tp,
@@ -296,9 +311,18 @@ impl Llama {
         }
         let (hd, nh, nkv) = (cfg.head_dim, self.heads.heads, self.heads.kv_heads);
         let (cos, sin) = self.rotary.tables_for(&input.positions)?;
+        let local = match &self.rotary_local {
+            Some(r) => Some(r.tables_for(&input.positions)?),
+            None => None,
+        };
+        // Scores scaled by 1/sqrt(query_pre_attn_scalar): the kernels scale by 1/sqrt(head_dim).
+        let q_scale = cfg.style.query_pre_attn_scalar.map(|s| (hd as f64 / s).sqrt()).filter(|f| *f != 1.0);
         let step = StepTables::new(&input.attn, nkv, hd);
         let k_ = &self.kernels;
         let mut x = match &self.embed {
+            Some(e) if cfg.style.scale_embeddings => {
+                (self.tp.all_reduce(&e.forward(&input.tokens)?)? * (cfg.hidden_size as f64).sqrt())?
+            }
             Some(e) => self.tp.all_reduce(&e.forward(&input.tokens)?)?,
             None => self.pp.recv_activations()?,
         };
@@ -323,17 +347,34 @@ impl Llama {
                 Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
                 None => (q, k),
             };
-            let (q, k) = k_.rotary(&q, &k, &cos, &sin, cfg.rope_interleaved)?;
+            let (c, s) = match (&local, b.window) {
+                (Some((c, s)), Some(_)) => (c, s),
+                _ => (&cos, &sin),
+            };
+            let (q, k) = k_.rotary(&q, &k, c, s, cfg.rope_interleaved)?;
+            let q = match q_scale {
+                Some(f) => (q * f)?,
+                None => q,
+            };
             let (kc, vc) = cache.layer(i);
             k_.cache_write(kc, vc, &k, &v, &step)?;
-            let a = k_.paged_attention(&q, kc, vc, &step)?;
+            let a = k_.paged_attention(&q, kc, vc, &step, b.window)?;
             let o = b.attn.o.forward(&a)?;
             let o = if lora.is_empty() { o } else { add_lora(o, &a, lora, i, &[(Target::O, 0)])? };
-            let (x1, h1) = b.mlp_norm.add_forward(k_, &x, &self.tp.all_reduce(&o)?)?;
+            let o = self.tp.all_reduce(&o)?;
+            let o = match &b.post_attn_norm {
+                Some(n) => n.forward(&o)?,
+                None => o,
+            };
+            let (x1, h1) = b.mlp_norm.add_forward(k_, &x, &o)?;
             let m = match &b.mlp {
                 Mlp::Dense(d) if adapts_mlp(lora, i) => self.tp.all_reduce(&d.forward_lora(k_, &h1, lora, i)?)?,
                 Mlp::Dense(d) => self.tp.all_reduce(&d.forward(k_, &h1)?)?,
                 Mlp::Moe(moe) => moe.forward(k_, &h1, &self.tp)?,
+            };
+            let m = match &b.post_mlp_norm {
+                Some(n) => n.forward(&m)?,
+                None => m,
             };
             (x, h) = match self.blocks.get(i + 1) {
                 Some(next) => next.attn_norm.add_forward(k_, &x1, &m)?,

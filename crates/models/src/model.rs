@@ -126,6 +126,8 @@ const REGISTRY: &[(&str, Build)] = &[
     // over `mlp.experts.N` with an optional renormalisation.
     ("Qwen3ForCausalLM", llama),
     ("Qwen3MoeForCausalLM", llama),
+    // Gemma 3 (text): the same layers in its DecoderStyle.
+    ("Gemma3ForCausalLM", llama),
 ];
 
 /// The architectures this build serves.

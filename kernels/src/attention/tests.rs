@@ -10,7 +10,7 @@ use super::*;
 
 /// Plain attention of one sequence in f64: `out[i, h]` = softmax over positions ≤ its own.
 fn reference(q: &[f32], k: &[f32], v: &[f32], s: &SeqSpan, shape: AttnShape) -> Vec<f64> {
-    let AttnShape { heads: h, kv_heads: kvn, head_dim: d, block_size: bs } = shape;
+    let AttnShape { heads: h, kv_heads: kvn, head_dim: d, block_size: bs, window } = shape;
     let ctx = s.ctx;
     // The block table spelled out, position by position.
     let slots: Vec<usize> = (0..ctx).map(|j| s.blocks[j / bs] as usize * bs + j % bs).collect();
@@ -20,7 +20,8 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], s: &SeqSpan, shape: AttnShape) -> 
             let kvh = hh / (h / kvn);
             let qv = &q[((s.q_start + i) * h + hh) * d..][..d];
             let lim = ctx - s.q_len + i + 1;
-            let scores: Vec<f64> = (0..lim)
+            let lo = if window == 0 { 0 } else { lim.saturating_sub(window) };
+            let scores: Vec<f64> = (lo..lim)
                 .map(|j| {
                     let kr = &k[(slots[j] * kvn + kvh) * d..][..d];
                     qv.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()
@@ -29,7 +30,7 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], s: &SeqSpan, shape: AttnShape) -> 
             let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
             let z: f64 = e.iter().sum();
-            for (j, w) in e.iter().enumerate() {
+            for (j, w) in (lo..lim).zip(&e) {
                 let vr = &v[(slots[j] * kvn + kvh) * d..][..d];
                 for c in 0..d {
                     out[(i * h + hh) * d + c] += w / z * vr[c] as f64;
@@ -41,7 +42,7 @@ fn reference(q: &[f32], k: &[f32], v: &[f32], s: &SeqSpan, shape: AttnShape) -> 
 }
 
 fn case(shape: AttnShape, spans: &[(usize, usize)], rng: &mut ChaCha8Rng) {
-    let AttnShape { heads: h, kv_heads: kvn, head_dim: d, block_size: bs } = shape;
+    let AttnShape { heads: h, kv_heads: kvn, head_dim: d, block_size: bs, .. } = shape;
     let total_blocks = spans.iter().map(|s| s.1.div_ceil(bs)).sum::<usize>() + 3;
     let total_slots = total_blocks * bs;
     let k: Vec<f32> = (0..total_slots * kvn * d).map(|_| rng.random_range(-1.5f32..1.5)).collect();
@@ -92,23 +93,33 @@ fn case(shape: AttnShape, spans: &[(usize, usize)], rng: &mut ChaCha8Rng) {
 #[test]
 fn paged_attention_equals_plain_attention() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let smol = AttnShape { heads: 9, kv_heads: 3, head_dim: 64, block_size: 16 };
+    let smol = AttnShape { heads: 9, kv_heads: 3, head_dim: 64, block_size: 16, window: 0 };
     // Decode steps (one query each) over short and long contexts, beside a prefill chunk.
     case(smol, &[(1, 1), (1, 17), (1, 200), (5, 5), (3, 70)], &mut rng);
     // Chunked prefill: 40 new tokens after 90 cached, crossing the softmax chunk.
     case(smol, &[(40, 130)], &mut rng);
     // Odd head size, no grouping, and full multi-head grouping; blocks of 5, 1 and 64 tokens.
-    case(AttnShape { heads: 4, kv_heads: 4, head_dim: 13, block_size: 5 }, &[(2, 9), (1, 66)], &mut rng);
-    case(AttnShape { heads: 8, kv_heads: 1, head_dim: 16, block_size: 1 }, &[(17, 17)], &mut rng);
-    case(AttnShape { heads: 8, kv_heads: 1, head_dim: 16, block_size: 64 }, &[(3, 150)], &mut rng);
+    case(AttnShape { heads: 4, kv_heads: 4, head_dim: 13, block_size: 5, window: 0 }, &[(2, 9), (1, 66)], &mut rng);
+    case(AttnShape { heads: 8, kv_heads: 1, head_dim: 16, block_size: 1, window: 0 }, &[(17, 17)], &mut rng);
+    case(AttnShape { heads: 8, kv_heads: 1, head_dim: 16, block_size: 64, window: 0 }, &[(3, 150)], &mut rng);
     // A long prefill split over several work items, and the 128-wide heads of larger models.
     case(smol, &[(200, 300), (1, 9)], &mut rng);
-    case(AttnShape { heads: 8, kv_heads: 2, head_dim: 128, block_size: 16 }, &[(33, 100), (1, 65)], &mut rng);
+    case(
+        AttnShape { heads: 8, kv_heads: 2, head_dim: 128, block_size: 16, window: 0 },
+        &[(33, 100), (1, 65)],
+        &mut rng,
+    );
+    // Sliding windows (Gemma 3: 256-wide heads, one KV head): decode and prefill past the
+    // window, a window wider than the context, and a window inside one softmax chunk.
+    let gemma = AttnShape { heads: 4, kv_heads: 1, head_dim: 256, block_size: 16, window: 40 };
+    case(gemma, &[(1, 100), (30, 150), (1, 20), (70, 70)], &mut rng);
+    case(AttnShape { window: 3, ..smol }, &[(9, 12), (1, 200)], &mut rng);
+    case(AttnShape { heads: 4, kv_heads: 4, head_dim: 13, block_size: 5, window: 70 }, &[(2, 9), (20, 166)], &mut rng);
 }
 
 #[test]
 fn bad_inputs_are_errors() {
-    let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 4, block_size: 1 };
+    let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 4, block_size: 1, window: 0 };
     let (k, v) = (vec![0f32; 8], vec![0f32; 8]);
     let q = vec![0f32; 8];
     let mut out = vec![0f32; 8];
@@ -155,7 +166,7 @@ fn cache_rows_land_in_their_slots() {
 fn a_query_is_computed_the_same_in_any_tile() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     for (d, kvn, heads) in [(64, 3, 9), (128, 2, 8)] {
-        let shape = AttnShape { heads, kv_heads: kvn, head_dim: d, block_size: 16 };
+        let shape = AttnShape { heads, kv_heads: kvn, head_dim: d, block_size: 16, window: 0 };
         let ctx = 150usize;
         let table: Vec<u32> = (0..ctx.div_ceil(16) as u32).rev().collect();
         let slots = table.len() * 16;

@@ -104,8 +104,8 @@ impl FusedKernel for CpuFused {
                 v_cache.inplace_op2(&v.to_dtype(DType::F32)?.contiguous()?, &HostWrite(slots))?;
                 Ok(vec![k_cache.clone(), v_cache.clone()])
             }
-            OpArgs::PagedAttention { q, k_cache, v_cache, step } => {
-                Ok(vec![paged_attention(q, k_cache, v_cache, step)?])
+            OpArgs::PagedAttention { q, k_cache, v_cache, step, window } => {
+                Ok(vec![paged_attention(q, k_cache, v_cache, step, window)?])
             }
             OpArgs::Rotary { .. } => Err(ModelError::Config("the CPU has no fused rotary".into())),
         }
@@ -141,12 +141,24 @@ impl candle_core::InplaceOp2 for HostWrite<'_> {
 
 /// Our CPU kernel over the cache in place (f32, f16 or bf16 cache; f32 math): `[T, heads · D]`
 /// in the queries' type.
-fn paged_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, step: &StepTables) -> Result<Tensor> {
+fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    step: &StepTables,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (t, heads, hd) = q.dims3()?;
     let meta = step.meta;
     let dtype = q.dtype();
     let q = q.to_dtype(DType::F32)?.contiguous()?;
-    let shape = AttnShape { heads, kv_heads: k_cache.dim(1)?, head_dim: hd, block_size: meta.block_size };
+    let shape = AttnShape {
+        heads,
+        kv_heads: k_cache.dim(1)?,
+        head_dim: hd,
+        block_size: meta.block_size,
+        window: window.unwrap_or(0),
+    };
     let seqs: Vec<SeqSpan> = meta
         .seqs
         .iter()

@@ -164,6 +164,8 @@ impl FusedKernel for CudaFused {
                     && pair(k.dtype(), k_cache.dtype())
                     && pair(v.dtype(), v_cache.dtype())
             }
+            // No sliding window in the CUDA kernel yet: those layers take the reference.
+            (FusedOp::PagedAttention, OpArgs::PagedAttention { window: Some(_), .. }) => false,
             (FusedOp::PagedAttention, OpArgs::PagedAttention { q, k_cache, v_cache, .. }) => {
                 let entry = match (dt(q.dtype()), dt(k_cache.dtype()), q.dims3()) {
                     (Some(qd), Some(cd), Ok((_, _, d))) => images::attention_entry(qd, cd, d).is_some(),
@@ -204,7 +206,7 @@ impl FusedKernel for CudaFused {
                 v_cache.inplace_op2(&v.contiguous()?, &CacheWrite(&slots))?;
                 Ok(vec![k_cache.clone(), v_cache.clone()])
             }
-            OpArgs::PagedAttention { q, k_cache, v_cache, step } => {
+            OpArgs::PagedAttention { q, k_cache, v_cache, step, .. } => {
                 let (heads, kv_heads) = (q.dim(1)?, k_cache.dim(1)?);
                 if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
                     return Err(ModelError::Config(format!("{heads} heads over {kv_heads} KV heads")));

@@ -136,7 +136,7 @@ impl Inputs {
                 OpArgs::CacheWrite { k_cache: &t[0], v_cache: &t[1], k: &t[2], v: &t[3], step: step()? }
             }
             FusedOp::PagedAttention => {
-                OpArgs::PagedAttention { q: &t[2], k_cache: &t[0], v_cache: &t[1], step: step()? }
+                OpArgs::PagedAttention { q: &t[2], k_cache: &t[0], v_cache: &t[1], step: step()?, window: None }
             }
         })
     }

@@ -42,7 +42,13 @@ pub fn cache_write(k_cache: &Tensor, v_cache: &Tensor, k: &Tensor, v: &Tensor, s
 /// Attention of `q` `[T, heads, D]` over the caches, gathered per sequence through its block
 /// table: `[T, heads · D]`. Query heads are grouped per KV head (GQA), so KV heads are never
 /// repeated; scores in the activations' type, scaled by `1/sqrt(D)`, causal within the step.
-pub fn paged_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, step: &StepTables) -> Result<Tensor> {
+pub fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    step: &StepTables,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (_t, heads, hd) = q.dims3()?;
     let kv_heads = k_cache.dim(1)?;
     let group = heads / kv_heads;
@@ -57,8 +63,8 @@ pub fn paged_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, step: &St
         };
         let (k, v) = (gather(k_cache)?, gather(v_cache)?); // [KVH, ctx, D]
         let mut scores = (qs.matmul(&k.t()?)? * scale)?; // [KVH, g*q, ctx]
-        if s.q_len > 1 {
-            let mask = causal_mask(s.q_len, ctx, scores.dtype(), scores.device())?;
+        if s.q_len > 1 || window.is_some_and(|w| w < ctx) {
+            let mask = causal_mask(s.q_len, ctx, window, scores.dtype(), scores.device())?;
             scores = scores.reshape((kv_heads, group, s.q_len, ctx))?.broadcast_add(&mask)?.reshape((
                 kv_heads,
                 group * s.q_len,
@@ -87,6 +93,8 @@ pub fn run(args: &OpArgs) -> Result<Vec<Tensor>> {
             cache_write(k_cache, v_cache, k, v, step)?;
             vec![k_cache.clone(), v_cache.clone()]
         }
-        OpArgs::PagedAttention { q, k_cache, v_cache, step } => vec![paged_attention(q, k_cache, v_cache, step)?],
+        OpArgs::PagedAttention { q, k_cache, v_cache, step, window } => {
+            vec![paged_attention(q, k_cache, v_cache, step, window)?]
+        }
     })
 }

@@ -303,8 +303,8 @@ fn a_wrong_attention_or_cache_write_is_refused_and_the_reference_runs() {
         let i = Inputs::new(FusedOp::PagedAttention, &SMALL, 7, &Device::Cpu, (DType::F32, DType::F16)).unwrap();
         let step = i.step().unwrap();
         let OpArgs::PagedAttention { q, k_cache, v_cache, .. } = i.args(Some(&step)).unwrap() else { unreachable!() };
-        let got = k.paged_attention(q, k_cache, v_cache, &step).unwrap();
-        assert_eq!(flat(&got), flat(&reference::paged_attention(q, k_cache, v_cache, &step).unwrap()));
+        let got = k.paged_attention(q, k_cache, v_cache, &step, None).unwrap();
+        assert_eq!(flat(&got), flat(&reference::paged_attention(q, k_cache, v_cache, &step, None).unwrap()));
     }
 }
 
@@ -344,6 +344,32 @@ fn tensor_parallel_ranks_use_a_fused_kernel_only_if_it_passed_on_every_rank() {
                 FusedOp::Rotary => assert!(!r.fused),
                 _ => assert!(r.fused, "rank {rank}: {r:?}"),
             }
+        }
+    }
+}
+
+/// A sliding window (Gemma 3's local layers): the CPU kernel equals the reference's masked
+/// attention for windows shorter and longer than the contexts; a short window changes the
+/// result (the test would notice it being ignored), a long one does not.
+#[test]
+fn sliding_window_attention_on_the_cpu_kernel_equals_the_reference() {
+    let i = Inputs::new(FusedOp::PagedAttention, &SMALL, 9, &Device::Cpu, (DType::F32, DType::F32)).unwrap();
+    let step = i.step().unwrap();
+    let OpArgs::PagedAttention { q, k_cache, v_cache, .. } = i.args(Some(&step)).unwrap() else { unreachable!() };
+    let cpu = CpuFused(FusedOp::PagedAttention);
+    let full = flat(&reference::paged_attention(q, k_cache, v_cache, &step, None).unwrap());
+    for w in [1, 2, 5, 1000] {
+        let args = OpArgs::PagedAttention { q, k_cache, v_cache, step: &step, window: Some(w) };
+        assert!(cpu.supports(&args));
+        let got = flat(&cpu.run(&args).unwrap()[0]);
+        let want = flat(&reference::paged_attention(q, k_cache, v_cache, &step, Some(w)).unwrap());
+        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(d < 1e-5, "window {w}: {d}");
+        let moved = want.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        match w {
+            1 => assert!(moved > 1e-3, "a window of one position changes the result"),
+            1000 => assert!(moved < 1e-6, "a window longer than every context changes nothing"),
+            _ => {}
         }
     }
 }
