@@ -258,6 +258,9 @@ pub(crate) struct StatsWire {
     counters: [u64; 10],
     histograms: [(Vec<u64>, f64, u64); 4],
     failure: Option<String>,
+    /// Adapters of running and waiting requests.
+    #[serde(default)]
+    loras: (Vec<String>, Vec<String>),
 }
 
 impl EngineStats {
@@ -285,6 +288,7 @@ impl EngineStats {
             counters: self.counters().map(|c| c.load(r)),
             histograms: [self.ttft.raw(), self.itl.raw(), self.e2e.raw(), self.queue_time.raw()],
             failure: self.failure(),
+            loras: self.loras(),
         }
     }
 
@@ -302,6 +306,7 @@ impl EngineStats {
         self.itl.restore(itl);
         self.e2e.restore(e2e);
         self.queue_time.restore(queue);
+        self.publish_loras(w.loras.0, w.loras.1);
         if let Some(why) = w.failure {
             self.set_failure(why);
         }
@@ -322,5 +327,18 @@ mod tests {
         assert_eq!(b, vec![(0.1, 2), (1.0, 1), (f64::INFINITY, 1)]);
         assert!((sum - 3.65).abs() < 1e-9);
         assert_eq!(n, 4);
+    }
+
+    /// A remote replica's figures arrive whole, its LoRA adapters included.
+    #[test]
+    fn figures_cross_the_wire_with_the_lora_adapters() {
+        let a = EngineStats::new(8, 16);
+        a.publish(3, 1, 0.5, 4);
+        a.publish_loras(vec!["sql".into()], vec!["chat".into(), "sql".into()]);
+        let b = EngineStats::new(8, 16);
+        let wire: StatsWire = serde_json::from_str(&serde_json::to_string(&a.to_wire()).unwrap()).unwrap();
+        b.absorb(wire);
+        assert_eq!(b.loras(), (vec!["sql".to_string()], vec!["chat".to_string(), "sql".to_string()]));
+        assert_eq!(b.running.load(Ordering::Relaxed), 3);
     }
 }

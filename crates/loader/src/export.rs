@@ -46,6 +46,13 @@ pub fn export_hf(gguf: &Path, out_dir: &Path) -> Result<()> {
     let tok = TokenizerBundle::from_gguf(src.content(), gguf)?;
     std::fs::create_dir_all(out_dir).map_err(|e| LoadError::io(out_dir, e))?;
     let cfg = src.config();
+    if cfg.style != tessera_models::DecoderStyle::default() {
+        return Err(LoadError::Format(format!(
+            "{}: export-hf writes llama-family copies; a {} GGUF is served as it is",
+            gguf.display(),
+            cfg.architecture
+        )));
+    }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for name in hf_names(cfg) {
         let w = src.get(&name)?;

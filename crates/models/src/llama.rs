@@ -121,8 +121,7 @@ impl Llama {
             None
         };
         let embed = match (&embed_w, pp.is_first()) {
-            (Some(w), true) if world == 1 => Some(Embedding::new(w.dense(dtype)?)),
-            (Some(w), true) => Some(Embedding::shard(w.dense(dtype)?, vocab.range(cfg.vocab_size).0)),
+            (Some(w), true) => Some(Embedding::from_weight(w, dtype, vocab.range(cfg.vocab_size).0, world == 1)?),
             _ => None,
         };
         let lm_head = match (pp.is_last(), untied, embed_w) {
