@@ -153,3 +153,56 @@ fn tiny_qwen3_moe_equals_a_dense_reference_and_tp_2_equals_tp_1() {
 fn tiny_mixtral_equals_a_dense_reference_and_tp_2_equals_tp_1() {
     check_family("mixtral", TinyShape { experts: 8, top_k: 2, ..TinyShape::default() }, true);
 }
+
+/// Each rank's share of the parallel plan, as the seam reports it: heads and KV heads split
+/// (KV heads replicated when fewer than ranks), whole experts split under expert parallelism.
+#[test]
+fn ranks_report_their_share_of_the_parallel_plan() {
+    use std::sync::Arc;
+
+    use candle_core::{DType, Device};
+    use tessera_models::{load_model, ModelConfig, ParallelPlan, PipelineParallel, TensorParallel};
+    use tessera_parallel::TcpComm;
+
+    let shape = TinyShape { qwen3: true, experts: 8, top_k: 2, kv_heads: 2, ..TinyShape::default() };
+    let dir = std::env::temp_dir().join(format!("tessera-family-{}-plan", std::process::id()));
+    write_hf(&dir, shape, &tiny_weights(shape), 1);
+    let plans = |world: usize, ep: bool| -> Vec<ParallelPlan> {
+        let group = TcpComm::local_group(world, Device::Cpu).unwrap();
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|comm| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    let cfg =
+                        ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+                    let src = tessera_loader::SafetensorsSource::open(&dir, DType::F32, &Device::Cpu).unwrap();
+                    let tp = TensorParallel::new(Arc::new(comm)).with_expert_parallel(ep);
+                    let pp = PipelineParallel::single();
+                    load_model(&cfg, &src, 64, DType::F32, &Device::Cpu, tp, pp).unwrap().parallel_plan()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    let two = plans(2, true);
+    for (r, p) in two.iter().enumerate() {
+        assert_eq!(
+            *p,
+            ParallelPlan {
+                tensor: (r, 2),
+                stage: (0, 1),
+                layers: 0..4,
+                heads: (4, 8),
+                kv_heads: (1, 2),
+                kv_replicated: false,
+                experts: Some((4, 8, true)),
+            }
+        );
+    }
+    let four = plans(4, false);
+    assert!(four.iter().all(|p| p.kv_heads == (1, 2) && p.kv_replicated && p.experts == Some((8, 8, false))));
+    println!("{}", four[3]);
+    assert!(four[3].to_string().contains("tensor rank 3 of 4") && four[3].to_string().contains("(replicated)"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -31,7 +31,7 @@ pub use kv::KvCache;
 pub use layers::{with_cpu_f32, LayerNorm, Linear, RmsNorm};
 pub use llama::Llama;
 pub use lora::{check_lora, LoraAdapter, LoraConfig, LoraRows, TargetLayout, LORA_TARGETS};
-pub use model::{load_model, supported_architectures, CausalLm};
+pub use model::{load_model, supported_architectures, CausalLm, ParallelPlan};
 pub use parallel::{part, shard_byte_runs, HeadLayout, PipelineParallel, Shard, TensorParallel};
 pub use rotary::Rotary;
 pub use tessera_parallel::Communicator;

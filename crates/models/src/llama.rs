@@ -211,6 +211,25 @@ impl Llama {
         LoraAdapter::load(name, config, src, self.pp.layers(self.cfg.num_layers)?, layout, self.dtype)
     }
 
+    /// What this rank holds: its groups' places, layers, heads and experts.
+    pub fn parallel_plan(&self) -> crate::ParallelPlan {
+        let cfg = &self.cfg;
+        let layers = self.pp.layers(cfg.num_layers).unwrap_or(0..cfg.num_layers);
+        let experts = self.blocks.iter().find_map(|b| match &b.mlp {
+            Mlp::Moe(m) => Some(m.held()),
+            Mlp::Dense(_) => None,
+        });
+        crate::ParallelPlan {
+            tensor: (self.tp.rank(), self.tp.world()),
+            stage: (self.pp.stage, self.pp.stages),
+            layers,
+            heads: (self.heads.heads, cfg.num_heads),
+            kv_heads: (self.heads.kv_heads, cfg.num_kv_heads),
+            kv_replicated: self.heads.kv_heads * self.tp.world() > cfg.num_kv_heads,
+            experts: experts.zip(cfg.moe.as_ref()).map(|((held, ep), m)| (held, m.experts, ep)),
+        }
+    }
+
     /// Check each fused kernel against its reference on this device at the served shapes,
     /// with a cache of `cache_dtype` in blocks of `block_size`, then let the tensor-parallel
     /// ranks vote (a collective: every rank of the group calls it). Until then every op runs

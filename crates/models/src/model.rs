@@ -11,6 +11,51 @@ use crate::{
     TensorParallel, WeightSource,
 };
 
+/// This rank's share of an architecture's parallel plan, as built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParallelPlan {
+    /// (rank, size) of the tensor-parallel group.
+    pub tensor: (usize, usize),
+    /// (stage, stages) of the pipeline.
+    pub stage: (usize, usize),
+    /// The model's layers this stage holds.
+    pub layers: std::ops::Range<usize>,
+    /// Query and key/value heads held here, of the model's.
+    pub heads: (usize, usize),
+    pub kv_heads: (usize, usize),
+    /// Whether this rank's key/value heads are copies held by other ranks too (fewer KV heads
+    /// than tensor ranks).
+    pub kv_replicated: bool,
+    /// Experts held here, of the model's, and whether whole experts are split over the group
+    /// (expert parallelism) rather than each sliced; `None` without experts.
+    pub experts: Option<(usize, usize, bool)>,
+}
+
+impl std::fmt::Display for ParallelPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "tensor rank {} of {}, stage {} of {} (layers {}..{}), {} of {} heads, {} of {} KV heads{}",
+            self.tensor.0,
+            self.tensor.1,
+            self.stage.0,
+            self.stage.1,
+            self.layers.start,
+            self.layers.end,
+            self.heads.0,
+            self.heads.1,
+            self.kv_heads.0,
+            self.kv_heads.1,
+            if self.kv_replicated { " (replicated)" } else { "" }
+        )?;
+        match self.experts {
+            Some((held, total, true)) => write!(f, ", {held} of {total} experts whole"),
+            Some((_, total, false)) => write!(f, ", all {total} experts sliced"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A decoder served for generation: a stateless forward over the paged KV cache (passed in,
 /// never held), its head layout and its share of the parallel plan.
 pub trait CausalLm: Send + Sync + std::fmt::Debug {
@@ -42,6 +87,8 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     /// This rank's share of a LoRA adapter read from `src` (Hugging Face names), sliced
     /// the way the architecture's parallel plan slices each adapted projection.
     fn load_lora(&self, name: &str, config: LoraConfig, src: &dyn WeightSource) -> Result<LoraAdapter>;
+    /// What this rank holds of the model (the plan it was built with).
+    fn parallel_plan(&self) -> ParallelPlan;
 }
 
 impl CausalLm for Llama {
@@ -89,6 +136,9 @@ impl CausalLm for Llama {
     }
     fn load_lora(&self, name: &str, config: LoraConfig, src: &dyn WeightSource) -> Result<LoraAdapter> {
         Llama::load_lora(self, name, config, src)
+    }
+    fn parallel_plan(&self) -> ParallelPlan {
+        Llama::parallel_plan(self)
     }
 }
 

@@ -56,6 +56,11 @@ impl Moe {
         Ok(Self { router, experts, cfg: cfg.clone(), expert_parallel: ep })
     }
 
+    /// Experts held here, and whether whole experts are split over the group.
+    pub fn held(&self) -> (usize, bool) {
+        (self.experts.len(), self.expert_parallel)
+    }
+
     /// The experts of every row of `x`.
     fn route(&self, x: &Tensor) -> Result<Vec<Route>> {
         let logits: Vec<Vec<f32>> = self.router.forward(x)?.to_dtype(DType::F32)?.to_vec2()?;

@@ -46,6 +46,10 @@ impl Worker {
         if model.kernels_checked() != Some((model.dtype(), kv_dtype, block_size)) {
             model.check_kernels(kv_dtype, block_size)?;
         }
+        let plan = model.parallel_plan();
+        if plan.tensor.1 > 1 || plan.stage.1 > 1 {
+            tracing::info!("{}: {plan}", model.config().architecture);
+        }
         let cfg = model.config();
         let device = model.device().clone();
         let cache = KvCache::new(
