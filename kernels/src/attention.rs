@@ -10,7 +10,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::math::{exp_neg, fma};
+use crate::math::{dot, exp_neg, fma};
 use crate::out::Out;
 use crate::{Isa, KernelError, Result};
 
@@ -159,23 +159,6 @@ pub fn write_cache_rows<E: KvElem>(cache: &mut [E], rows: &[f32], slots: &[u32],
 const TILE: usize = 16;
 /// Context positions scored per softmax update.
 const CHUNK: usize = 64;
-
-#[inline(always)]
-fn dot<const X: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] = fma::<X>(x[l], y[l], acc[l]);
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
 
 /// Tiles of query vectors per work item: a long prefill is split over several items (and
 /// threads); a decode step's few query heads are one tile.

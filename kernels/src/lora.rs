@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::math::fma;
+use crate::math::{dot, fma};
 use crate::{Isa, KernelError, Result};
 
 /// Multiply-adds below which a call stays on the calling thread.
@@ -81,25 +81,6 @@ pub fn lora_add(
         y.chunks_mut(out).enumerate().for_each(run);
     }
     Ok(())
-}
-
-/// `Σ a[i]·b[i]` over eight running sums (vectorises; the order is fixed, so the result is
-/// the same on every call).
-#[inline(always)]
-fn dot<const X: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for k in 0..8 {
-            acc[k] = fma::<X>(x[k], y[k], acc[k]);
-        }
-    }
-    let mut s = ar.iter().zip(br).fold(0.0, |s, (x, y)| fma::<X>(*x, *y, s));
-    for v in acc {
-        s += v;
-    }
-    s
 }
 
 #[inline(always)]

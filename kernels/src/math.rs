@@ -33,3 +33,22 @@ pub(crate) fn exp_neg<const X: bool>(x: f32) -> f32 {
     y = fma::<X>(y, z, r + 1.0);
     y * f32::from_bits(n.wrapping_add(127) << 23)
 }
+
+/// `Σ a[i]·b[i]` over eight running sums, combined as `((0+4)+(1+5))+((2+6)+(3+7))` (the
+/// order attention's transposed-key path reproduces to the bit), in a form that vectorises.
+#[inline(always)]
+pub(crate) fn dot<const X: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = fma::<X>(x[l], y[l], acc[l]);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
