@@ -293,8 +293,10 @@ async fn adapters_over_http_load_unload_metrics_and_prefix_cache_keys() {
     let (s, t) = post("/v1/unload_lora_adapter", serde_json::json!({"lora_name": "b"})).await;
     assert_eq!(s, 404, "{t}");
     tessera_tests::assert_openai_error(s, t.as_bytes(), "unloading an unknown adapter");
-    // Loaded again under the same name: a new adapter (nothing cached under the old one is used).
-    let (s, t) = post("/v1/load_lora_adapter", serde_json::json!({"lora_name": "b", "lora_path": b_dir})).await;
+    // Loaded again under the same name, from a URI this time: a new adapter (nothing cached
+    // under the old one is used).
+    let uri = format!("file://{}", b_dir.display());
+    let (s, t) = post("/v1/load_lora_adapter", serde_json::json!({"lora_name": "b", "lora_path": uri})).await;
     assert_eq!(s, 200, "{t}");
     let (_, v) = complete("b").await;
     assert_eq!(text(&v), b_text);
