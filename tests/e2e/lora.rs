@@ -323,3 +323,41 @@ fn lora_flags_are_checked() {
         assert!(e.contains(want), "{flags:?}: {e}");
     }
 }
+
+/// A llama GGUF keeps llama.cpp's q/k row order (rotary pairs adjacent): an adapter, written
+/// in Hugging Face order, must be reordered the same way. The GGUF's weights dequantized to
+/// f32 with an adapter equal the derived Hugging Face copy with the same adapter (1e-3, the
+/// bound the two layouts meet without adapters).
+#[test]
+fn an_adapter_on_the_gguf_layout_equals_it_on_the_hugging_face_layout() {
+    struct Dense(Box<dyn WeightSource>);
+    impl WeightSource for Dense {
+        fn get(&self, name: &str) -> tessera_models::Result<Weight> {
+            Ok(Weight::Dense(self.0.get(name)?.dense(DType::F32)?))
+        }
+        fn contains(&self, name: &str) -> bool {
+            self.0.contains(name)
+        }
+    }
+    let hf = smollm2_hf();
+    let cfg = config(&hf);
+    let dir = tmp("layouts");
+    write_adapter(&dir, &cfg, 0.02);
+    let lm = tessera_loader::open(&tessera_tests::smollm2_gguf(), DType::F32, &Device::Cpu).unwrap();
+    assert!(lm.config.rope_interleaved, "the GGUF keeps llama.cpp's layout");
+    let dense = Dense(lm.weights);
+    let worker = |cfg: &ModelConfig, src: &dyn WeightSource| {
+        Worker::new(Llama::load(cfg, src, 256, DType::F32, &Device::Cpu).unwrap(), 48, 4, DType::F32).unwrap()
+    };
+    let (mut g, mut h) =
+        (worker(&lm.config, &dense), worker(&cfg, &SafetensorsSource::open(&hf, DType::F32, &Device::Cpu).unwrap()));
+    let toks: Vec<u32> = (0..24).map(|t| 1 + (t * 7919 + 5) % 49_000).collect();
+    let with = |w: &mut Worker| run(w, &[(0, toks.clone(), Some(1))], 16, loads(&[(1, "a", &dir)]));
+    let (lg, lh) = (with(&mut g), with(&mut h));
+    let d = max_diff(&lg, &lh);
+    let effect = max_diff(&lh, &run(&mut h, &[(0, toks.clone(), None)], 16, vec![]));
+    println!("adapter on the GGUF layout vs the Hugging Face layout: max |Δlogit| = {d:e} (the adapter moves logits by {effect})");
+    assert!(effect > 0.1, "{effect}");
+    assert!(d < 1e-3, "the adapter on the GGUF layout differs by {d}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

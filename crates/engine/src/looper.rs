@@ -350,6 +350,7 @@ impl Core {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("engine step failed: {e}");
+                self.lora.step_failed(&out.plan.lora_ops);
                 // A dead executor is recorded before anyone is answered, so that /health is
                 // already 503 when a client sees its request fail.
                 if let Some(why) = self.executor.failure() {

@@ -268,10 +268,19 @@ impl Scheduler {
         id
     }
 
-    /// Make room for the waiting head by preempting a running sequence of a strictly worse
-    /// class (or, with the priority policy, priority). Returns false when none qualifies.
-    fn preempt_for_head(&mut self, out: &mut Scheduled, scheduled: &mut Vec<(u64, usize)>, budget: &mut usize) -> bool {
-        let (Some(head), Some(w)) = (self.waiting.front(), self.worst_running()) else {
+    /// Make room for the waiting sequence at `at` (the first that may start: see
+    /// [`Scheduler::next_admissible`]) by preempting a running sequence of a strictly worse class
+    /// (or, with the priority policy, priority). Returns false when none qualifies. Never for
+    /// a sequence that could not start anyway (a new adapter past `max_loras`): the victim
+    /// would only be admitted again, and preempted again.
+    fn preempt_for_head(
+        &mut self,
+        at: usize,
+        out: &mut Scheduled,
+        scheduled: &mut Vec<(u64, usize)>,
+        budget: &mut usize,
+    ) -> bool {
+        let (Some(head), Some(w)) = (self.waiting.get(at), self.worst_running()) else {
             return false;
         };
         let (hk, wk) = (self.key(head), self.key(&self.running[w]));
@@ -376,18 +385,15 @@ impl Scheduler {
         }
         if out.preempted.is_empty() {
             while budget > 0 {
-                if self.waiting.is_empty() {
+                let Some(at) = self.next_admissible() else {
                     break;
-                }
+                };
                 if self.running.len() + self.pulling.len() >= self.cfg.max_num_seqs {
-                    if self.preempt_for_head(&mut out, &mut scheduled, &mut budget) {
+                    if self.preempt_for_head(at, &mut out, &mut scheduled, &mut budget) {
                         continue;
                     }
                     break;
                 }
-                let Some(at) = self.next_admissible() else {
-                    break;
-                };
                 let seq = &self.waiting[at];
                 let (prefix, from_cache) = self.starting_blocks(seq);
                 let cached = prefix.blocks.len() * self.kv.block_size();
@@ -402,7 +408,7 @@ impl Scheduler {
                 let want = if pull.is_some() { seq.prompt_len } else { start + num_new };
                 let (id, query) = (seq.id, seq.tokens.len());
                 if !self.kv.allocate(id, want, &prefix) {
-                    if self.preempt_for_head(&mut out, &mut scheduled, &mut budget) {
+                    if self.preempt_for_head(at, &mut out, &mut scheduled, &mut budget) {
                         continue;
                     }
                     break;

@@ -208,7 +208,9 @@ impl Llama {
         let (rank, world) = (self.tp.rank(), self.tp.world());
         let (col, row) = (Shard::new(0, rank, world), Shard::new(1, rank, world));
         let layout = llama_layout(&self.cfg, col, row, self.heads.kv_shard);
-        LoraAdapter::load(name, config, src, self.pp.layers(self.cfg.num_layers)?, layout, self.dtype)
+        let layers = self.pp.layers(self.cfg.num_layers)?;
+        let interleaved = self.cfg.rope_interleaved.then_some(self.cfg.head_dim);
+        LoraAdapter::load(name, config, src, layers, layout, self.dtype, interleaved)
     }
 
     /// What this rank holds: its groups' places, layers, heads and experts.

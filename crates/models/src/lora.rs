@@ -113,9 +113,24 @@ pub struct LoraAdapter {
 /// the MLP of a mixture-of-experts layer).
 pub type TargetLayout = [Option<([usize; 2], Shard)>; 7];
 
+/// llama.cpp's row order of a q/k projection (rotary pairs adjacent): for each output row of
+/// the permuted matrix, the Hugging Face row it holds (heads of `head_dim`).
+fn interleaved_rows(rows: usize, head_dim: usize) -> Vec<u32> {
+    let half = head_dim / 2;
+    (0..rows)
+        .map(|n| {
+            let (h, w) = (n / head_dim, n % head_dim);
+            (h * head_dim + (w % 2) * half + w / 2) as u32
+        })
+        .collect()
+}
+
 impl LoraAdapter {
     /// Load `name` from `src` (Hugging Face names: `model.layers.N.self_attn.q_proj.lora_A.weight`)
     /// for `layers` (this stage's, global indices), each laid out as `layout(layer)` says.
+    /// With `interleaved` (the head size, when the base keeps llama.cpp's q/k row order, as a
+    /// llama GGUF does) the q/k factors' `B` rows, written in Hugging Face order by PEFT, are
+    /// put in the same order.
     pub fn load(
         name: &str,
         config: LoraConfig,
@@ -123,6 +138,7 @@ impl LoraAdapter {
         layers: std::ops::Range<usize>,
         layout: impl Fn(usize) -> TargetLayout,
         dtype: DType,
+        interleaved: Option<usize>,
     ) -> Result<Self> {
         let r = config.rank;
         let scale = config.scale();
@@ -146,7 +162,16 @@ impl LoraAdapter {
                     _ => (shard, Shard::FULL),
                 };
                 let a = src.get_shard(&a_name, &[r, inp], a_shard)?.dense(dtype)?;
-                let b = src.get_shard(&b_name, &[o, r], b_shard)?.dense(dtype)?;
+                let b = match interleaved.filter(|_| t == Target::Q as usize || t == Target::K as usize) {
+                    None => src.get_shard(&b_name, &[o, r], b_shard)?.dense(dtype)?,
+                    // Permuted whole, then sliced: shards hold whole heads, as the base's rows.
+                    Some(hd) => {
+                        let full = src.get_checked(&b_name, &[o, r])?.dense(dtype)?;
+                        let order = Tensor::new(interleaved_rows(o, hd).as_slice(), full.device())?;
+                        let (lo, hi) = b_shard.range(o);
+                        full.index_select(&order, 0)?.narrow(0, lo, hi - lo)?
+                    }
+                };
                 let bt = (b.t()?.to_dtype(DType::F32)? * scale)?.to_dtype(dtype)?.contiguous()?;
                 layer.pairs[t] = Some(LoraPair::new(a.contiguous()?, bt)?);
             }
@@ -200,7 +225,8 @@ pub fn check_lora(name: &str, cfg: &ModelConfig, config: LoraConfig, src: &dyn W
         return Err(crate::model::unsupported(&cfg.architecture));
     }
     let layout = llama_layout(cfg, Shard::FULL, Shard::FULL, Shard::FULL);
-    LoraAdapter::load(name, config, src, 0..cfg.num_layers, layout, DType::F32).map(|_| ())
+    let interleaved = cfg.rope_interleaved.then_some(cfg.head_dim);
+    LoraAdapter::load(name, config, src, 0..cfg.num_layers, layout, DType::F32, interleaved).map(|_| ())
 }
 
 /// The token rows of one adapter in a batch.
@@ -345,7 +371,7 @@ mod tests {
                 [Some(([q, inp], Shard::FULL)), Some(([k, inp], Shard::FULL)), None, None, None, None, None]
             };
             let cfg = LoraConfig { rank: r, alpha: 8.0, rslora: false };
-            Arc::new(LoraAdapter::load(name, cfg, &Map(m), 0..1, layout, DType::F32).unwrap())
+            Arc::new(LoraAdapter::load(name, cfg, &Map(m), 0..1, layout, DType::F32, None).unwrap())
         };
         let groups = vec![
             LoraRows::new(adapter("a"), vec![0, 3], &dev).unwrap(),
@@ -361,5 +387,19 @@ mod tests {
         let moved = (&fast - &y).unwrap().abs().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
         assert!(moved[1] == 0.0 && moved[4] == 0.0, "rows on no adapter are untouched: {moved:?}");
         assert!(moved[0] > 0.0 && moved[2] > 0.0 && moved[3] > 0.0, "{moved:?}");
+    }
+
+    /// llama.cpp's converter puts HF row `i·half + j` of each head at row `2j + i`.
+    #[test]
+    fn interleaved_rows_follow_llama_cpp_s_permutation() {
+        assert_eq!(interleaved_rows(8, 4), vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        let rows = interleaved_rows(12, 6);
+        for h in 0..2 {
+            for i in 0..2 {
+                for j in 0..3 {
+                    assert_eq!(rows[h * 6 + 2 * j + i] as usize, h * 6 + i * 3 + j);
+                }
+            }
+        }
     }
 }

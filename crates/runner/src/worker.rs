@@ -64,21 +64,30 @@ impl Worker {
         Ok(Self { model, cache, device, adapters: HashMap::new() })
     }
 
-    /// Load or drop adapters as `ops` say (every rank applies the same ops in plan order).
+    /// Load or drop adapters as `ops` say (every rank applies the same ops in plan order). Every
+    /// op is applied even after one fails (so drops still happen); the first failure is returned.
     fn apply_lora_ops(&mut self, ops: &[LoraOp]) -> Result<()> {
+        let mut first = Ok(());
         for op in ops {
-            match op {
+            let r = match op {
                 LoraOp::Load { id, name, path } => {
-                    let src = tessera_loader::PeftAdapter::open(path, self.model.dtype(), &self.device)?;
-                    let adapter = self.model.load_lora(name, src.config.clone(), &src)?;
-                    self.adapters.insert(*id, Arc::new(adapter));
+                    tessera_loader::PeftAdapter::open(path, self.model.dtype(), &self.device)
+                        .map_err(RunnerError::from)
+                        .and_then(|src| Ok(self.model.load_lora(name, src.config.clone(), &src)?))
+                        .map(|adapter| {
+                            self.adapters.insert(*id, Arc::new(adapter));
+                        })
                 }
                 LoraOp::Unload(id) => {
                     self.adapters.remove(id);
+                    Ok(())
                 }
+            };
+            if first.is_ok() {
+                first = r;
             }
         }
-        Ok(())
+        first
     }
 
     /// Adapters this rank holds.

@@ -91,8 +91,19 @@ pub(crate) fn registry(a: &ServeArgs, cfg: Arc<OnceLock<ModelConfig>>) -> Option
         return None;
     }
     let (max_rank, download_dir) = (a.max_lora_rank, a.download_dir.clone());
+    // Ranks (LeaderWorkerSet) or replicas on other pods open an adapter by the path this pod
+    // gives them: only a local path, which every pod has (the operator mounts /mnt/lora on
+    // each), can be shared; a download would land on this pod only.
+    let spans_pods = crate::ranks::Topology::placement().is_ok_and(|p| p.0 > 1) || crate::dp::multi_pod(a);
     let check = move |name: &str, source: &str| -> Result<std::path::PathBuf, String> {
         let cfg = cfg.get().ok_or("the model is still loading")?;
+        let remote = source.contains("://") && !source.starts_with("file://");
+        if spans_pods && remote {
+            return Err(format!(
+                "adapter `{name}`: {source} would be downloaded on this pod only, but ranks or replicas run on other \
+                 pods; give a path every pod has (the operator mounts adapters under /mnt/lora on each)"
+            ));
+        }
         let opts = tessera_source::SourceOptions::new(download_dir.clone());
         let dir = tessera_source::resolve(source, &opts).map_err(|e| format!("adapter `{name}`: {e}"))?;
         let peft = tessera_loader::PeftAdapter::open(&dir, DType::F32, &Device::Cpu)

@@ -40,6 +40,16 @@ impl LoraSlots {
         self.known.get(&id).map(|(n, _)| n.as_str())
     }
 
+    /// The step of `ops` failed: the adapters it was to load are not held (they load again
+    /// when next named, instead of every later step naming an adapter no rank holds).
+    pub(crate) fn step_failed(&mut self, ops: &[LoraOp]) {
+        for op in ops {
+            if let LoraOp::Load { id, .. } = op {
+                self.loaded.retain(|l| l != id);
+            }
+        }
+    }
+
     /// Add to `plan` the loads of the adapters it uses that the ranks do not hold, then the
     /// unloads of retired adapters no live sequence (`live`) uses and of the least recently
     /// used ones beyond the resident limit (never one this plan uses).
@@ -125,5 +135,12 @@ mod tests {
         assert_eq!(p.lora_ops, vec![LoraOp::Unload(2)]);
         assert_eq!(s.name(2), None);
         assert_eq!(s.name(3), Some("a3"));
+        // A step that failed to load adapter 1 leaves it not held: the next plan loads it again.
+        let mut p = plan(&[Some(1)]);
+        s.prepare(&mut p, &[1]);
+        s.step_failed(&p.lora_ops);
+        let mut again = plan(&[Some(1)]);
+        s.prepare(&mut again, &[1]);
+        assert!(matches!(again.lora_ops[..], [LoraOp::Load { id: 1, .. }, ..]), "{:?}", again.lora_ops);
     }
 }

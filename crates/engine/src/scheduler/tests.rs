@@ -294,3 +294,19 @@ fn max_loras_holds_back_a_new_adapter_and_lets_the_base_and_running_adapters_pas
     assert!(out.plan.seqs.iter().any(|x| x.seq_id == 2), "adapter 20 starts once adapter 10 is gone");
     assert_eq!(s.loras(), (vec![20], vec![]));
 }
+
+/// A critical request on an adapter that cannot start (`max_loras` taken) preempts nothing:
+/// it would not be admitted, and the victim would be admitted and preempted again, forever.
+#[test]
+fn a_blocked_adapter_preempts_nothing() {
+    let mut s = prio_sched(2, Policy::Fcfs);
+    let on = |id: u64, lora: Option<u32>| Sequence { lora, ..seq(id, 6) };
+    s.add(on(1, Some(10)));
+    s.add(on(2, Some(10)));
+    run(&mut s);
+    s.add(on(3, Some(20)).with_priority(0, 0));
+    let out = run(&mut s);
+    assert!(out.preempted.is_empty(), "preempted {:?}", out.preempted);
+    assert_eq!(s.num_running(), 2);
+    assert_eq!(s.loras(), (vec![10], vec![20]));
+}
