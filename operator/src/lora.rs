@@ -1,6 +1,7 @@
 //! `spec.model.lora` → every workload pod: each adapter's storage under `/mnt/lora/<name>`
-//! (downloaded by an init container running `tessera fetch`, or mounted from its PVC or OCI
-//! image, like the model), and the worker's LoRA flags — `--enable-lora --max-loras N
+//! (downloaded by an init container running `tessera fetch` into a shared emptyDir, each
+//! download then mounted on its own by `subPath`; or mounted from its PVC or OCI image, like
+//! the model), and the worker's LoRA flags — `--enable-lora --max-loras N
 //! --lora-modules name=/mnt/lora/name …` on an exec-form command, the same settings as
 //! `TESSERA_*` environment variables on a shell-form one (whose script the operator does not
 //! rewrite). Adapter criticality travels with the model's (see `render`).
@@ -43,7 +44,7 @@ pub(crate) fn apply(pod: &mut PodSpec, spec: &LLMInferenceServiceSpec) -> Result
     for (i, (name, uri)) in list.iter().enumerate() {
         let field = format!("spec.model.lora.adapters[{i}].uri");
         let dir = format!("{LORA_DIR}/{name}");
-        let volume = format!("lora-{i}");
+        let volume = format!("kserve-lora-{i}");
         match Storage::parse_at(uri, &field)? {
             Storage::Pvc { claim, path } => {
                 let pvc = PersistentVolumeClaimVolumeSource { claim_name: claim, read_only: Some(true) };
@@ -55,23 +56,26 @@ pub(crate) fn apply(pod: &mut PodSpec, spec: &LLMInferenceServiceSpec) -> Result
                 volumes.push(Volume { name: volume.clone(), image: Some(image), ..Default::default() });
                 mounts.push(mount(&volume, dir, true, None));
             }
-            Storage::Download(uri) => inits.push(Container {
-                name: format!("storage-initializer-lora-{i}"),
-                image: pod.containers[main].image.clone(),
-                command: Some(vec!["tessera".into(), "fetch".into()]),
-                args: Some(vec![uri, dir]),
-                env: pod.containers[main].env.clone(),
-                volume_mounts: Some(vec![mount(DOWNLOADS, LORA_DIR.into(), false, None)]),
-                termination_message_policy: Some("FallbackToLogsOnError".into()),
-                ..Default::default()
-            }),
+            Storage::Download(uri) => {
+                inits.push(Container {
+                    name: format!("storage-initializer-lora-{i}"),
+                    image: pod.containers[main].image.clone(),
+                    command: Some(vec!["tessera".into(), "fetch".into()]),
+                    args: Some(vec![uri, dir.clone()]),
+                    env: pod.containers[main].env.clone(),
+                    volume_mounts: Some(vec![mount(DOWNLOADS, LORA_DIR.into(), false, None)]),
+                    termination_message_policy: Some("FallbackToLogsOnError".into()),
+                    ..Default::default()
+                });
+                // Its own folder of the downloads, read-only: no mount sits inside another
+                // read-only mount (a runtime cannot create mount points there).
+                mounts.push(mount(DOWNLOADS, dir, true, Some(name.clone())));
+            }
         }
     }
     if !inits.is_empty() {
         let empty = EmptyDirVolumeSource::default();
         volumes.push(Volume { name: DOWNLOADS.into(), empty_dir: Some(empty), ..Default::default() });
-        // The downloads' folder first: the per-adapter mounts sit inside it.
-        mounts.insert(0, mount(DOWNLOADS, LORA_DIR.into(), true, None));
     }
     let names: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
     let pod_volumes = pod.volumes.get_or_insert_with(Vec::new);
@@ -80,7 +84,8 @@ pub(crate) fn apply(pod: &mut PodSpec, spec: &LLMInferenceServiceSpec) -> Result
     pod.init_containers.get_or_insert_with(Vec::new).extend(inits);
     let c = &mut pod.containers[main];
     let main_mounts = c.volume_mounts.get_or_insert_with(Vec::new);
-    main_mounts.retain(|m| !m.mount_path.starts_with(LORA_DIR));
+    let ours: Vec<String> = mounts.iter().map(|m| m.mount_path.clone()).collect();
+    main_mounts.retain(|m| !ours.contains(&m.mount_path));
     main_mounts.extend(mounts);
     let modules: Vec<String> = list.iter().map(|(name, _)| format!("{name}={LORA_DIR}/{name}")).collect();
     let max_loras = list.len().to_string();

@@ -193,7 +193,7 @@ async fn two_lora_adapters_render_storage_and_flags_and_the_worker_serves_them()
     assert_eq!(init.args.as_deref(), Some(&["hf://acme/sql-lora".to_string(), "/mnt/lora/sql".to_string()][..]));
     assert!(inits.iter().all(|c| c.name != "storage-initializer-lora-1"), "the claim is mounted, not downloaded");
     let volumes = pod.volumes.clone().unwrap_or_default();
-    let claim = volumes.iter().find(|v| v.name == "lora-1").and_then(|v| v.persistent_volume_claim.as_ref());
+    let claim = volumes.iter().find(|v| v.name == "kserve-lora-1").and_then(|v| v.persistent_volume_claim.as_ref());
     assert_eq!(claim.map(|c| c.claim_name.as_str()), Some("adapters"));
     assert!(volumes.iter().any(|v| v.name == "kserve-lora" && v.empty_dir.is_some()));
     let main = main_of(pod);
@@ -204,7 +204,14 @@ async fn two_lora_adapters_render_storage_and_flags_and_the_worker_serves_them()
         .filter(|m| m.mount_path.starts_with("/mnt/lora"))
         .map(|m| (m.mount_path.clone(), m.sub_path.clone()))
         .collect();
-    assert_eq!(mounts, vec![("/mnt/lora".into(), None), ("/mnt/lora/chat".into(), Some("chat".into()))]);
+    // Each adapter its own mount (the download by subPath of the shared emptyDir, the claim by
+    // its path): none inside another read-only mount.
+    assert_eq!(
+        mounts,
+        vec![("/mnt/lora/sql".into(), Some("sql".into())), ("/mnt/lora/chat".into(), Some("chat".into()))]
+    );
+    let init_mounts = init.volume_mounts.clone().unwrap_or_default();
+    assert_eq!((init_mounts[0].mount_path.as_str(), init_mounts[0].read_only), ("/mnt/lora", Some(false)));
     let args = main.args.clone().unwrap_or_default();
     let at = args.iter().position(|a| a == "--lora-modules").expect("--lora-modules rendered");
     assert_eq!(args[at + 1..at + 3], ["sql=/mnt/lora/sql".to_string(), "chat=/mnt/lora/chat".to_string()]);

@@ -120,6 +120,11 @@ fn style(c: &Content, arch: &str, path: &Path) -> Result<tessera_models::Decoder
         return Ok(Default::default());
     }
     let window = md_usize(c, "gemma3.attention.sliding_window", path).ok();
+    // llama.cpp: Gemma 3 27B (62 layers) scales scores by 1/sqrt(hidden / heads), the others by
+    // 1/sqrt(head_dim).
+    let layers = md_usize(c, "gemma3.block_count", path)?;
+    let per_head =
+        md_usize(c, "gemma3.embedding_length", path)? / md_usize(c, "gemma3.attention.head_count", path)?.max(1);
     Ok(tessera_models::DecoderStyle {
         activation: tessera_models::Activation::GeluTanhGgml,
         scale_embeddings: true,
@@ -127,8 +132,22 @@ fn style(c: &Content, arch: &str, path: &Path) -> Result<tessera_models::Decoder
         norm_offset: false,
         sliding_window: window.map(|w| (w, 6)),
         rope_local_theta: Some(10_000.0),
-        query_pre_attn_scalar: None,
+        query_pre_attn_scalar: (layers == 62).then_some(per_head as f64),
     })
+}
+
+/// `{arch}.rope.scaling.*`: linear scaling (Gemma 3's global layers at 4B and up), or none.
+fn rope_scaling(c: &Content, arch: &str, path: &Path) -> Result<Option<tessera_models::RopeScaling>> {
+    let kind = c.metadata.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.to_string().ok().cloned());
+    let factor = md_f64(c, &format!("{arch}.rope.scaling.factor"), path)?;
+    match (kind.as_deref(), factor) {
+        (None | Some("none"), _) => Ok(None),
+        (Some("linear"), Some(f)) if f > 0.0 => Ok(Some(tessera_models::RopeScaling::Linear { factor: f })),
+        (Some(other), f) => Err(LoadError::Format(format!(
+            "{}: GGUF `{arch}.rope.scaling.type` = {other} (factor {f:?}) is not supported (linear)",
+            path.display()
+        ))),
+    }
 }
 
 impl GgufSource {
@@ -176,7 +195,7 @@ impl GgufSource {
             head_dim,
             rms_norm_eps: md_f64(&content, &k("attention.layer_norm_rms_epsilon"), path)?.unwrap_or(1e-5),
             rope_theta: md_f64(&content, &k("rope.freq_base"), path)?.unwrap_or(10_000.0),
-            rope_scaling: None,
+            rope_scaling: rope_scaling(&content, &arch, path)?,
             max_position_embeddings: md_usize(&content, &k("context_length"), path).unwrap_or(4096),
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
@@ -362,5 +381,31 @@ mod tests {
         let back = unpermute_rows(&q, n_head)?.dequantize(&Device::Cpu)?;
         assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, hf);
         Ok(())
+    }
+
+    /// Gemma 3's larger files scale the global layers' rotary linearly (read, not dropped);
+    /// a scaling we do not implement is refused by name.
+    #[test]
+    fn rope_scaling_is_read_or_refused() {
+        use candle_core::quantized::gguf_file::VersionedMagic;
+        let content = |kind: &str, factor: f32| Content {
+            magic: VersionedMagic::GgufV3,
+            metadata: [
+                ("gemma3.rope.scaling.type".to_string(), Value::String(kind.into())),
+                ("gemma3.rope.scaling.factor".to_string(), Value::F32(factor)),
+            ]
+            .into_iter()
+            .collect(),
+            tensor_infos: Default::default(),
+            tensor_data_offset: 0,
+        };
+        let p = Path::new("m.gguf");
+        assert_eq!(
+            rope_scaling(&content("linear", 8.0), "gemma3", p).unwrap(),
+            Some(tessera_models::RopeScaling::Linear { factor: 8.0 })
+        );
+        assert_eq!(rope_scaling(&content("none", 0.0), "gemma3", p).unwrap(), None);
+        let e = rope_scaling(&content("yarn", 4.0), "gemma3", p).unwrap_err().to_string();
+        assert!(e.contains("yarn") && e.contains("m.gguf"), "{e}");
     }
 }
