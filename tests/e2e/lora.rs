@@ -330,22 +330,13 @@ fn lora_flags_are_checked() {
 /// bound the two layouts meet without adapters).
 #[test]
 fn an_adapter_on_the_gguf_layout_equals_it_on_the_hugging_face_layout() {
-    struct Dense(Box<dyn WeightSource>);
-    impl WeightSource for Dense {
-        fn get(&self, name: &str) -> tessera_models::Result<Weight> {
-            Ok(Weight::Dense(self.0.get(name)?.dense(DType::F32)?))
-        }
-        fn contains(&self, name: &str) -> bool {
-            self.0.contains(name)
-        }
-    }
     let hf = smollm2_hf();
     let cfg = config(&hf);
     let dir = tmp("layouts");
     write_adapter(&dir, &cfg, 0.02);
     let lm = tessera_loader::open(&tessera_tests::smollm2_gguf(), DType::F32, &Device::Cpu).unwrap();
     assert!(lm.config.rope_interleaved, "the GGUF keeps llama.cpp's layout");
-    let dense = Dense(lm.weights);
+    let dense = tessera_tests::Dequantized(lm.weights);
     let worker = |cfg: &ModelConfig, src: &dyn WeightSource| {
         Worker::new(Llama::load(cfg, src, 256, DType::F32, &Device::Cpu).unwrap(), 48, 4, DType::F32).unwrap()
     };

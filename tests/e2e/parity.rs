@@ -5,9 +5,9 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use tessera_models::{Llama, Weight, WeightSource};
+use tessera_models::Llama;
 use tessera_runner::{SampleSpec, SamplingConfig, SeqStep, StepPlan, Worker};
-use tessera_tests::{smollm2_gguf, smollm2_hf};
+use tessera_tests::{smollm2_gguf, smollm2_hf, Dequantized};
 
 const PROMPTS: &[&str] = &[
     "The capital of France is",
@@ -158,17 +158,6 @@ fn gguf_path_matches_candle_reference() {
 }
 
 /// The GGUF weights dequantized to f32, served as dense weights.
-struct Dequantized(Box<dyn WeightSource>);
-
-impl WeightSource for Dequantized {
-    fn get(&self, name: &str) -> tessera_models::Result<Weight> {
-        Ok(Weight::Dense(self.0.get(name)?.dense(DType::F32)?))
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.0.contains(name)
-    }
-}
-
 /// Greedy runs of the GGUF path (quantized), the GGUF path dequantized to f32, and the
 /// derived safetensors copy.
 #[test]

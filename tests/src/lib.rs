@@ -49,6 +49,18 @@ pub fn smollm2_hf() -> PathBuf {
 }
 
 pub mod adapters;
+
+/// A weight source whose weights are all served dense f32 (a GGUF's, dequantized).
+pub struct Dequantized(pub Box<dyn tessera_models::WeightSource>);
+
+impl tessera_models::WeightSource for Dequantized {
+    fn get(&self, name: &str) -> tessera_models::Result<tessera_models::Weight> {
+        Ok(tessera_models::Weight::Dense(self.0.get(name)?.dense(candle_core::DType::F32)?))
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}
 pub mod servers;
 pub mod steps;
 pub mod tiny;
