@@ -26,7 +26,7 @@ source benches/serving/common.sh
 
 # Where the CPU advertises AMX, llama.cpp's native build uses AMX tiles through its repacked
 # buffers; under VMs that do not grant AMX state that dies with SIGILL, so repacking is off there.
-LLAMA_EXTRA="${LLAMA_EXTRA:-$(grep -qw amx_tile /proc/cpuinfo && echo --no-repack)}"
+LLAMA_EXTRA="${LLAMA_EXTRA:-$(grep -qw amx_tile /proc/cpuinfo && echo --no-repack || true)}"
 LP=$(port); TP=$(port)
 LD_LIBRARY_PATH="$LLAMA_BIN" "$LLAMA_BIN/llama-server" -m "$MODEL" -t "$THREADS" --parallel 32 -c 32768 --host 127.0.0.1 --port "$LP" $LLAMA_EXTRA \
   >"$out/llama.log" 2>&1 &
