@@ -335,8 +335,10 @@ impl Core {
                 r.cached_tokens = r.cached_tokens.max(cached.min(r.prompt_len));
             }
         }
-        let (running, waiting) = self.sched.loras();
-        self.lora.prepare(&mut out.plan, &[running, waiting].concat());
+        if self.lora.in_use() {
+            let (running, waiting) = self.sched.loras();
+            self.lora.prepare(&mut out.plan, &[running, waiting].concat());
+        }
         self.stats.record_step(&out.plan, out.preempted.len());
         let prompt_computed: usize = (out.plan.seqs.iter())
             .filter_map(|s| {
@@ -493,9 +495,12 @@ impl Core {
             self.sched.kv().usage(),
             self.sched.kv().num_free(),
         );
-        let (running, waiting) = self.sched.loras();
-        let names = |ids: Vec<u32>| ids.into_iter().filter_map(|id| self.lora.name(id).map(str::to_string)).collect();
-        self.stats.publish_loras(names(running), names(waiting));
+        if self.lora.in_use() {
+            let (running, waiting) = self.sched.loras();
+            let names =
+                |ids: Vec<u32>| ids.into_iter().filter_map(|id| self.lora.name(id).map(str::to_string)).collect();
+            self.stats.publish_loras(names(running), names(waiting));
+        }
         self.publish_pins();
     }
 }

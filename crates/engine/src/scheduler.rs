@@ -115,6 +115,14 @@ pub struct PullJob {
     pub source: Box<RemoteSource>,
 }
 
+/// The adapters of `seqs`, each once, sorted.
+fn lora_ids<'a>(seqs: impl Iterator<Item = &'a Sequence>) -> Vec<u32> {
+    let mut v: Vec<u32> = seqs.filter_map(|s| s.lora).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 #[derive(Debug)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
@@ -321,19 +329,21 @@ impl Scheduler {
 
     /// The adapters of running (and pulling) sequences, and of waiting ones, each once.
     pub fn loras(&self) -> (Vec<u32>, Vec<u32>) {
-        let ids = |it: &mut dyn Iterator<Item = &Sequence>| {
-            let mut v: Vec<u32> = it.filter_map(|s| s.lora).collect();
-            v.sort_unstable();
-            v.dedup();
-            v
-        };
-        (ids(&mut self.running.iter().chain(&self.pulling)), ids(&mut self.waiting.iter()))
+        (self.running_loras(), lora_ids(self.waiting.iter()))
+    }
+
+    fn running_loras(&self) -> Vec<u32> {
+        lora_ids(self.running.iter().chain(&self.pulling))
     }
 
     /// The first waiting sequence that may start under `max_loras`: on the base model or on
     /// an adapter already running, or on a new one while fewer than `max_loras` run.
     fn next_admissible(&self) -> Option<usize> {
-        let running = self.loras().0;
+        // The head on the base model (always so without LoRA) needs no look at the adapters.
+        if self.waiting.front().is_some_and(|s| s.lora.is_none()) {
+            return Some(0);
+        }
+        let running = self.running_loras();
         let room = running.len() < self.cfg.max_loras;
         self.waiting.iter().position(|s| s.lora.is_none_or(|id| room || running.contains(&id)))
     }

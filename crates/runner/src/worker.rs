@@ -90,11 +90,6 @@ impl Worker {
         first
     }
 
-    /// Adapters this rank holds.
-    pub fn num_adapters(&self) -> usize {
-        self.adapters.len()
-    }
-
     /// A second handle on this rank's KV memory (shares it).
     pub fn kv_cache(&self) -> KvCache {
         self.cache.clone()

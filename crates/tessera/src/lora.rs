@@ -115,6 +115,12 @@ pub(crate) fn registry(a: &ServeArgs, cfg: Arc<OnceLock<ModelConfig>>) -> Option
             ));
         }
         tessera_models::check_lora(name, cfg, peft.config.clone(), &peft).map_err(|e| e.to_string())?;
+        tracing::info!(
+            "LoRA adapter `{name}`: rank {}, alpha {}, from {}",
+            peft.config.rank,
+            peft.config.alpha,
+            dir.display()
+        );
         Ok(dir)
     };
     Some(Arc::new(LoraRegistry::new(Arc::new(check), a.max_loras, runtime_updates())))
@@ -127,17 +133,9 @@ pub(crate) fn register_modules(a: &ServeArgs, reg: &LoraRegistry) -> Result<(), 
             return Err(ServeError::Config(format!("--lora-modules: `{}` is the base model's name", m.name)));
         }
         let added = reg.register(&m.name, &m.path).map_err(|e| ServeError::Config(format!("--lora-modules: {e}")))?;
-        tracing::info!("LoRA adapter `{}` (rank {}) served from {}", added.name, reg_rank(&added.path), m.path);
+        tracing::info!("LoRA adapter `{}` served from {}", added.name, m.path);
     }
     Ok(())
-}
-
-fn reg_rank(dir: &std::path::Path) -> String {
-    std::fs::read_to_string(dir.join("adapter_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("r").and_then(|r| r.as_u64()))
-        .map_or_else(|| "?".into(), |r| r.to_string())
 }
 
 #[cfg(test)]

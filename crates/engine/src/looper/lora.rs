@@ -36,6 +36,11 @@ impl LoraSlots {
         }
     }
 
+    /// Whether any request has named an adapter (without, a step has no LoRA work).
+    pub(crate) fn in_use(&self) -> bool {
+        !self.known.is_empty()
+    }
+
     pub(crate) fn name(&self, id: u32) -> Option<&str> {
         self.known.get(&id).map(|(n, _)| n.as_str())
     }
